@@ -1,0 +1,51 @@
+# pykata: every target that runs code does `setup` first, so a fresh machine
+# needs nothing but `make demo` or `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := crun runc busybox-static golang-go golang-github-containerd-ttrpc-dev \
+                golang-google-protobuf-dev iproute2
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test bench protos lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "setup: installing Debian packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,fast]'
+	@touch $(STAMP)
+
+# Regenerate the protobuf modules from protos/. The sed turns protoc's
+# top-level imports into package-relative ones so pykata.api is self-contained.
+protos: setup
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=src/pykata/api --pyi_out=src/pykata/api \
+	    protos/oci.proto protos/csi.proto protos/types.proto protos/agent.proto protos/health.proto
+	sed -i -E 's/^import (oci|csi|types|agent|health)_pb2 as/from . import \1_pb2 as/' src/pykata/api/*_pb2.py
+	sed -i -E 's/^import (oci|csi|types|agent|health)_pb2 as/from . import \1_pb2 as/; s/^from (oci|csi|types|agent|health)_pb2 import/from .\1_pb2 import/' src/pykata/api/*_pb2.pyi
+	$(PY) -m grpc_tools.protoc -Iprotos -I$$($(PY) -c 'import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))')/_proto \
+	    -I$$($(PY) -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(google.rpc.__path__[0])))') \
+	    --python_out=src/pykata/ttrpc --pyi_out=src/pykata/ttrpc protos/ttrpc.proto
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest -q
+
+demo: setup
+	$(PY) bench/../docs/demo.py
+
+bench: setup
+	$(PY) bench/run.py --output BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

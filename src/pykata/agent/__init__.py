@@ -1,0 +1,1 @@
+"""kata-agent: the guest agent."""

@@ -1,0 +1,101 @@
+"""kata-agent command line: read the configuration, serve until told to stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+
+from .. import __version__
+from .. import log as logsetup
+from ..transport import AddressError, TransportError
+from ..ttrpc import Server
+from . import config as configmod
+from .service import services
+
+log = logging.getLogger("pykata.agent")
+
+EPILOG = """\
+configuration (lowest precedence first):
+  defaults < kernel command line (agent.* options in /proc/cmdline,
+  or the TOML file named by agent.config_file= / --config) < environment
+
+environment:
+  KATA_AGENT_SERVER_ADDR   address to serve on (default vsock://-1:1024)
+  KATA_AGENT_LOG_LEVEL     critical|error|warn|info|debug|trace
+  KATA_AGENT_TRACING       true|false
+
+examples:
+  # stand-alone on a development host, talking to it with kata-agent-ctl
+  KATA_AGENT_SERVER_ADDR=unix:///tmp/agent.sock kata-agent
+  KATA_AGENT_SERVER_ADDR=unix://@kata-agent KATA_AGENT_LOG_LEVEL=debug kata-agent
+  kata-agent --config /etc/kata-agent.toml
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kata-agent",
+        description="pykata's Kata Containers agent: serves the agent API over ttRPC.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kata-agent {__version__}")
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help="read the configuration from this TOML file"
+    )
+    parser.add_argument(
+        "--kernel-cmdline",
+        metavar="FILE",
+        default="/proc/cmdline",
+        help="read agent.* options from FILE instead of /proc/cmdline (testing aid)",
+    )
+    return parser.parse_args(argv)
+
+
+async def serve(config: configmod.AgentConfig, started: float) -> None:
+    server = Server(services())
+    await server.start(config.server_addr)
+    log.info(
+        "agent serving",
+        extra={"address": config.server_addr, "startup_ms": round((time.monotonic() - started) * 1e3, 1)},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.shutdown(grace=5.0)
+    log.info("agent stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    args = parse_args(argv)
+    try:
+        config = configmod.load(config_file=args.config, cmdline_path=args.kernel_cmdline)
+    except configmod.ConfigError as exc:
+        print(f"kata-agent: {exc}", file=sys.stderr)
+        return 1
+    logsetup.setup(config.logging_level, name="kata-agent", source="agent")
+    log.info("announce", extra={"version": __version__, "config": config.announce_fields()})
+    try:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            uvloop.install()
+        asyncio.run(serve(config, started))
+    except (AddressError, TransportError) as exc:
+        log.critical(str(exc))
+        print(f"kata-agent: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

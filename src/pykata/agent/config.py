@@ -1,0 +1,254 @@
+"""Agent configuration, read the upstream way.
+
+Sources, lowest precedence first:
+
+1. built-in defaults;
+2. the kernel command line (`/proc/cmdline`): `agent.*` options - or, when it
+   names `agent.config_file=PATH` (or the agent is started with
+   `--config PATH`), that TOML file *instead of* the other options;
+3. environment variables `KATA_AGENT_SERVER_ADDR`, `KATA_AGENT_LOG_LEVEL`,
+   `KATA_AGENT_TRACING` (development and testing aids).
+
+Bad values are treated as upstream treats them: a value that cannot be
+parsed (log level, timeout, port, pipe size) stops the agent with an error
+naming the option; a timeout or port that parses but is not positive is
+ignored (the default stays); a boolean that is neither true/false nor a
+number counts as false.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..log import TRACE
+
+DEFAULT_SERVER_ADDR = "vsock://-1:1024"
+
+SERVER_ADDR_ENV = "KATA_AGENT_SERVER_ADDR"
+LOG_LEVEL_ENV = "KATA_AGENT_LOG_LEVEL"
+TRACING_ENV = "KATA_AGENT_TRACING"
+
+#: Accepted level names (logrus and slog spellings) -> Python logging level.
+LOG_LEVELS = {
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+    "panic": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": TRACE,
+}
+
+class ConfigError(ValueError):
+    """A configuration value the agent cannot start with."""
+
+
+@dataclass
+class AgentConfig:
+    debug_console: bool = False
+    dev_mode: bool = False
+    log_level: str = "info"
+    hotplug_timeout: int = 3
+    debug_console_vport: int = 0
+    log_vport: int = 0
+    container_pipe_size: int = 0
+    server_addr: str = DEFAULT_SERVER_ADDR
+    unified_cgroup_hierarchy: bool = False
+    tracing: bool = False
+    #: The config file this configuration came from, if any.
+    config_file: str = ""
+    #: Settings that were ignored: unknown agent.* options, bad env values (typos show up here).
+    ignored_options: list[str] = field(default_factory=list)
+
+    @property
+    def logging_level(self) -> int:
+        return LOG_LEVELS[self.log_level]
+
+    def announce_fields(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        if not fields["ignored_options"]:
+            del fields["ignored_options"]
+        return fields
+
+
+# --- value parsers (each names the option in its error) -----------------------
+
+
+def parse_bool(value: str) -> bool:
+    """true/false, else a number (non-zero is true), else false - as upstream."""
+    if value in ("true", "false"):
+        return value == "true"
+    return value.isdigit() and int(value) != 0
+
+
+def parse_log_level(option: str, value: str) -> str:
+    if value not in LOG_LEVELS:
+        raise ConfigError(
+            f"{option}: invalid log level {value!r}; expected one of {', '.join(LOG_LEVELS)}"
+        )
+    return value
+
+
+def _parse_int(option: str, value: str, what: str, bits: int, signed: bool) -> int:
+    text = value[1:] if signed and value.startswith("-") else value
+    if not text.isdigit():
+        raise ConfigError(f"{option}: unable to parse {what} {value!r}: not a whole number")
+    number = int(value)
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if not low <= number <= high:
+        raise ConfigError(f"{option}: {what} {value} is out of range")
+    return number
+
+
+def parse_timeout(option: str, value: str) -> int:
+    return _parse_int(option, value, "timeout (seconds)", 64, signed=False)
+
+
+def parse_port(option: str, value: str) -> int:
+    return _parse_int(option, value, "vsock port", 32, signed=True)
+
+
+def parse_pipe_size(option: str, value: str) -> int:
+    size = _parse_int(option, value, "pipe size", 32, signed=True)
+    if size < 0:
+        raise ConfigError(f"{option}: container pipe size should not be negative, got {size}")
+    return size
+
+
+# --- kernel command line --------------------------------------------------------
+
+# option -> (field, parser, guard). Flags (parser None) may stand alone.
+_Parser = Callable[[str, str], Any]
+_OPTIONS: dict[str, tuple[str, _Parser | None, Callable[[Any], bool] | None]] = {
+    "agent.debug_console": ("debug_console", None, None),
+    "agent.devmode": ("dev_mode", None, None),
+    "agent.trace": ("tracing", None, None),
+    "agent.log": ("log_level", parse_log_level, None),
+    "agent.server_addr": ("server_addr", lambda _o, v: v, None),
+    "agent.hotplug_timeout": ("hotplug_timeout", parse_timeout, lambda v: v > 0),
+    "agent.debug_console_vport": ("debug_console_vport", parse_port, lambda v: v > 0),
+    "agent.log_vport": ("log_vport", parse_port, lambda v: v > 0),
+    "agent.container_pipe_size": ("container_pipe_size", parse_pipe_size, None),
+    "agent.unified_cgroup_hierarchy": ("unified_cgroup_hierarchy", None, None),
+    "systemd.unified_cgroup_hierarchy": ("unified_cgroup_hierarchy", None, None),
+}
+CONFIG_FILE_OPTION = "agent.config_file"
+
+
+def from_cmdline(cmdline: str) -> AgentConfig:
+    config = AgentConfig()
+    for param in cmdline.split():
+        key, eq, value = param.partition("=")
+        if key == CONFIG_FILE_OPTION and eq:
+            return from_file(value)
+        spec = _OPTIONS.get(key)
+        if spec is None:
+            if key.startswith("agent."):
+                config.ignored_options.append(param)
+            continue
+        name, parser, guard = spec
+        if parser is None:  # a flag: bare means true
+            setattr(config, name, parse_bool(value) if eq else True)
+            continue
+        if not eq:
+            config.ignored_options.append(param)
+            continue
+        parsed = parser(key, value)
+        if guard is None or guard(parsed):
+            setattr(config, name, parsed)
+    return config
+
+
+# --- TOML config file ---------------------------------------------------------
+
+_FILE_TYPES: dict[str, type] = {
+    "debug_console": bool,
+    "dev_mode": bool,
+    "log_level": str,
+    "hotplug_timeout": int,
+    "debug_console_vport": int,
+    "log_vport": int,
+    "container_pipe_size": int,
+    "server_addr": str,
+    "unified_cgroup_hierarchy": bool,
+    "tracing": bool,
+}
+
+
+def _file_value(path: str, key: str, value: Any) -> Any:
+    if key == "hotplug_timeout" and isinstance(value, dict):  # serde's {secs, nanos} form
+        value = value.get("secs", 0)
+    expected = _FILE_TYPES[key]
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{path}: {key} must be a {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if key == "log_level":
+        return parse_log_level(f"{path}: log_level", value)
+    if key == "container_pipe_size" and value < 0:
+        raise ConfigError(f"{path}: container_pipe_size should not be negative, got {value}")
+    return value
+
+
+def from_file(path: str) -> AgentConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read agent config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot parse agent config file {path}: {exc}") from exc
+    config = AgentConfig(config_file=path)
+    for key, value in data.items():
+        if key not in _FILE_TYPES:
+            raise ConfigError(
+                f"{path}: unknown setting {key!r}; known settings: {', '.join(_FILE_TYPES)}"
+            )
+        setattr(config, key, _file_value(path, key, value))
+    if config.hotplug_timeout <= 0:
+        config.hotplug_timeout = AgentConfig.hotplug_timeout
+    return config
+
+
+# --- environment ----------------------------------------------------------------
+
+
+def apply_env(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
+    if SERVER_ADDR_ENV in env:
+        config.server_addr = env[SERVER_ADDR_ENV]
+    level = env.get(LOG_LEVEL_ENV)
+    if level is not None:
+        if level in LOG_LEVELS:
+            config.log_level = level
+        else:  # upstream ignores a bad level here; the announce line shows it
+            config.ignored_options.append(f"{LOG_LEVEL_ENV}={level}")
+    if TRACING_ENV in env:
+        config.tracing = parse_bool(env[TRACING_ENV])
+    return config
+
+
+def load(
+    *,
+    config_file: str | None = None,
+    cmdline_path: str = "/proc/cmdline",
+    env: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """The effective configuration, from every source in order of precedence."""
+    if config_file:
+        config = from_file(config_file)
+    else:
+        try:
+            with open(cmdline_path) as f:
+                cmdline = f.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read kernel command line {cmdline_path}: {exc.strerror}")
+        config = from_cmdline(cmdline)
+    return apply_env(config, os.environ if env is None else env)

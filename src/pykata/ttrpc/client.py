@@ -1,0 +1,239 @@
+"""An asyncio ttRPC client: many calls in flight on one connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from typing import TypeVar, cast
+
+from google.protobuf.message import DecodeError, Message
+
+from .. import transport as transport_mod
+from ..transport import Address
+from .frame import FrameTooLarge
+from .protocol import ClientConnection, DataReceived, ResponseReceived
+from .status import Code, TtrpcError
+
+M = TypeVar("M", bound=Message)
+Metadata = Mapping[str, str | Iterable[str]]
+
+
+def _metadata_pairs(metadata: Metadata | None) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            pairs.append((key, value))
+        else:
+            pairs.extend((key, v) for v in value)
+    return pairs
+
+
+def _timeout_nano(timeout: float | None) -> int:
+    return int(timeout * 1e9) if timeout else 0
+
+
+class ClientStream:
+    """A streaming call: send and receive raw payloads, then the final status."""
+
+    def __init__(self, client: Client, stream_id: int) -> None:
+        self._client = client
+        self.stream_id = stream_id
+        self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._response: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def send(self, payload: bytes) -> None:
+        self._client._write(self._client._protocol.data(self.stream_id, payload))
+
+    def close_send(self) -> None:
+        self._client._write(self._client._protocol.data(self.stream_id, None, end_stream=True))
+
+    async def recv(self) -> bytes | None:
+        """The next data message from the server; None when its response has come."""
+        if self._inbox.empty() and self._response.done():
+            return None
+        getter = asyncio.ensure_future(self._inbox.get())
+        await asyncio.wait([getter, self._response], return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        return None
+
+    async def response(self) -> bytes:
+        """The final response payload; raises TtrpcError for a failed status."""
+        return await self._response
+
+
+class Client:
+    """A connection to a ttRPC server.
+
+    >>> client = await Client.connect("unix:///run/agent.sock")
+    >>> reply = await client.call("grpc.Health", "Check", CheckRequest(), HealthCheckResponse)
+    """
+
+    def __init__(self) -> None:
+        self._protocol = ClientConnection()
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._streams: dict[int, ClientStream] = {}
+        self._lost: TtrpcError | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+        self.address: Address | None = None
+
+    @classmethod
+    async def connect(cls, address: str | Address, *, timeout: float | None = 10.0) -> Client:
+        address = transport_mod.as_address(address)
+        client = cls()
+        client.address = address
+        await transport_mod.connect(address, lambda: _ClientProtocol(client), timeout=timeout)
+        return client
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        await asyncio.shield(self._closed)
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and self._lost is None
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> M:
+        """One unary call. Raises TtrpcError for any failure, with its status code."""
+        payload = await self.call_raw(
+            service, method, request.SerializeToString(), timeout=timeout, metadata=metadata
+        )
+        try:
+            return response_type.FromString(payload)
+        except DecodeError as exc:
+            raise TtrpcError(
+                Code.INTERNAL,
+                f"cannot decode {response_type.DESCRIPTOR.full_name} from {service}/{method}: {exc}",
+            ) from None
+
+    async def call_raw(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> bytes:
+        future = self._open(service, method, payload, timeout, metadata, streaming=False)[1]
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise TtrpcError(
+                Code.DEADLINE_EXCEEDED, f"{service}/{method}: no answer within {timeout:g}s"
+            ) from None
+
+    def stream(
+        self,
+        service: str,
+        method: str,
+        payload: bytes | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> ClientStream:
+        """Open a streaming call. With `payload`, the request side is that one message."""
+        sid, future = self._open(
+            service, method, payload or b"", timeout, metadata, streaming=payload is None
+        )
+        stream = ClientStream(self, sid)
+        stream._response = future
+        self._streams[sid] = stream
+        return stream
+
+    def _open(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        timeout: float | None,
+        metadata: Metadata | None,
+        streaming: bool,
+    ) -> tuple[int, asyncio.Future[bytes]]:
+        if self._lost is not None:
+            raise TtrpcError(self._lost.code, self._lost.message)
+        try:
+            sid, frame = self._protocol.request(
+                service,
+                method,
+                payload,
+                timeout_nano=_timeout_nano(timeout),
+                metadata=_metadata_pairs(metadata),
+                streaming=streaming,
+            )
+        except FrameTooLarge as exc:
+            raise TtrpcError(Code.RESOURCE_EXHAUSTED, f"{service}/{method}: {exc}") from None
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda _f: self._pending.pop(sid, None))
+        self._pending[sid] = future
+        self._write(frame)
+        return sid, future
+
+    def _write(self, data: bytes) -> None:
+        if self._lost is not None:
+            raise TtrpcError(self._lost.code, self._lost.message)
+        assert self._transport is not None
+        self._transport.write(data)
+
+    # events from the connection
+
+    def _receive(self, data: bytes) -> None:
+        for event in self._protocol.receive(data):
+            if isinstance(event, ResponseReceived):
+                self._streams.pop(event.stream_id, None)
+                future = self._pending.get(event.stream_id)
+                if future is None or future.done():
+                    continue  # an answer nobody waits for any more (e.g. timed out)
+                if event.status.code == Code.OK:
+                    future.set_result(event.payload)
+                else:
+                    future.set_exception(TtrpcError.from_status(event.status))
+            elif isinstance(event, DataReceived):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None and event.data is not None:
+                    stream._inbox.put_nowait(event.data)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        cause = f": {exc}" if exc else ""
+        if not self._protocol.end_of_input_is_clean():
+            cause += " (in the middle of a frame)"
+        self._lost = TtrpcError(Code.UNAVAILABLE, f"connection to {self.address} lost{cause}")
+        for future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(TtrpcError(self._lost.code, self._lost.message))
+        self._pending.clear()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._client._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._client._receive(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._connection_lost(exc)

@@ -1,0 +1,231 @@
+"""ttRPC connection state machines, sans-IO.
+
+ServerConnection and ClientConnection each take received bytes and return
+events, and turn outgoing messages into bytes. They enforce the wire rules
+(odd, increasing client stream ids; data only on open streams; size limit)
+the way the reference Go implementation does: a bad stream is answered with
+a status and the connection goes on; only a frame cut short by the end of
+input ends a connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+
+from .frame import (
+    MAX_DATA_SIZE,
+    Flags,
+    Frame,
+    FrameDecoder,
+    MessageType,
+    OversizeFrame,
+    encode_frame,
+)
+from .status import Code
+from .ttrpc_pb2 import KeyValue, Request, Response
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    stream_id: int
+    request: Request
+    #: The client will send data frames on this stream (flag remote-open).
+    streaming: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    stream_id: int
+    #: None when the frame had the no-data flag.
+    data: bytes | None
+    #: The peer sends nothing more on this stream.
+    end_stream: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRejected:
+    """The peer broke a rule on one stream; the server answers it with this status."""
+
+    stream_id: int
+    code: Code
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    stream_id: int
+    status: status_pb2.Status
+    payload: bytes
+
+
+ServerEvent = RequestReceived | DataReceived | StreamRejected
+ClientEvent = ResponseReceived | DataReceived
+
+
+def oversize_message(length: int) -> str:
+    return f"message length {length} exceeds maximum message size of {MAX_DATA_SIZE}"
+
+
+def _data_frame(stream_id: int, data: bytes | None, end_stream: bool) -> bytes:
+    flags = Flags.REMOTE_CLOSED if end_stream else Flags.NONE
+    if data is None:
+        flags |= Flags.NO_DATA
+    return encode_frame(stream_id, MessageType.DATA, flags, data or b"")
+
+
+# --- server side ------------------------------------------------------------
+
+
+class ServerConnection:
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder()
+        self._last_stream_id = 0
+        #: Streams on which the client may still send data frames.
+        self._receiving: set[int] = set()
+
+    def receive(self, data: bytes) -> list[ServerEvent]:
+        events: list[ServerEvent] = []
+        for frame in self._decoder.feed(data):
+            event = self._handle(frame)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def end_of_input_is_clean(self) -> bool:
+        """False when the input ended in the middle of a frame."""
+        return self._decoder.at_frame_boundary()
+
+    def _handle(self, frame: Frame | OversizeFrame) -> ServerEvent | None:
+        sid = frame.stream_id
+        if isinstance(frame, OversizeFrame):
+            return StreamRejected(sid, Code.RESOURCE_EXHAUSTED, oversize_message(frame.length))
+        if frame.type == MessageType.REQUEST:
+            return self._handle_request(frame)
+        if frame.type == MessageType.DATA:
+            return self._handle_data(frame)
+        return None  # unknown (or misdirected) types are ignored, as the reference does
+
+    def _handle_request(self, frame: Frame) -> ServerEvent:
+        sid = frame.stream_id
+        if sid % 2 == 0:
+            return StreamRejected(sid, Code.INVALID_ARGUMENT, f"stream id {sid} must be odd")
+        if sid <= self._last_stream_id:
+            return StreamRejected(
+                sid,
+                Code.INVALID_ARGUMENT,
+                f"stream id {sid} cannot be re-used and must increment "
+                f"(last was {self._last_stream_id})",
+            )
+        self._last_stream_id = sid
+        request = Request()
+        try:
+            request.ParseFromString(frame.data)
+        except DecodeError as exc:
+            return StreamRejected(sid, Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
+        streaming = bool(frame.flags & Flags.REMOTE_OPEN)
+        if streaming:
+            self._receiving.add(sid)
+        return RequestReceived(sid, request, streaming)
+
+    def _handle_data(self, frame: Frame) -> ServerEvent:
+        sid = frame.stream_id
+        if sid not in self._receiving:
+            return StreamRejected(sid, Code.INVALID_ARGUMENT, f"data frame for inactive stream {sid}")
+        end = bool(frame.flags & Flags.REMOTE_CLOSED)
+        no_data = bool(frame.flags & Flags.NO_DATA)
+        if end and frame.data:
+            self._receiving.discard(sid)
+            return StreamRejected(
+                sid, Code.INVALID_ARGUMENT, "data close message cannot include data"
+            )
+        if end:
+            self._receiving.discard(sid)
+        return DataReceived(sid, None if no_data else frame.data, end)
+
+    def response(self, stream_id: int, status: status_pb2.Status, payload: bytes = b"") -> bytes:
+        """Bytes of the response that ends a stream."""
+        self._receiving.discard(stream_id)
+        body = Response(status=status, payload=payload).SerializeToString()
+        return encode_frame(stream_id, MessageType.RESPONSE, Flags.NONE, body)
+
+    def data(self, stream_id: int, data: bytes | None, end_stream: bool = False) -> bytes:
+        return _data_frame(stream_id, data, end_stream)
+
+
+# --- client side ------------------------------------------------------------
+
+
+class ClientConnection:
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder()
+        self._next_stream_id = 1
+
+    def request(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout_nano: int = 0,
+        metadata: Iterable[tuple[str, str]] = (),
+        streaming: bool = False,
+    ) -> tuple[int, bytes]:
+        """Allocate the next stream id; return it and the request frame's bytes.
+
+        Raises FrameTooLarge (and allocates nothing) if the request is too big.
+        """
+        request = Request(
+            service=service,
+            method=method,
+            payload=payload,
+            timeout_nano=timeout_nano,
+            metadata=[KeyValue(key=k, value=v) for k, v in metadata],
+        )
+        flags = Flags.REMOTE_OPEN if streaming else Flags.NONE
+        sid = self._next_stream_id
+        data = encode_frame(sid, MessageType.REQUEST, flags, request.SerializeToString())
+        self._next_stream_id += 2
+        return sid, data
+
+    def data(self, stream_id: int, data: bytes | None, end_stream: bool = False) -> bytes:
+        return _data_frame(stream_id, data, end_stream)
+
+    def receive(self, data: bytes) -> list[ClientEvent]:
+        events: list[ClientEvent] = []
+        for frame in self._decoder.feed(data):
+            event = self._handle(frame)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def end_of_input_is_clean(self) -> bool:
+        return self._decoder.at_frame_boundary()
+
+    def _handle(self, frame: Frame | OversizeFrame) -> ClientEvent | None:
+        sid = frame.stream_id
+        if isinstance(frame, OversizeFrame):
+            status = status_pb2.Status(
+                code=Code.RESOURCE_EXHAUSTED, message=oversize_message(frame.length)
+            )
+            return ResponseReceived(sid, status, b"")
+        if frame.type == MessageType.RESPONSE:
+            response = Response()
+            try:
+                response.ParseFromString(frame.data)
+            except DecodeError as exc:
+                status = status_pb2.Status(
+                    code=Code.INTERNAL, message=f"unmarshal response error: {exc}"
+                )
+                return ResponseReceived(sid, status, b"")
+            return ResponseReceived(sid, response.status, response.payload)
+        if frame.type == MessageType.DATA:
+            no_data = bool(frame.flags & Flags.NO_DATA)
+            end = bool(frame.flags & Flags.REMOTE_CLOSED)
+            return DataReceived(sid, None if no_data else frame.data, end)
+        return None
