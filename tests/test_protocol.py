@@ -1,0 +1,105 @@
+"""Server and client connection rules, sans-IO: the reference server's answers to bad input."""
+
+from __future__ import annotations
+
+from pykata.ttrpc.frame import Flags, FrameDecoder, MessageType, encode_frame
+from pykata.ttrpc.protocol import (
+    ClientConnection,
+    DataReceived,
+    RequestReceived,
+    ResponseReceived,
+    ServerConnection,
+    StreamRejected,
+)
+from pykata.ttrpc.status import Code
+from pykata.ttrpc.ttrpc_pb2 import Request, Response
+
+
+def request_frame(sid: int, flags: int = 0, **fields: object) -> bytes:
+    body = Request(service="grpc.Health", method="Check", **fields).SerializeToString()  # type: ignore[arg-type]
+    return encode_frame(sid, MessageType.REQUEST, flags, body)
+
+
+def test_valid_request_with_metadata_and_timeout() -> None:
+    conn = ServerConnection()
+    metadata = [{"key": "traceparent", "value": "00-abc-def-01"}]
+    [event] = conn.receive(request_frame(1, timeout_nano=5, metadata=metadata))
+    assert isinstance(event, RequestReceived)
+    assert event.request.timeout_nano == 5
+    assert event.request.metadata[0].value == "00-abc-def-01"
+    assert not event.streaming
+
+
+def test_even_stream_id_is_rejected_and_connection_goes_on() -> None:
+    conn = ServerConnection()
+    [rejected, accepted] = conn.receive(request_frame(2) + request_frame(3))
+    assert rejected == StreamRejected(2, Code.INVALID_ARGUMENT, "stream id 2 must be odd")
+    assert isinstance(accepted, RequestReceived) and accepted.stream_id == 3
+
+
+def test_reused_or_decreasing_stream_id_is_rejected() -> None:
+    conn = ServerConnection()
+    events = conn.receive(request_frame(5) + request_frame(5) + request_frame(3) + request_frame(7))
+    assert [type(e) for e in events] == [RequestReceived, StreamRejected, StreamRejected, RequestReceived]
+    assert isinstance(events[1], StreamRejected)
+    assert "cannot be re-used and must increment" in events[1].message
+
+
+def test_undecodable_request_is_invalid_argument() -> None:
+    conn = ServerConnection()
+    [event] = conn.receive(encode_frame(1, MessageType.REQUEST, 0, b"\xff\xff\xff"))
+    assert isinstance(event, StreamRejected)
+    assert event.code == Code.INVALID_ARGUMENT
+    assert event.message.startswith("unmarshal request error")
+
+
+def test_data_for_inactive_stream_and_close_with_data_are_rejected() -> None:
+    conn = ServerConnection()
+    events = conn.receive(
+        encode_frame(9, MessageType.DATA, 0, b"x")  # nothing open
+        + request_frame(1, Flags.REMOTE_OPEN)
+        + encode_frame(1, MessageType.DATA, 0, b"one")
+        + encode_frame(1, MessageType.DATA, Flags.REMOTE_CLOSED, b"two")  # close must be empty
+    )
+    assert isinstance(events[0], StreamRejected) and "inactive stream 9" in events[0].message
+    assert isinstance(events[1], RequestReceived) and events[1].streaming
+    assert events[2] == DataReceived(1, b"one", False)
+    assert isinstance(events[3], StreamRejected)
+    assert events[3].message == "data close message cannot include data"
+
+
+def test_no_data_flag_and_empty_message_are_different() -> None:
+    conn = ServerConnection()
+    events = conn.receive(
+        request_frame(1, Flags.REMOTE_OPEN)
+        + encode_frame(1, MessageType.DATA, 0, b"")
+        + encode_frame(1, MessageType.DATA, Flags.REMOTE_CLOSED | Flags.NO_DATA, b"")
+    )
+    assert events[1:] == [DataReceived(1, b"", False), DataReceived(1, None, True)]
+
+
+def test_unknown_message_type_is_ignored() -> None:
+    conn = ServerConnection()
+    events = conn.receive(encode_frame(1, 0x7F, 0, b"future") + request_frame(1))
+    assert [type(e) for e in events] == [RequestReceived]
+
+
+def test_client_allocates_odd_increasing_ids_and_reads_responses() -> None:
+    client = ClientConnection()
+    ids = [client.request("s", "m", b"")[0] for _ in range(3)]
+    assert ids == [1, 3, 5]
+    response = Response(status={"code": Code.NOT_FOUND, "message": "no container abc"})
+    [event] = client.receive(
+        encode_frame(3, MessageType.RESPONSE, 0, response.SerializeToString())
+    )
+    assert isinstance(event, ResponseReceived)
+    assert (event.stream_id, event.status.code, event.status.message) == (3, 5, "no container abc")
+
+
+def test_server_response_frames_decode_on_the_client() -> None:
+    server = ServerConnection()
+    data = server.response(1, Response().status, b"payload") + server.data(1, None, True)
+    frames = FrameDecoder().feed(data)
+    assert [f.type for f in frames] == [MessageType.RESPONSE, MessageType.DATA]
+    assert Response.FromString(frames[0].data).payload == b"payload"
+    assert frames[1].flags == Flags.REMOTE_CLOSED | Flags.NO_DATA

@@ -1,0 +1,204 @@
+"""Addresses and every transport form.
+
+VSOCK: this machine can bind and listen on AF_VSOCK but has no loopback
+peer (environment.md), so vsock is tested for parsing, bind and listen only.
+Hybrid vsock traffic goes through a small fake VMM socket written here: the
+one part of the path that cannot exist on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pykata.agent.service import services
+from pykata.api.health_pb2 import CheckRequest, HealthCheckResponse
+from pykata.transport import (
+    AbstractAddress,
+    AddressError,
+    HybridVsockAddress,
+    TransportError,
+    UnixAddress,
+    VsockAddress,
+    listen,
+    parse_address,
+)
+from pykata.ttrpc import Client, Server
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("vsock://-1:1024", VsockAddress(-1, 1024)),
+        ("vsock://3:10240", VsockAddress(3, 10240)),
+        ("unix:///run/kata/agent.sock", UnixAddress("/run/kata/agent.sock")),
+        ("unix://@kata-agent", AbstractAddress("kata-agent")),
+        ("hvsock:///run/vc/vm/1/clh.sock:1024", HybridVsockAddress("/run/vc/vm/1/clh.sock", 1024)),
+    ],
+)
+def test_parse_and_print_every_form(text: str, address: object) -> None:
+    assert parse_address(text) == address
+    assert str(address) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("tcp://127.0.0.1:80", "unsupported scheme 'tcp'"),
+        ("/tmp/agent.sock", "no scheme"),
+        ("vsock://1024", "expected vsock://CID:PORT"),
+        ("vsock://x:1", "expected vsock://CID:PORT"),
+        ("vsock://3:port", "port 'port' is not a non-negative integer"),
+        ("vsock://3:99999999999", "out of range"),
+        ("unix://relative.sock", "must be absolute"),
+        ("unix://@", "empty abstract socket name"),
+        ("hvsock:///run/clh.sock", "expected hvsock:///PATH:PORT"),
+    ],
+)
+def test_bad_addresses_name_the_address_and_the_accepted_forms(text: str, why: str) -> None:
+    with pytest.raises(AddressError) as exc:
+        parse_address(text)
+    message = str(exc.value)
+    assert repr(text) in message and why in message
+    assert "unix:///PATH" in message and "vsock://CID:PORT" in message
+    assert "\n" not in message
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    server = Server(services())
+    yield server
+    await server.shutdown(grace=0)
+
+
+async def check(address: str) -> int:
+    async with await Client.connect(address, timeout=5) as client:
+        reply = await client.call("grpc.Health", "Check", CheckRequest(), HealthCheckResponse)
+        return reply.status
+
+
+async def test_unix_socket_traffic_and_cleanup(server: Server, tmp_path: Path) -> None:
+    await server.start(f"unix://{tmp_path}/a.sock")
+    assert await check(f"unix://{tmp_path}/a.sock") == HealthCheckResponse.SERVING
+    await server.shutdown(grace=0)
+    assert not (tmp_path / "a.sock").exists()
+
+
+async def test_abstract_socket_traffic(server: Server) -> None:
+    name = f"pykata-test-{os.getpid()}"
+    await server.start(f"unix://@{name}")
+    assert await check(f"unix://@{name}") == HealthCheckResponse.SERVING
+
+
+async def test_stale_socket_is_replaced_but_a_live_one_is_not(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "a.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: a crashed agent's leftover
+    await server.start(f"unix://{path}")
+    assert await check(f"unix://{path}") == HealthCheckResponse.SERVING
+    other = Server(services())
+    with pytest.raises(TransportError, match="another process is listening"):
+        await other.start(f"unix://{path}")
+
+
+async def test_refuses_to_replace_a_regular_file(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "important.txt"
+    path.write_text("keep me")
+    with pytest.raises(TransportError, match="exists and is not a socket"):
+        await server.start(f"unix://{path}")
+    assert path.read_text() == "keep me"
+
+
+async def test_connect_to_nothing_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(TransportError) as exc:
+        await Client.connect(f"unix://{tmp_path}/none.sock", timeout=2)
+    assert str(exc.value) == f"cannot connect to unix://{tmp_path}/none.sock: No such file or directory"
+
+
+class FakeVmm:
+    """Stands in for Firecracker/Cloud Hypervisor's hybrid vsock socket.
+
+    Accepts on the VMM socket, reads "CONNECT <port>\\n", answers "OK <n>\\n"
+    if `port` is served, then splices the stream to the guest-side listener
+    (here: our agent on a unix socket).
+    """
+
+    def __init__(self, path: Path, ports: dict[int, str], reply: str | None = None) -> None:
+        self.path = path
+        self.ports = ports
+        self.reply = reply
+        self.connects: list[str] = []
+
+    async def __aenter__(self) -> FakeVmm:
+        self.server = await asyncio.start_unix_server(self._serve, str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = (await reader.readline()).decode()
+        self.connects.append(line)
+        port = int(line.split()[1]) if line.startswith("CONNECT ") else -1
+        if self.reply is not None or port not in self.ports:
+            writer.write((self.reply or "").encode())
+            await writer.drain()
+            writer.close()
+            return
+        guest_reader, guest_writer = await asyncio.open_unix_connection(self.ports[port])
+        writer.write(b"OK 1073741824\n")
+        await asyncio.gather(self._pipe(reader, guest_writer), self._pipe(guest_reader, writer))
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+        dst.close()
+
+
+async def test_hybrid_vsock_connect_through_a_vmm(server: Server, tmp_path: Path) -> None:
+    await server.start(f"unix://{tmp_path}/guest.sock")
+    async with FakeVmm(tmp_path / "vmm.sock", {1024: str(tmp_path / "guest.sock")}) as vmm:
+        assert await check(f"hvsock://{tmp_path}/vmm.sock:1024") == HealthCheckResponse.SERVING
+    assert vmm.connects == ["CONNECT 1024\n"]
+
+
+@pytest.mark.parametrize("reply", ["", "NOPE\n", "OK\n"])
+async def test_hybrid_vsock_refused_handshake_is_a_clear_error(tmp_path: Path, reply: str) -> None:
+    async with FakeVmm(tmp_path / "vmm.sock", {}, reply=reply):
+        with pytest.raises(TransportError) as exc:
+            await Client.connect(f"hvsock://{tmp_path}/vmm.sock:1024", timeout=5)
+    assert "hybrid vsock handshake" in str(exc.value) and "port 1024" in str(exc.value)
+
+
+async def test_hybrid_vsock_listen_binds_path_underscore_port(server: Server, tmp_path: Path) -> None:
+    await server.start(f"hvsock://{tmp_path}/clh.sock:10240")
+    assert (tmp_path / "clh.sock_10240").is_socket()
+    # The VMM connects to that socket and speaks the stream directly.
+    assert await check(f"unix://{tmp_path}/clh.sock_10240") == HealthCheckResponse.SERVING
+
+
+async def test_vsock_bind_and_listen(server: Server) -> None:
+    """Bind and listen only: there is no vsock peer on this machine to connect from."""
+    if not hasattr(socket, "AF_VSOCK"):
+        pytest.skip("no AF_VSOCK in this Python")
+    try:
+        probe = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as exc:
+        pytest.skip(f"AF_VSOCK unavailable here: {exc}")
+    probe.close()
+    port = 40000 + os.getpid() % 20000
+    listener = await server.start(f"vsock://-1:{port}")
+    sock = listener._server.sockets[0]
+    assert sock.family == socket.AF_VSOCK
+    assert sock.getsockname() == (socket.VMADDR_CID_ANY, port)
+    other = Server(services())
+    with pytest.raises(TransportError, match=f"cannot listen on vsock://-1:{port}"):
+        await other.start(f"vsock://-1:{port}")

@@ -1,0 +1,257 @@
+"""The ttRPC server and client together, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pykata.api.health_pb2 import CheckRequest, HealthCheckResponse
+from pykata.ttrpc import (
+    Client,
+    Code,
+    Server,
+    ServerContext,
+    ServerStream,
+    Service,
+    StreamMethod,
+    TtrpcError,
+    UnaryMethod,
+)
+from pykata.ttrpc.frame import MAX_DATA_SIZE
+from pykata.ttrpc.testing import connected
+
+SERVICE = "pykata.test.Peer"
+
+
+class Failure(TtrpcError):
+    code = Code.NOT_FOUND
+
+
+async def sleep_echo(request: CheckRequest, ctx: ServerContext) -> CheckRequest:
+    """`service` names seconds to sleep; the request comes back."""
+    await asyncio.sleep(float(request.service or 0))
+    return request
+
+
+async def metadata_echo(request: CheckRequest, ctx: ServerContext) -> CheckRequest:
+    pairs = sorted(f"{k}={v}" for k, vs in ctx.metadata.items() for v in vs)
+    return CheckRequest(service=",".join(pairs))
+
+
+async def fail(request: CheckRequest, ctx: ServerContext) -> CheckRequest:
+    if request.service == "domain":
+        raise Failure(message="no container abc")
+    raise RuntimeError("boom in handler")
+
+
+async def huge(request: CheckRequest, ctx: ServerContext) -> CheckRequest:
+    return CheckRequest(service="x" * (MAX_DATA_SIZE + 1))
+
+
+async def sum_stream(stream: ServerStream, ctx: ServerContext) -> bytes:
+    total = 0
+    while (message := await stream.recv()) is not None:
+        total += int(message)
+        stream.send(str(total).encode())
+    return f"total={total}".encode()
+
+
+def peer_service() -> Service:
+    return Service(
+        SERVICE,
+        {
+            "Sleep": UnaryMethod(CheckRequest, sleep_echo),
+            "Metadata": UnaryMethod(CheckRequest, metadata_echo),
+            "Fail": UnaryMethod(CheckRequest, fail),
+            "Huge": UnaryMethod(CheckRequest, huge),
+            "Sum": StreamMethod(sum_stream),
+        },
+    )
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    server = Server([peer_service()])
+    yield server
+    await server.shutdown(grace=1)
+
+
+@pytest.fixture
+async def unix_client(server: Server, tmp_path: Path) -> AsyncIterator[Client]:
+    await server.start(f"unix://{tmp_path}/s.sock")
+    async with await Client.connect(f"unix://{tmp_path}/s.sock") as client:
+        yield client
+
+
+async def call(client: Client, method: str, arg: str = "", **kw: object) -> CheckRequest:
+    return await client.call(SERVICE, method, CheckRequest(service=arg), CheckRequest, **kw)  # type: ignore[arg-type]
+
+
+async def test_many_calls_in_flight_answered_in_any_order(unix_client: Client) -> None:
+    finished: list[str] = []
+
+    async def one(delay: str) -> None:
+        reply = await call(unix_client, "Sleep", delay)
+        finished.append(reply.service)
+
+    await asyncio.gather(*(one(d) for d in ["0.3", "0.2", "0.1", "0"]))
+    assert finished == ["0", "0.1", "0.2", "0.3"]
+
+
+async def test_unknown_service_and_method_are_unimplemented_naming_them(unix_client: Client) -> None:
+    with pytest.raises(TtrpcError) as exc:
+        await unix_client.call("no.Such", "Thing", CheckRequest(), CheckRequest)
+    assert exc.value.code == Code.UNIMPLEMENTED and "no.Such" in exc.value.message
+    with pytest.raises(TtrpcError) as exc:
+        await call(unix_client, "Nope")
+    assert exc.value.code == Code.UNIMPLEMENTED
+    assert f"{SERVICE}/Nope" in exc.value.message
+
+
+async def test_domain_error_keeps_its_code_other_errors_are_internal_and_logged(
+    unix_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(TtrpcError) as exc:
+        await call(unix_client, "Fail", "domain")
+    assert (exc.value.code, exc.value.message) == (Code.NOT_FOUND, "no container abc")
+    with caplog.at_level(logging.ERROR, logger="pykata"):
+        with pytest.raises(TtrpcError) as exc:
+            await call(unix_client, "Fail", "other")
+    assert exc.value.code == Code.INTERNAL and "boom in handler" in exc.value.message
+    assert any("boom in handler" in r.getMessage() for r in caplog.records)
+    assert (await call(unix_client, "Sleep", "0")).service == "0"  # still serving
+
+
+async def test_deadline_is_enforced_by_the_server(server: Server) -> None:
+    async with connected(server) as client:
+        # Client-side wait is longer than the deadline sent, so the status is the server's.
+        payload = CheckRequest(service="5").SerializeToString()
+        sid, frame = client._protocol.request(SERVICE, "Sleep", payload, timeout_nano=100_000_000)
+        future = asyncio.get_running_loop().create_future()
+        client._pending[sid] = future
+        client._write(frame)
+        with pytest.raises(TtrpcError) as exc:
+            await asyncio.wait_for(future, 3)
+    assert exc.value.code == Code.DEADLINE_EXCEEDED
+    assert "deadline" in exc.value.message
+
+
+async def test_client_timeout_is_deadline_exceeded(unix_client: Client) -> None:
+    with pytest.raises(TtrpcError) as exc:
+        await call(unix_client, "Sleep", "2", timeout=0.1)
+    assert exc.value.code == Code.DEADLINE_EXCEEDED
+
+
+async def test_metadata_reaches_the_handler(unix_client: Client) -> None:
+    reply = await call(
+        unix_client, "Metadata", metadata={"traceparent": "00-1-2-01", "k": ["a", "b"]}
+    )
+    assert reply.service == "k=a,k=b,traceparent=00-1-2-01"
+
+
+async def test_oversize_response_becomes_resource_exhausted(unix_client: Client) -> None:
+    with pytest.raises(TtrpcError) as exc:
+        await call(unix_client, "Huge")
+    assert exc.value.code == Code.RESOURCE_EXHAUSTED
+    assert (await call(unix_client, "Sleep", "0")).service == "0"
+
+
+async def test_client_refuses_to_send_oversize(unix_client: Client) -> None:
+    with pytest.raises(TtrpcError) as exc:
+        await call(unix_client, "Sleep", "x" * (MAX_DATA_SIZE + 1))
+    assert exc.value.code == Code.RESOURCE_EXHAUSTED
+    assert (await call(unix_client, "Sleep", "0")).service == "0"
+
+
+async def test_connection_loss_fails_every_pending_call_with_unavailable(tmp_path: Path) -> None:
+    server = Server([peer_service()])
+    await server.start(f"unix://{tmp_path}/s.sock")
+    client = await Client.connect(f"unix://{tmp_path}/s.sock")
+    calls = [asyncio.ensure_future(call(client, "Sleep", "10")) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    await server.shutdown(grace=0)  # cancels handlers and drops the connection
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    codes = {r.code for r in results if isinstance(r, TtrpcError)}
+    assert len(codes) >= 1 and codes <= {Code.UNAVAILABLE, Code.CANCELLED}
+    assert all(isinstance(r, TtrpcError) for r in results)
+    with pytest.raises(TtrpcError) as exc:
+        await call(client, "Sleep", "0")
+    assert exc.value.code == Code.UNAVAILABLE
+    await client.close()
+
+
+async def test_killed_server_process_fails_pending_calls_at_once(tmp_path: Path) -> None:
+    """Connection dropped under the client: every pending call fails with UNAVAILABLE."""
+    server = Server([peer_service()])
+    await server.start(f"unix://{tmp_path}/s.sock")
+    client = await Client.connect(f"unix://{tmp_path}/s.sock")
+    calls = [asyncio.ensure_future(call(client, "Sleep", "10")) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    for conn in list(server._connections):
+        assert conn.transport is not None
+        conn.transport.abort()
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 2)
+    assert [r.code for r in results if isinstance(r, TtrpcError)] == [Code.UNAVAILABLE] * 3
+    await client.close()
+    await server.shutdown(grace=0)
+
+
+async def test_graceful_shutdown_lets_in_flight_calls_finish(tmp_path: Path) -> None:
+    server = Server([peer_service()])
+    await server.start(f"unix://{tmp_path}/s.sock")
+    client = await Client.connect(f"unix://{tmp_path}/s.sock")
+    slow = asyncio.ensure_future(call(client, "Sleep", "0.3"))
+    await asyncio.sleep(0.05)
+    await server.shutdown(grace=5)
+    assert (await slow).service == "0.3"
+    assert not os.path.exists(tmp_path / "s.sock")
+    await client.close()
+
+
+async def test_shutdown_bound_cancels_calls_that_overrun_it(tmp_path: Path) -> None:
+    server = Server([peer_service()])
+    await server.start(f"unix://{tmp_path}/s.sock")
+    client = await Client.connect(f"unix://{tmp_path}/s.sock")
+    slow = asyncio.ensure_future(call(client, "Sleep", "30"))
+    await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
+    await server.shutdown(grace=0.2)
+    assert asyncio.get_running_loop().time() - started < 5
+    with pytest.raises(TtrpcError) as exc:
+        await slow
+    assert exc.value.code in (Code.CANCELLED, Code.UNAVAILABLE)
+    await client.close()
+
+
+async def test_streaming_both_ways(server: Server) -> None:
+    async with connected(server) as client:
+        stream = client.stream(SERVICE, "Sum")
+        for n in (1, 2, 3):
+            stream.send(str(n).encode())
+        stream.close_send()
+        partials = []
+        while (message := await stream.recv()) is not None:
+            partials.append(message)
+        assert partials == [b"1", b"3", b"6"]
+        assert await stream.response() == b"total=6"
+
+
+async def test_unix_socket_is_owner_only(server: Server, tmp_path: Path) -> None:
+    await server.start(f"unix://{tmp_path}/s.sock")
+    assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o600
+
+
+async def test_health_descriptor_service_binding(tmp_path: Path) -> None:
+    from pykata.agent.service import services
+
+    server = Server(services())
+    async with connected(server) as client:
+        reply = await client.call("grpc.Health", "Check", CheckRequest(), HealthCheckResponse)
+        assert reply.status == HealthCheckResponse.SERVING
+    await server.shutdown(grace=0)
