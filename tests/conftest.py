@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pykata.ttrpc import Client
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 REFERENCE_DESCRIPTORS = SHARED / "reference" / "kata-agent-api.binpb"
@@ -23,7 +26,9 @@ GO_PEER_BIN = ROOT / "tests" / "go" / "bin" / "ttrpcpeer"
 AGENT = [sys.executable, "-m", "pykata.agent.cli"]
 
 
-def wait_for_socket(path: str, timeout: float = 10.0, proc: subprocess.Popen[str] | None = None) -> None:
+def wait_for_socket(
+    path: str, timeout: float = 10.0, proc: subprocess.Popen[str] | None = None
+) -> None:
     """Readiness by retry: until something accepts connections on `path`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -65,15 +70,22 @@ class AgentProcess:
 
 @contextlib.contextmanager
 def run_agent(
-    address: str, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-    cmdline: str = "", tmp: Path,
+    address: str,
+    *,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    cmdline: str = "",
+    tmp: Path,
 ) -> Iterator[AgentProcess]:
     cmdline_file = tmp / "cmdline"
     cmdline_file.write_text(cmdline)
     full_env = {**os.environ, "KATA_AGENT_SERVER_ADDR": address, **(env or {})}
     proc = subprocess.Popen(
         [*AGENT, "--kernel-cmdline", str(cmdline_file), *args],
-        env=full_env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=full_env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
     )
     socket_path = address.removeprefix("unix://") if address.startswith("unix:///") else None
     agent = AgentProcess(proc, address, socket_path)
@@ -116,3 +128,14 @@ def build_go_peer() -> Path:
 @pytest.fixture(scope="session")
 def go_peer() -> Path:
     return build_go_peer()
+
+
+async def call_with_server_deadline(
+    client: Client, service: str, method: str, payload: bytes, timeout_nano: int, wait: float = 3
+) -> bytes:
+    """Send a deadline but wait longer locally, so the status seen is the server's own."""
+    sid, frame = client._protocol.request(service, method, payload, timeout_nano=timeout_nano)
+    future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    client._pending[sid] = future
+    client._write(frame)
+    return await asyncio.wait_for(future, wait)

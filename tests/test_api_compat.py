@@ -39,7 +39,9 @@ def walk_messages(
 
 
 def walk_enums(file: descriptor_pb2.FileDescriptorProto) -> dict[str, dict[str, int]]:
-    enums = {f"{file.package}.{e.name}": {v.name: v.number for v in e.value} for e in file.enum_type}
+    enums = {
+        f"{file.package}.{e.name}": {v.name: v.number for v in e.value} for e in file.enum_type
+    }
     for name, message in walk_messages(list(file.message_type), file.package):
         for e in message.enum_type:
             enums[f"{name}.{e.name}"] = {v.name: v.number for v in e.value}
@@ -54,7 +56,9 @@ def field_facts(message: descriptor_pb2.DescriptorProto) -> dict[str, tuple[obje
     return facts
 
 
-def mismatches(ref: descriptor_pb2.FileDescriptorProto, ours: descriptor_pb2.FileDescriptorProto) -> list[str]:
+def mismatches(
+    ref: descriptor_pb2.FileDescriptorProto, ours: descriptor_pb2.FileDescriptorProto
+) -> list[str]:
     problems = []
     if ref.package != ours.package:
         problems.append(f"{ref.name}: package {ours.package!r}, reference {ref.package!r}")
@@ -78,22 +82,27 @@ def mismatches(ref: descriptor_pb2.FileDescriptorProto, ours: descriptor_pb2.Fil
     ref_enums, our_enums = walk_enums(ref), walk_enums(ours)
     for name in sorted(ref_enums.keys() | our_enums.keys()):
         if ref_enums.get(name) != our_enums.get(name):
-            problems.append(f"enum {name}: ours {our_enums.get(name)}, reference {ref_enums.get(name)}")
+            problems.append(
+                f"enum {name}: ours {our_enums.get(name)}, reference {ref_enums.get(name)}"
+            )
     ref_svcs = {s.name: s for s in ref.service}
     our_svcs = {s.name: s for s in ours.service}
     for sname in sorted(ref_svcs.keys() | our_svcs.keys()):
         if sname not in our_svcs or sname not in ref_svcs:
             problems.append(f"service {ours.package}.{sname} present on one side only")
             continue
-        ref_methods = {m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming)
-                       for m in ref_svcs[sname].method}
-        our_methods = {m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming)
-                       for m in our_svcs[sname].method}
+        ref_methods = {
+            m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming)
+            for m in ref_svcs[sname].method
+        }
+        our_methods = {
+            m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming)
+            for m in our_svcs[sname].method
+        }
         for mname in sorted(ref_methods.keys() | our_methods.keys()):
             if ref_methods.get(mname) != our_methods.get(mname):
-                problems.append(
-                    f"{sname}/{mname}: ours {our_methods.get(mname)}, reference {ref_methods.get(mname)}"
-                )
+                ours_m, ref_m = our_methods.get(mname), ref_methods.get(mname)
+                problems.append(f"{sname}/{mname}: ours {ours_m}, reference {ref_m}")
     return problems
 
 

@@ -20,7 +20,7 @@ from pykata.ttrpc.frame import (
 
 def test_header_layout_is_big_endian_length_stream_type_flags() -> None:
     assert encode_frame(0x01020304, MessageType.DATA, 0x05, b"xy") == (
-        b"\x00\x00\x00\x02" b"\x01\x02\x03\x04" b"\x03" b"\x05" b"xy"
+        b"\x00\x00\x00\x02\x01\x02\x03\x04\x03\x05xy"
     )
 
 

@@ -68,8 +68,9 @@ def server_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def check_frame(sid: int) -> bytes:
-    body = Request(service="grpc.Health", method="Check",
-                   payload=CheckRequest().SerializeToString()).SerializeToString()
+    body = Request(
+        service="grpc.Health", method="Check", payload=CheckRequest().SerializeToString()
+    ).SerializeToString()
     return encode_frame(sid, MessageType.REQUEST, 0, body)
 
 
@@ -90,13 +91,20 @@ def assert_well_formed_responses(data: bytes) -> None:
 
 valid_frames = st.one_of(
     st.builds(check_frame, st.integers(0, 40)),
-    st.builds(lambda sid, flags, data: encode_frame(sid, MessageType.DATA, flags, data),
-              st.integers(0, 40), st.integers(0, 7), st.binary(max_size=40)),
+    st.builds(
+        lambda sid, flags, data: encode_frame(sid, MessageType.DATA, flags, data),
+        st.integers(0, 40),
+        st.integers(0, 7),
+        st.binary(max_size=40),
+    ),
 )
 random_frames = st.builds(
     lambda length, sid, type_, flags, data: HEADER.pack(length, sid, type_, flags) + data,
     st.one_of(st.integers(0, 64), st.just(MAX_DATA_SIZE + 1), st.integers(0, 2**32 - 1)),
-    st.integers(0, 2**32 - 1), st.integers(0, 255), st.integers(0, 255), st.binary(max_size=64),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.binary(max_size=64),
 )
 
 
@@ -117,8 +125,12 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(mutated(), st.lists(random_frames, max_size=4).map(b"".join), st.binary(max_size=200)))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(mutated(), st.lists(random_frames, max_size=4).map(b"".join), st.binary(max_size=200))
+)
 def test_garbage_never_crashes_or_hangs_the_server(server_path: Path, garbage: bytes) -> None:
     with socket.socket(socket.AF_UNIX) as bystander, socket.socket(socket.AF_UNIX) as victim:
         bystander.settimeout(5)

@@ -40,7 +40,12 @@ def test_even_stream_id_is_rejected_and_connection_goes_on() -> None:
 def test_reused_or_decreasing_stream_id_is_rejected() -> None:
     conn = ServerConnection()
     events = conn.receive(request_frame(5) + request_frame(5) + request_frame(3) + request_frame(7))
-    assert [type(e) for e in events] == [RequestReceived, StreamRejected, StreamRejected, RequestReceived]
+    assert [type(e) for e in events] == [
+        RequestReceived,
+        StreamRejected,
+        StreamRejected,
+        RequestReceived,
+    ]
     assert isinstance(events[1], StreamRejected)
     assert "cannot be re-used and must increment" in events[1].message
 
@@ -89,9 +94,7 @@ def test_client_allocates_odd_increasing_ids_and_reads_responses() -> None:
     ids = [client.request("s", "m", b"")[0] for _ in range(3)]
     assert ids == [1, 3, 5]
     response = Response(status={"code": Code.NOT_FOUND, "message": "no container abc"})
-    [event] = client.receive(
-        encode_frame(3, MessageType.RESPONSE, 0, response.SerializeToString())
-    )
+    [event] = client.receive(encode_frame(3, MessageType.RESPONSE, 0, response.SerializeToString()))
     assert isinstance(event, ResponseReceived)
     assert (event.stream_id, event.status.code, event.status.message) == (3, 5, "no container abc")
 

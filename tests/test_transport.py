@@ -25,7 +25,6 @@ from pykata.transport import (
     TransportError,
     UnixAddress,
     VsockAddress,
-    listen,
     parse_address,
 )
 from pykata.ttrpc import Client, Server
@@ -95,7 +94,9 @@ async def test_abstract_socket_traffic(server: Server) -> None:
     assert await check(f"unix://@{name}") == HealthCheckResponse.SERVING
 
 
-async def test_stale_socket_is_replaced_but_a_live_one_is_not(server: Server, tmp_path: Path) -> None:
+async def test_stale_socket_is_replaced_but_a_live_one_is_not(
+    server: Server, tmp_path: Path
+) -> None:
     path = tmp_path / "a.sock"
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))
@@ -118,7 +119,10 @@ async def test_refuses_to_replace_a_regular_file(server: Server, tmp_path: Path)
 async def test_connect_to_nothing_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(TransportError) as exc:
         await Client.connect(f"unix://{tmp_path}/none.sock", timeout=2)
-    assert str(exc.value) == f"cannot connect to unix://{tmp_path}/none.sock: No such file or directory"
+    assert (
+        str(exc.value)
+        == f"cannot connect to unix://{tmp_path}/none.sock: No such file or directory"
+    )
 
 
 class FakeVmm:
@@ -178,7 +182,9 @@ async def test_hybrid_vsock_refused_handshake_is_a_clear_error(tmp_path: Path, r
     assert "hybrid vsock handshake" in str(exc.value) and "port 1024" in str(exc.value)
 
 
-async def test_hybrid_vsock_listen_binds_path_underscore_port(server: Server, tmp_path: Path) -> None:
+async def test_hybrid_vsock_listen_binds_path_underscore_port(
+    server: Server, tmp_path: Path
+) -> None:
     await server.start(f"hvsock://{tmp_path}/clh.sock:10240")
     assert (tmp_path / "clh.sock_10240").is_socket()
     # The VMM connects to that socket and speaks the stream directly.

@@ -26,6 +26,8 @@ from pykata.ttrpc import (
 from pykata.ttrpc.frame import MAX_DATA_SIZE
 from pykata.ttrpc.testing import connected
 
+from .conftest import call_with_server_deadline
+
 SERVICE = "pykata.test.Peer"
 
 
@@ -104,7 +106,9 @@ async def test_many_calls_in_flight_answered_in_any_order(unix_client: Client) -
     assert finished == ["0", "0.1", "0.2", "0.3"]
 
 
-async def test_unknown_service_and_method_are_unimplemented_naming_them(unix_client: Client) -> None:
+async def test_unknown_service_and_method_are_unimplemented_naming_them(
+    unix_client: Client,
+) -> None:
     with pytest.raises(TtrpcError) as exc:
         await unix_client.call("no.Such", "Thing", CheckRequest(), CheckRequest)
     assert exc.value.code == Code.UNIMPLEMENTED and "no.Such" in exc.value.message
@@ -120,9 +124,8 @@ async def test_domain_error_keeps_its_code_other_errors_are_internal_and_logged(
     with pytest.raises(TtrpcError) as exc:
         await call(unix_client, "Fail", "domain")
     assert (exc.value.code, exc.value.message) == (Code.NOT_FOUND, "no container abc")
-    with caplog.at_level(logging.ERROR, logger="pykata"):
-        with pytest.raises(TtrpcError) as exc:
-            await call(unix_client, "Fail", "other")
+    with caplog.at_level(logging.ERROR, logger="pykata"), pytest.raises(TtrpcError) as exc:
+        await call(unix_client, "Fail", "other")
     assert exc.value.code == Code.INTERNAL and "boom in handler" in exc.value.message
     assert any("boom in handler" in r.getMessage() for r in caplog.records)
     assert (await call(unix_client, "Sleep", "0")).service == "0"  # still serving
@@ -130,14 +133,9 @@ async def test_domain_error_keeps_its_code_other_errors_are_internal_and_logged(
 
 async def test_deadline_is_enforced_by_the_server(server: Server) -> None:
     async with connected(server) as client:
-        # Client-side wait is longer than the deadline sent, so the status is the server's.
         payload = CheckRequest(service="5").SerializeToString()
-        sid, frame = client._protocol.request(SERVICE, "Sleep", payload, timeout_nano=100_000_000)
-        future = asyncio.get_running_loop().create_future()
-        client._pending[sid] = future
-        client._write(frame)
         with pytest.raises(TtrpcError) as exc:
-            await asyncio.wait_for(future, 3)
+            await call_with_server_deadline(client, SERVICE, "Sleep", payload, 100_000_000)
     assert exc.value.code == Code.DEADLINE_EXCEEDED
     assert "deadline" in exc.value.message
 

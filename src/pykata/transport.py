@@ -267,7 +267,7 @@ async def _hybrid_handshake(sock: socket.socket, address: HybridVsockAddress) ->
         )
 
 
-def _connect_socket(address: Address) -> tuple[socket.socket, object]:
+def _connect_socket(address: Address) -> tuple[socket.socket, tuple[int, int] | str]:
     if isinstance(address, VsockAddress):
         cid = socket.VMADDR_CID_ANY if address.cid == -1 else address.cid
         return socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM), (cid, address.port)

@@ -62,7 +62,10 @@ async def serve(config: configmod.AgentConfig, started: float) -> None:
     await server.start(config.server_addr)
     log.info(
         "agent serving",
-        extra={"address": config.server_addr, "startup_ms": round((time.monotonic() - started) * 1e3, 1)},
+        extra={
+            "address": config.server_addr,
+            "startup_ms": round((time.monotonic() - started) * 1e3, 1),
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -47,6 +47,7 @@ LOG_LEVELS = {
     "trace": TRACE,
 }
 
+
 class ConfigError(ValueError):
     """A configuration value the agent cannot start with."""
 
@@ -169,7 +170,7 @@ def from_cmdline(cmdline: str) -> AgentConfig:
 
 # --- TOML config file ---------------------------------------------------------
 
-_FILE_TYPES: dict[str, type] = {
+_FILE_TYPES: dict[str, type[Any]] = {
     "debug_console": bool,
     "dev_mode": bool,
     "log_level": str,
@@ -249,6 +250,8 @@ def load(
             with open(cmdline_path) as f:
                 cmdline = f.read()
         except OSError as exc:
-            raise ConfigError(f"cannot read kernel command line {cmdline_path}: {exc.strerror}")
+            raise ConfigError(
+                f"cannot read kernel command line {cmdline_path}: {exc.strerror}"
+            ) from exc
         config = from_cmdline(cmdline)
     return apply_env(config, os.environ if env is None else env)

@@ -16,12 +16,12 @@ API_VERSION = "0.0.1"
 
 
 class Health:
-    async def Check(  # noqa: N802 - RPC names are the wire names
+    async def Check(
         self, request: health_pb2.CheckRequest, ctx: ServerContext
     ) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
-    async def Version(  # noqa: N802
+    async def Version(
         self, request: health_pb2.CheckRequest, ctx: ServerContext
     ) -> health_pb2.VersionCheckResponse:
         return health_pb2.VersionCheckResponse(grpc_version=API_VERSION, agent_version=__version__)

@@ -1,11 +1,11 @@
 """ttRPC for asyncio: framing, a server and a client, usable outside Kata.
 
-    frame     the 10-byte header format, sans-IO
-    protocol  per-connection state machines (bytes in, events out), sans-IO
-    status    Code and TtrpcError
-    server    Server, Service, ServerContext
-    client    Client, ClientStream
-    testing   a service and a client wired together in-process
+frame     the 10-byte header format, sans-IO
+protocol  per-connection state machines (bytes in, events out), sans-IO
+status    Code and TtrpcError
+server    Server, Service, ServerContext
+client    Client, ClientStream
+testing   a service and a client wired together in-process
 """
 
 from .client import Client, ClientStream

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from google.protobuf.message import DecodeError, Message
 
@@ -52,7 +52,8 @@ class ClientStream:
         if self._inbox.empty() and self._response.done():
             return None
         getter = asyncio.ensure_future(self._inbox.get())
-        await asyncio.wait([getter, self._response], return_when=asyncio.FIRST_COMPLETED)
+        waiting: list[asyncio.Future[Any]] = [getter, self._response]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if getter.done():
             return getter.result()
         getter.cancel()
@@ -119,9 +120,9 @@ class Client:
         try:
             return response_type.FromString(payload)
         except DecodeError as exc:
+            expected = response_type.DESCRIPTOR.full_name
             raise TtrpcError(
-                Code.INTERNAL,
-                f"cannot decode {response_type.DESCRIPTOR.full_name} from {service}/{method}: {exc}",
+                Code.INTERNAL, f"cannot decode {expected} from {service}/{method}: {exc}"
             ) from None
 
     async def call_raw(

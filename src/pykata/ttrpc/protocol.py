@@ -136,7 +136,9 @@ class ServerConnection:
     def _handle_data(self, frame: Frame) -> ServerEvent:
         sid = frame.stream_id
         if sid not in self._receiving:
-            return StreamRejected(sid, Code.INVALID_ARGUMENT, f"data frame for inactive stream {sid}")
+            return StreamRejected(
+                sid, Code.INVALID_ARGUMENT, f"data frame for inactive stream {sid}"
+            )
         end = bool(frame.flags & Flags.REMOTE_CLOSED)
         no_data = bool(frame.flags & Flags.NO_DATA)
         if end and frame.data:

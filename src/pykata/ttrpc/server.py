@@ -131,8 +131,10 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.peer = transport_mod.peer_credentials(transport)
         if self.listener is not None and not self.listener.admits(transport):
-            log.warning("refused connection from a peer of another user on %s", self.listener.address)
-            transport.abort()
+            log.warning(
+                "refused connection from a peer of another user on %s", self.listener.address
+            )
+            self.transport.abort()
             return
         self.server._connections.add(self)
 
@@ -148,7 +150,9 @@ class _Connection(asyncio.Protocol):
                         stream._deliver(None)
             elif isinstance(event, StreamRejected):
                 log.warning("stream %d rejected: %s", event.stream_id, event.message)
-                self._answer(event.stream_id, status_pb2.Status(code=event.code, message=event.message))
+                self._answer(
+                    event.stream_id, status_pb2.Status(code=event.code, message=event.message)
+                )
 
     def eof_received(self) -> bool:
         if not self.protocol.end_of_input_is_clean():
@@ -257,7 +261,9 @@ class _Connection(asyncio.Protocol):
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
-    async def _streaming(self, method: StreamMethod, stream: ServerStream, ctx: ServerContext) -> None:
+    async def _streaming(
+        self, method: StreamMethod, stream: ServerStream, ctx: ServerContext
+    ) -> None:
         try:
             async with asyncio.timeout(ctx.timeout):
                 payload = await method.handler(stream, ctx)
@@ -277,7 +283,9 @@ class _Connection(asyncio.Protocol):
                 message=f"{call} did not finish within its {ctx.timeout:g}s deadline",
             )
         if isinstance(exc, asyncio.CancelledError):
-            return status_pb2.Status(code=Code.CANCELLED, message=f"{call} cancelled: server shutting down")
+            return status_pb2.Status(
+                code=Code.CANCELLED, message=f"{call} cancelled: server shutting down"
+            )
         log.error("%s failed: %r", call, exc, exc_info=exc)
         return status_pb2.Status(code=Code.INTERNAL, message=f"{call}: {exc}")
 
