@@ -7,7 +7,6 @@ socket, so the decoder can be fed arbitrary bytes in tests and fuzzers.
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass
 
@@ -17,13 +16,15 @@ HEADER_SIZE = HEADER.size
 MAX_DATA_SIZE = 4 << 20
 
 
-class MessageType(enum.IntEnum):
+# Plain int constants, not enums: they are tested on every frame and enum
+# operators cost more than the rest of the decoding.
+class MessageType:
     REQUEST = 1
     RESPONSE = 2
     DATA = 3
 
 
-class Flags(enum.IntFlag):
+class Flags:
     NONE = 0
     #: The sender of this frame sends no more data on the stream.
     REMOTE_CLOSED = 0x01
@@ -67,46 +68,59 @@ def encode_frame(stream_id: int, type: int, flags: int, data: bytes) -> bytes:
 class FrameDecoder:
     """Turns a byte stream into Frame and OversizeFrame events.
 
-    Oversize data is never buffered: its bytes are counted off as they
-    arrive, so a hostile length costs no memory and the stream stays in sync.
+    An incomplete frame's chunks are kept as a list and joined once the
+    frame is whole (no quadratic copying of big frames). Oversize data is
+    never buffered: its bytes are counted off as they arrive, so a hostile
+    length costs no memory and the stream stays in sync.
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._skip = 0
+        self._chunks: list[bytes] = []
+        self._held = 0  # bytes in _chunks
+        self._needed = 0  # bytes _chunks must reach before decoding can progress
+        self._skip = 0  # bytes of an oversize frame still to drop
 
     def feed(self, data: bytes) -> list[Frame | OversizeFrame]:
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             data = data[dropped:]
-        buffer = self._buffer
-        buffer += data
+        if self._chunks:
+            self._chunks.append(data)
+            self._held += len(data)
+            if self._held < self._needed:
+                return []
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._held = 0
         events: list[Frame | OversizeFrame] = []
         offset = 0
-        end = len(buffer)
+        end = len(data)
+        length = 0
         while end - offset >= HEADER_SIZE:
-            length, stream_id, type_, flags = HEADER.unpack_from(buffer, offset)
+            length, stream_id, type_, flags = HEADER.unpack_from(data, offset)
+            start = offset + HEADER_SIZE
             if length > MAX_DATA_SIZE:
                 events.append(OversizeFrame(stream_id, type_, flags, length))
-                offset += HEADER_SIZE
-                dropped = min(length, end - offset)
-                offset += dropped
+                dropped = min(length, end - start)
                 self._skip = length - dropped
+                offset = start + dropped
                 continue
-            if end - offset - HEADER_SIZE < length:
+            if end - start < length:
                 break
-            start = offset + HEADER_SIZE
-            events.append(Frame(stream_id, type_, flags, bytes(buffer[start : start + length])))
             offset = start + length
-        if offset:
-            del buffer[:offset]
+            events.append(Frame(stream_id, type_, flags, data[start:offset]))
+        if offset < end:
+            rest = data[offset:]
+            self._chunks.append(rest)
+            self._held = len(rest)
+            self._needed = HEADER_SIZE + length if len(rest) >= HEADER_SIZE else HEADER_SIZE
         return events
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held (or still to skip)."""
-        return len(self._buffer) + self._skip
+        return self._held + self._skip
 
     def at_frame_boundary(self) -> bool:
         """True when end of stream here would cut no frame short."""
