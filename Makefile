@@ -34,15 +34,15 @@ protos: setup
 	    --python_out=src/pykata/ttrpc --pyi_out=src/pykata/ttrpc protos/ttrpc.proto
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy
 
 test: setup lint
 	$(VENV)/bin/pytest -q
 
 demo: setup
-	$(PY) bench/../docs/demo.py
+	$(PY) scripts/demo.py
 
 bench: setup
 	$(PY) bench/run.py --output BENCHMARKS.md

@@ -15,6 +15,7 @@ from pykata.api import agent_pb2, health_pb2
 from pykata.ttrpc import Client, Code, TtrpcError
 
 from .conftest import AGENT, AgentProcess, run_agent
+from .peers import wait_for_socket
 
 AGENT_METHODS = [m.name for m in agent_pb2.DESCRIPTOR.services_by_name["AgentService"].methods]
 
@@ -138,8 +139,6 @@ def test_config_file_option(tmp_path: Path) -> None:
     )
     agent = AgentProcess(proc, f"unix://{tmp_path}/from-file.sock", f"{tmp_path}/from-file.sock")
     try:
-        from .conftest import wait_for_socket
-
         wait_for_socket(f"{tmp_path}/from-file.sock", proc=proc)
     finally:
         assert agent.stop() == 0

@@ -10,7 +10,7 @@ from google.protobuf.descriptor import FileDescriptor
 
 from pykata.api import agent_pb2, csi_pb2, health_pb2, oci_pb2, types_pb2
 
-from .conftest import REFERENCE_DESCRIPTORS
+from .peers import REFERENCE_DESCRIPTORS
 
 OURS: dict[str, FileDescriptor] = {
     m.DESCRIPTOR.name: m.DESCRIPTOR for m in (oci_pb2, csi_pb2, types_pb2, agent_pb2, health_pb2)

@@ -17,12 +17,8 @@ import pytest
 from pykata.api import health_pb2
 from pykata.ttrpc import Client, Code, TtrpcError
 
-from .conftest import (
-    REFERENCE_DESCRIPTORS,
-    AgentProcess,
-    call_with_server_deadline,
-    wait_for_socket,
-)
+from .conftest import AgentProcess, call_with_server_deadline
+from .peers import REFERENCE_DESCRIPTORS, wait_for_socket
 
 
 def go_client(peer: Path, socket_path: str, op: str, *args: str) -> list[dict[str, object]]:
