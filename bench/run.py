@@ -295,9 +295,8 @@ def main() -> None:
     if args.py_client:
         import uvloop
 
-        uvloop.install()
         path, calls, conc = args.py_client
-        print(asyncio.run(_py_client(path, int(calls), int(conc))))
+        print(uvloop.run(_py_client(path, int(calls), int(conc))))
         return
     results = measure(args.rounds)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

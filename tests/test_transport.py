@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -208,3 +211,72 @@ async def test_vsock_bind_and_listen(server: Server) -> None:
     other = Server(services())
     with pytest.raises(TransportError, match=f"cannot listen on vsock://-1:{port}"):
         await other.start(f"vsock://-1:{port}")
+
+
+# A raw client run as user nobody by Debian's own python3 (our venv's interpreter
+# lives under /root, out of nobody's reach). Prints what the server did.
+NOBODY_CLIENT = r"""
+import socket, sys
+target = sys.argv[1]
+target = "\0" + target[1:] if target.startswith("@") else target
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+try:
+    s.connect(target)
+    s.sendall(bytes.fromhex(sys.argv[2]))
+    print("answered" if s.recv(1024) else "closed")
+except PermissionError:
+    print("denied")
+except ConnectionResetError:
+    print("closed")
+"""
+
+
+def as_nobody(target: str) -> str:
+    from pykata.ttrpc.protocol import ClientConnection
+
+    _sid, frame = ClientConnection().request("grpc.Health", "Check", b"")
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", NOBODY_CLIENT, target, frame.hex()],
+        user="nobody",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory anyone may enter, so only the socket's own mode decides."""
+    path = Path(tempfile.mkdtemp(prefix="pykata-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as nobody")
+async def test_other_users_cannot_use_the_unix_socket(server: Server, open_dir: Path) -> None:
+    await server.start(f"unix://{open_dir}/a.sock")
+    assert await asyncio.to_thread(as_nobody, f"{open_dir}/a.sock") == "denied"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as nobody")
+async def test_other_users_are_turned_away_from_the_abstract_socket(server: Server) -> None:
+    name = f"pykata-peercred-{os.getpid()}"
+    await server.start(f"unix://@{name}")
+    assert await asyncio.to_thread(as_nobody, f"@{name}") == "closed"
+    assert await check(f"unix://@{name}") == HealthCheckResponse.SERVING  # root still served
+
+
+async def test_close_leaves_a_socket_another_process_put_in_its_place(
+    server: Server, tmp_path: Path
+) -> None:
+    listener = await server.start(f"unix://{tmp_path}/a.sock")
+    os.unlink(tmp_path / "a.sock")
+    newcomer = socket.socket(socket.AF_UNIX)
+    newcomer.bind(str(tmp_path / "a.sock"))
+    listener.close()
+    assert (tmp_path / "a.sock").is_socket()
+    newcomer.close()

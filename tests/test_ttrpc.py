@@ -52,6 +52,10 @@ async def fail(request: CheckRequest, ctx: ServerContext) -> CheckRequest:
     raise RuntimeError("boom in handler")
 
 
+async def own_timeout(request: CheckRequest, ctx: ServerContext) -> CheckRequest:
+    raise TimeoutError("the disk did not answer")
+
+
 async def huge(request: CheckRequest, ctx: ServerContext) -> CheckRequest:
     return CheckRequest(service="x" * (MAX_DATA_SIZE + 1))
 
@@ -72,6 +76,7 @@ def peer_service() -> Service:
             "Metadata": UnaryMethod(CheckRequest, metadata_echo),
             "Fail": UnaryMethod(CheckRequest, fail),
             "Huge": UnaryMethod(CheckRequest, huge),
+            "OwnTimeout": UnaryMethod(CheckRequest, own_timeout),
             "Sum": StreamMethod(sum_stream),
         },
     )
@@ -138,6 +143,12 @@ async def test_deadline_is_enforced_by_the_server(server: Server) -> None:
             await call_with_server_deadline(client, SERVICE, "Sleep", payload, 100_000_000)
     assert exc.value.code == Code.DEADLINE_EXCEEDED
     assert "deadline" in exc.value.message
+
+
+async def test_handler_timeout_error_without_a_deadline_is_internal(unix_client: Client) -> None:
+    with pytest.raises(TtrpcError) as exc:
+        await call(unix_client, "OwnTimeout")
+    assert exc.value.code == Code.INTERNAL and "the disk did not answer" in exc.value.message
 
 
 async def test_client_timeout_is_deadline_exceeded(unix_client: Client) -> None:

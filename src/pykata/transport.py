@@ -202,6 +202,8 @@ class Listener:
         self.address = address
         self._server = server
         self._path = _socket_path(address)
+        # Remembered so close() never removes a socket another process put there since.
+        self._inode = os.stat(self._path).st_ino if self._path else None
         self._uid = os.geteuid()
 
     def admits(self, transport: asyncio.BaseTransport) -> bool:
@@ -216,7 +218,8 @@ class Listener:
         self._server.close()
         if self._path is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path)
+                if os.stat(self._path).st_ino == self._inode:
+                    os.unlink(self._path)
             self._path = None
 
     async def wait_closed(self) -> None:

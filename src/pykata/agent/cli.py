@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from .. import __version__
 from .. import log as logsetup
@@ -77,6 +78,16 @@ async def serve(config: configmod.AgentConfig, started: float) -> None:
     log.info("agent stopped")
 
 
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run, on uvloop's faster event loop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args = parse_args(argv)
@@ -88,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.setup(config.logging_level, name="kata-agent", source="agent")
     log.info("announce", extra={"version": __version__, "config": config.announce_fields()})
     try:
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            uvloop.install()
-        asyncio.run(serve(config, started))
+        run(serve(config, started))
     except (AddressError, TransportError) as exc:
         log.critical(str(exc))
         print(f"kata-agent: {exc}", file=sys.stderr)

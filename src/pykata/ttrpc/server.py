@@ -75,7 +75,7 @@ class ServerStream:
         self._inbox.put_nowait(payload)
 
 
-StreamHandler = Callable[[ServerStream, ServerContext], Awaitable[bytes | None]]
+StreamHandler = Callable[[ServerStream, ServerContext], Coroutine[Any, Any, bytes | None]]
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class _Connection(asyncio.Protocol):
                     if event.end_stream:
                         stream._deliver(None)
             elif isinstance(event, StreamRejected):
-                log.warning("stream %d rejected: %s", event.stream_id, event.message)
+                log.warning("stream rejected: %s", event.message, extra={"stream": event.stream_id})
                 self._answer(
                     event.stream_id, status_pb2.Status(code=event.code, message=event.message)
                 )
@@ -233,70 +233,76 @@ class _Connection(asyncio.Protocol):
                 metadata.setdefault(kv.key, []).append(kv.value)
         timeout = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
         ctx = ServerContext(request.service, request.method, sid, metadata, timeout, self.peer)
-        coro: Coroutine[Any, Any, None]
+        work: Coroutine[Any, Any, bytes | None]
         if isinstance(method, UnaryMethod):
-            coro = self._unary(method, request.payload, ctx)
+            work = self._decode_and_handle(method, request.payload, ctx)
         else:
             stream = ServerStream(self, sid)
             if not event.streaming:
                 stream._deliver(request.payload)
                 stream._deliver(None)
             self.streams[sid] = stream
-            coro = self._streaming(method, stream, ctx)
-        self.tasks[sid] = self.loop.create_task(coro)
+            work = method.handler(stream, ctx)
+        self.tasks[sid] = self.loop.create_task(self._run(ctx, work))
 
-    def _call_done(self, sid: int) -> None:
-        """Every call's last step (a finally clause: no extra callback per call)."""
-        self.tasks.pop(sid, None)
-        self.streams.pop(sid, None)
+    async def _decode_and_handle(
+        self, method: UnaryMethod, payload: bytes, ctx: ServerContext
+    ) -> bytes:
+        try:
+            request = method.request_type.FromString(payload)
+        except DecodeError as exc:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"cannot decode {method.request_type.DESCRIPTOR.full_name}: {exc}",
+            ) from None
+        response = await method.handler(request, ctx)
+        return response.SerializeToString()
+
+    async def _run(self, ctx: ServerContext, work: Coroutine[Any, Any, bytes | None]) -> None:
+        """Run one call to its end and answer it, whatever happens."""
+        status, body = _OK, b""
+        deadline: asyncio.Timeout | None = None
+        try:
+            if ctx.timeout is None:
+                body = await work or b""
+            else:
+                async with asyncio.timeout(ctx.timeout) as deadline:
+                    body = await work or b""
+        except BaseException as exc:
+            expired = deadline is not None and deadline.expired()
+            status = self._failure(exc, ctx, expired)
+            if isinstance(exc, asyncio.CancelledError) and not expired:
+                raise
+        finally:
+            self._answer(ctx.stream_id, status, body)
+            self._call_done(ctx, status)
+
+    def _call_done(self, ctx: ServerContext, status: status_pb2.Status) -> None:
+        self.tasks.pop(ctx.stream_id, None)
+        self.streams.pop(ctx.stream_id, None)
         if not self.tasks:
             self.server._maybe_idle()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "call",
+                extra={
+                    "call": f"{ctx.service}/{ctx.method}",
+                    "stream": ctx.stream_id,
+                    "code": Code.from_wire(status.code).name,
+                },
+            )
 
-    async def _unary(self, method: UnaryMethod, payload: bytes, ctx: ServerContext) -> None:
-        try:
-            try:
-                request = method.request_type.FromString(payload)
-            except DecodeError as exc:
-                raise TtrpcError(
-                    Code.INVALID_ARGUMENT,
-                    f"cannot decode {method.request_type.DESCRIPTOR.full_name}: {exc}",
-                ) from None
-            if ctx.timeout is None:
-                response = await method.handler(request, ctx)
-            else:
-                async with asyncio.timeout(ctx.timeout):
-                    response = await method.handler(request, ctx)
-            self._answer(ctx.stream_id, _OK, response.SerializeToString())
-        except BaseException as exc:
-            self._answer(ctx.stream_id, self._failure(exc, ctx))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            self._call_done(ctx.stream_id)
-
-    async def _streaming(
-        self, method: StreamMethod, stream: ServerStream, ctx: ServerContext
-    ) -> None:
-        try:
-            async with asyncio.timeout(ctx.timeout):
-                payload = await method.handler(stream, ctx)
-            self._answer(ctx.stream_id, _OK, payload or b"")
-        except BaseException as exc:
-            self._answer(ctx.stream_id, self._failure(exc, ctx))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            self._call_done(ctx.stream_id)
-
-    def _failure(self, exc: BaseException, ctx: ServerContext) -> status_pb2.Status:
+    def _failure(
+        self, exc: BaseException, ctx: ServerContext, deadline_expired: bool
+    ) -> status_pb2.Status:
         call = f"{ctx.service}/{ctx.method}"
-        if isinstance(exc, TtrpcError):
-            return exc.to_status()
-        if isinstance(exc, TimeoutError):
+        if deadline_expired:
             return status_pb2.Status(
                 code=Code.DEADLINE_EXCEEDED,
                 message=f"{call} did not finish within its {ctx.timeout:g}s deadline",
             )
+        if isinstance(exc, TtrpcError):
+            return exc.to_status()
         if isinstance(exc, asyncio.CancelledError):
             return status_pb2.Status(
                 code=Code.CANCELLED, message=f"{call} cancelled: server shutting down"
