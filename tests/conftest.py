@@ -98,3 +98,18 @@ async def call_with_server_deadline(
     client._pending[sid] = future
     client._write(frame)
     return await asyncio.wait_for(future, wait)
+
+
+@pytest.fixture(scope="session")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .containers import build_rootfs
+
+    return build_rootfs(tmp_path_factory.mktemp("busybox") / "rootfs")
+
+
+@contextlib.contextmanager
+def run_container_agent(tmp: Path, runtime: str = "auto", **kw: object) -> Iterator[AgentProcess]:
+    env = {"KATA_AGENT_RUN_DIR": str(tmp / "run"), "KATA_AGENT_OCI_RUNTIME": runtime}
+    env.update(kw.pop("env", {}))  # type: ignore[arg-type]
+    with run_agent(f"unix://{tmp}/agent.sock", tmp=tmp, env=env, **kw) as agent:  # type: ignore[arg-type]
+        yield agent

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
@@ -16,6 +18,11 @@ from .. import log as logsetup
 from ..transport import AddressError, TransportError
 from ..ttrpc import Server
 from . import config as configmod
+from . import reaper
+from . import runtime as runtime_mod
+from .errors import AgentError
+from .runtime import OciRuntime
+from .sandbox import Sandbox
 from .service import services
 
 log = logging.getLogger("pykata.agent")
@@ -29,6 +36,8 @@ environment:
   KATA_AGENT_SERVER_ADDR   address to serve on (default vsock://-1:1024)
   KATA_AGENT_LOG_LEVEL     critical|error|warn|info|debug|trace
   KATA_AGENT_TRACING       true|false
+  KATA_AGENT_RUN_DIR       bundles and runtime state (default /run/kata-containers)
+  KATA_AGENT_OCI_RUNTIME   auto (crun where it works, else runc), crun, runc or a path
 
 examples:
   # stand-alone on a development host, talking to it with kata-agent-ctl
@@ -58,8 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(config: configmod.AgentConfig, started: float) -> None:
-    server = Server(services())
+async def serve(config: configmod.AgentConfig, runtime_binary: str, started: float) -> None:
+    run_dir = Path(config.run_dir)
+    runtime = OciRuntime(runtime_binary, run_dir / "runtime")
+    sandbox = Sandbox(
+        runtime, run_dir, pipe_size=config.container_pipe_size, owns_machine=os.getpid() == 1
+    )
+    server = Server(services(sandbox))
     await server.start(config.server_addr)
     log.info(
         "agent serving",
@@ -74,6 +88,8 @@ async def serve(config: configmod.AgentConfig, started: float) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutting down")
+    # Containers first: their end also ends calls waiting on them (WaitProcess, reads).
+    await sandbox.destroy()
     await server.shutdown(grace=5.0)
     log.info("agent stopped")
 
@@ -99,8 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.setup(config.logging_level, name="kata-agent", source="agent")
     log.info("announce", extra={"version": __version__, "config": config.announce_fields()})
     try:
-        run(serve(config, started))
-    except (AddressError, TransportError) as exc:
+        reaper.become_subreaper()
+    except OSError as exc:
+        log.warning("cannot become the child subreaper (%s): exit statuses may be lost", exc)
+    try:
+        # Before any thread exists: choosing crun may move us into a mount namespace.
+        runtime_binary = runtime_mod.choose(config.oci_runtime)
+        log.info("OCI runtime", extra={"runtime": runtime_binary})
+        run(serve(config, runtime_binary, started))
+    except (AddressError, TransportError, AgentError) as exc:
         log.critical(str(exc))
         print(f"kata-agent: {exc}", file=sys.stderr)
         return 1

@@ -33,6 +33,8 @@ DEFAULT_SERVER_ADDR = "vsock://-1:1024"
 SERVER_ADDR_ENV = "KATA_AGENT_SERVER_ADDR"
 LOG_LEVEL_ENV = "KATA_AGENT_LOG_LEVEL"
 TRACING_ENV = "KATA_AGENT_TRACING"
+RUN_DIR_ENV = "KATA_AGENT_RUN_DIR"
+OCI_RUNTIME_ENV = "KATA_AGENT_OCI_RUNTIME"
 
 #: Accepted level names (logrus and slog spellings) -> Python logging level.
 LOG_LEVELS = {
@@ -64,6 +66,10 @@ class AgentConfig:
     server_addr: str = DEFAULT_SERVER_ADDR
     unified_cgroup_hierarchy: bool = False
     tracing: bool = False
+    #: Where bundles, runtime state and sandbox files live (pykata setting).
+    run_dir: str = "/run/kata-containers"
+    #: "auto" (crun where it works, else runc), or a runtime name or path (pykata setting).
+    oci_runtime: str = "auto"
     #: The config file this configuration came from, if any.
     config_file: str = ""
     #: Settings that were ignored: unknown agent.* options, bad env values (typos show up here).
@@ -181,6 +187,8 @@ _FILE_TYPES: dict[str, type[Any]] = {
     "server_addr": str,
     "unified_cgroup_hierarchy": bool,
     "tracing": bool,
+    "run_dir": str,
+    "oci_runtime": str,
 }
 
 
@@ -233,6 +241,10 @@ def apply_env(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
             config.ignored_options.append(f"{LOG_LEVEL_ENV}={level}")
     if TRACING_ENV in env:
         config.tracing = parse_bool(env[TRACING_ENV])
+    if RUN_DIR_ENV in env:
+        config.run_dir = env[RUN_DIR_ENV]
+    if OCI_RUNTIME_ENV in env:
+        config.oci_runtime = env[OCI_RUNTIME_ENV]
     return config
 
 

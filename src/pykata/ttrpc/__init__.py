@@ -8,7 +8,7 @@ client    Client, ClientStream
 testing   a service and a client wired together in-process
 """
 
-from .client import Client, ClientStream
+from .client import Client, ClientStream, Stub
 from .server import Server, ServerContext, ServerStream, Service, StreamMethod, UnaryMethod
 from .status import Code, TtrpcError
 
@@ -21,6 +21,7 @@ __all__ = [
     "ServerStream",
     "Service",
     "StreamMethod",
+    "Stub",
     "TtrpcError",
     "UnaryMethod",
 ]

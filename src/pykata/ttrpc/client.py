@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar, cast
 
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from .. import transport as transport_mod
@@ -238,3 +240,31 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._client._connection_lost(exc)
+
+
+class Stub:
+    """Calls a protobuf service by its descriptor: `await stub.Method(request, timeout=...)`.
+
+    >>> agent = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+    >>> await agent.StartContainer(StartContainerRequest(container_id="c1"))
+    """
+
+    def __init__(self, client: Client, service: ServiceDescriptor) -> None:
+        self._client = client
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        method = self._service.methods_by_name.get(name)
+        if method is None:
+            raise AttributeError(f"{self._service.full_name} has no method {name}")
+        response_type = message_factory.GetMessageClass(method.output_type)
+        service_name = self._service.full_name
+
+        async def call(
+            request: Message, *, timeout: float | None = None, metadata: Metadata | None = None
+        ) -> Message:
+            return await self._client.call(
+                service_name, name, request, response_type, timeout=timeout, metadata=metadata
+            )
+
+        return call

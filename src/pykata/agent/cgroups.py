@@ -1,0 +1,133 @@
+"""Reading a container's cgroup (v1 or v2) and removing it when it is empty."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from ..api import agent_pb2
+
+ROOT = Path("/sys/fs/cgroup")
+
+
+def is_v2() -> bool:
+    return (ROOT / "cgroup.controllers").exists()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _int(path: Path) -> int:
+    text = _read(path)
+    if text is None:
+        return 0
+    text = text.strip()
+    return 0 if text in ("", "max") else int(text.split()[0])
+
+
+def _kv(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in (_read(path) or "").splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = int(value)
+    return out
+
+
+def _dir(controller: str, cgroup: str) -> Path:
+    rel = cgroup.lstrip("/")
+    return ROOT / rel if is_v2() else ROOT / controller / rel
+
+
+def stats(cgroup: str) -> agent_pb2.CgroupStats:
+    return _stats_v2(cgroup) if is_v2() else _stats_v1(cgroup)
+
+
+def _stats_v1(cgroup: str) -> agent_pb2.CgroupStats:
+    s = agent_pb2.CgroupStats()
+    cpuacct = _dir("cpuacct", cgroup)
+    s.cpu_stats.cpu_usage.total_usage = _int(cpuacct / "cpuacct.usage")
+    s.cpu_stats.cpu_usage.percpu_usage.extend(
+        int(v) for v in (_read(cpuacct / "cpuacct.usage_percpu") or "").split()
+    )
+    ticks = _kv(cpuacct / "cpuacct.stat")
+    hz = os.sysconf("SC_CLK_TCK")
+    s.cpu_stats.cpu_usage.usage_in_usermode = ticks.get("user", 0) * 1_000_000_000 // hz
+    s.cpu_stats.cpu_usage.usage_in_kernelmode = ticks.get("system", 0) * 1_000_000_000 // hz
+    throttle = _kv(_dir("cpu", cgroup) / "cpu.stat")
+    s.cpu_stats.throttling_data.periods = throttle.get("nr_periods", 0)
+    s.cpu_stats.throttling_data.throttled_periods = throttle.get("nr_throttled", 0)
+    s.cpu_stats.throttling_data.throttled_time = throttle.get("throttled_time", 0)
+    memory = _dir("memory", cgroup)
+    s.memory_stats.usage.usage = _int(memory / "memory.usage_in_bytes")
+    s.memory_stats.usage.max_usage = _int(memory / "memory.max_usage_in_bytes")
+    s.memory_stats.usage.failcnt = _int(memory / "memory.failcnt")
+    s.memory_stats.usage.limit = _int(memory / "memory.limit_in_bytes")
+    s.memory_stats.cache = _kv(memory / "memory.stat").get("cache", 0)
+    s.memory_stats.stats.update(_kv(memory / "memory.stat"))
+    pids = _dir("pids", cgroup)
+    s.pids_stats.current = _int(pids / "pids.current")
+    s.pids_stats.limit = _int(pids / "pids.max")
+    return s
+
+
+def _stats_v2(cgroup: str) -> agent_pb2.CgroupStats:
+    s = agent_pb2.CgroupStats()
+    d = _dir("", cgroup)
+    cpu = _kv(d / "cpu.stat")
+    s.cpu_stats.cpu_usage.total_usage = cpu.get("usage_usec", 0) * 1000
+    s.cpu_stats.cpu_usage.usage_in_usermode = cpu.get("user_usec", 0) * 1000
+    s.cpu_stats.cpu_usage.usage_in_kernelmode = cpu.get("system_usec", 0) * 1000
+    s.cpu_stats.throttling_data.periods = cpu.get("nr_periods", 0)
+    s.cpu_stats.throttling_data.throttled_periods = cpu.get("nr_throttled", 0)
+    s.cpu_stats.throttling_data.throttled_time = cpu.get("throttled_usec", 0) * 1000
+    s.memory_stats.usage.usage = _int(d / "memory.current")
+    s.memory_stats.usage.max_usage = _int(d / "memory.peak")
+    s.memory_stats.usage.limit = _int(d / "memory.max")
+    s.memory_stats.usage.failcnt = _kv(d / "memory.events").get("max", 0)
+    mem = _kv(d / "memory.stat")
+    s.memory_stats.cache = mem.get("file", 0)
+    s.memory_stats.stats.update(mem)
+    s.pids_stats.current = _int(d / "pids.current")
+    s.pids_stats.limit = _int(d / "pids.max")
+    return s
+
+
+def freezer_state(cgroup: str) -> str:
+    if is_v2():
+        return "FROZEN" if _int(_dir("", cgroup) / "cgroup.freeze") else "THAWED"
+    return (_read(_dir("freezer", cgroup) / "freezer.state") or "").strip()
+
+
+def memory_limit(cgroup: str) -> int:
+    name = "memory.max" if is_v2() else "memory.limit_in_bytes"
+    return _int(_dir("memory", cgroup) / name)
+
+
+def remove(cgroup: str, stop_at: str) -> None:
+    """Remove the (empty) cgroup and its empty parents up to `stop_at`, in every hierarchy."""
+    bases = [ROOT] if is_v2() else [p for p in ROOT.iterdir() if p.is_dir() and os.path.ismount(p)]
+    for base in bases:
+        path = base / cgroup.lstrip("/")
+        stop = base / stop_at.lstrip("/")
+        while path != base and (path == stop or stop in path.parents):
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break
+            if path == stop:
+                break
+            path = path.parent
+
+
+def exists(cgroup: str) -> bool:
+    if is_v2():
+        return _dir("", cgroup).exists()
+    return any((p / cgroup.lstrip("/")).exists() for p in ROOT.iterdir() if p.is_dir())

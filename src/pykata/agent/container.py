@@ -1,0 +1,218 @@
+"""A container: its bundle, its init process, its execs, driven through the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import shutil
+import signal as signals
+from pathlib import Path
+from typing import Any
+
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .process import Process
+from .reaper import WatchedProcess
+from .runtime import OciRuntime
+from .stdio import ConsoleSocket, PipeStdio, TerminalStdio
+
+log = logging.getLogger("pykata.agent.container")
+
+
+class State(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+async def spawn(
+    container_id: str,
+    exec_id: str,
+    workdir: Path,
+    terminal: bool,
+    pipe_size: int,
+    launch: Any,
+) -> Process:
+    """Prepare streams, let `launch(stdio, console_socket, pid_file)` run the runtime,
+    then adopt the process it left behind (reparented to us, the subreaper)."""
+    name = exec_id or "init"
+    pid_file = workdir / f"{name}.pid"
+    if terminal:
+        console = ConsoleSocket(workdir / f"{name}.console")
+        try:
+            master_task = asyncio.ensure_future(console.receive_master())
+            try:
+                await launch((None, None, None), console.path, pid_file)
+            except BaseException:
+                master_task.cancel()
+                raise
+            stdio: PipeStdio | TerminalStdio = TerminalStdio(await master_task)
+        finally:
+            console.close()
+    else:
+        stdio = PipeStdio(pipe_size)
+        try:
+            await launch(stdio.child_fds, None, pid_file)
+        except BaseException:
+            stdio.close()
+            raise
+        stdio.close_child_ends()
+    pid = int(pid_file.read_text())
+    return Process(container_id, exec_id, stdio, WatchedProcess(pid))
+
+
+class Container:
+    def __init__(
+        self,
+        container_id: str,
+        bundle: Path,
+        config: dict[str, Any],
+        runtime: OciRuntime,
+        pipe_size: int,
+    ) -> None:
+        self.id = container_id
+        self.bundle = bundle
+        self.config = config
+        self.runtime = runtime
+        self.pipe_size = pipe_size
+        self.state = State.CREATED
+        self.init: Process | None = None
+        #: The exec id the runtime gave the init process at CreateContainer ("" also names it).
+        self.init_exec_id = ""
+        self.execs: dict[str, Process] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def cgroup(self) -> str:
+        return str(self.config["linux"]["cgroupsPath"])
+
+    @property
+    def shares_pid_namespace(self) -> bool:
+        namespaces = self.config.get("linux", {}).get("namespaces", [])
+        return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+
+    async def create(self) -> None:
+        (self.bundle / "config.json").write_text(json.dumps(self.config, indent=1))
+        terminal = bool(self.config.get("process", {}).get("terminal"))
+
+        async def launch(stdio: Any, console: Path | None, pid_file: Path) -> None:
+            await self.runtime.create(
+                self.id, self.bundle, pid_file, console_socket=console, stdio=stdio
+            )
+
+        self.init = await spawn(self.id, "", self.bundle, terminal, self.pipe_size, launch)
+        self.init._watched.exited.add_done_callback(lambda _f: self._init_exited())
+
+    def _init_exited(self) -> None:
+        self.state = State.STOPPED
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id or exec_id == self.init_exec_id:
+            assert self.init is not None
+            return self.init
+        process = self.execs.get(exec_id)
+        if process is None:
+            raise NotFound(f"container {self.id} has no exec {exec_id}")
+        return process
+
+    def _require(self, *states: State, action: str) -> None:
+        if self.state not in states:
+            raise FailedPrecondition(
+                f"cannot {action} container {self.id}: it is {self.state.value}"
+            )
+
+    async def start(self) -> None:
+        async with self._lock:
+            self._require(State.CREATED, action="start")
+            await self.runtime.start(self.id)
+            if self.state is State.CREATED:
+                self.state = State.RUNNING
+
+    async def exec(self, exec_id: str, spec: dict[str, Any]) -> Process:
+        async with self._lock:
+            self._require(State.RUNNING, action=f"exec {exec_id} in")
+            if not exec_id:
+                raise InvalidArgument("exec_id is empty: an exec needs an id of its own")
+            if exec_id in self.execs or exec_id == self.init_exec_id:
+                raise AlreadyExists(f"container {self.id} already has an exec {exec_id}")
+            spec = dict(spec)
+            if not spec.get("args"):
+                raise InvalidArgument(f"process.Args is empty for exec {exec_id}")
+            spec.setdefault("cwd", "/")
+            spec.setdefault("user", {"uid": 0, "gid": 0})
+            process_file = self.bundle / f"{exec_id}.process.json"
+            process_file.write_text(json.dumps(spec))
+
+            async def launch(stdio: Any, console: Path | None, pid_file: Path) -> None:
+                await self.runtime.exec(
+                    self.id, process_file, pid_file, console_socket=console, stdio=stdio
+                )
+
+            proc = await spawn(
+                self.id, exec_id, self.bundle, bool(spec.get("terminal")), self.pipe_size, launch
+            )
+            self.execs[exec_id] = proc
+            return proc
+
+    async def signal(self, exec_id: str, signum: int) -> None:
+        process = self.process(exec_id)
+        if process.exited:
+            return
+        everyone = process is self.init and signum in (signals.SIGKILL, signals.SIGTERM)
+        if everyone and self.shares_pid_namespace:
+            # Without a PID namespace of its own, killing init leaves its children:
+            # signal every process in the container, as upstream does.
+            with contextlib.suppress(Exception):
+                await self.runtime.kill(self.id, signum, all_processes=True)
+        process.signal(signum)
+
+    async def wait(self, exec_id: str) -> int:
+        process = self.process(exec_id)
+        status = await process.wait()
+        if process is not self.init:
+            # Forgotten, as upstream does; its unread output goes with it.
+            self.execs.pop(process.exec_id, None)
+            process.close()
+        return status
+
+    async def pause(self) -> None:
+        async with self._lock:
+            self._require(State.RUNNING, action="pause")
+            await self.runtime.pause(self.id)
+            self.state = State.PAUSED
+
+    async def resume(self) -> None:
+        async with self._lock:
+            self._require(State.PAUSED, action="resume")
+            await self.runtime.resume(self.id)
+            self.state = State.RUNNING
+
+    async def update(self, resources: dict[str, Any]) -> None:
+        self._require(State.CREATED, State.RUNNING, State.PAUSED, action="update")
+        await self.runtime.update(self.id, resources)
+
+    async def remove(self, timeout: float | None) -> None:
+        """Stop everything in the container and delete all trace of it."""
+        async with self._lock:
+            if self.init is not None and not self.init.exited:
+                with contextlib.suppress(Exception):
+                    await self.runtime.kill(self.id, signals.SIGKILL, all_processes=True)
+                self.init.signal(signals.SIGKILL)
+                if self.state is State.PAUSED:
+                    with contextlib.suppress(Exception):
+                        await self.runtime.resume(self.id)
+                try:
+                    await asyncio.wait_for(self.init.wait(), timeout or None)
+                except TimeoutError:
+                    raise FailedPrecondition(
+                        f"container {self.id} did not stop within {timeout}s"
+                    ) from None
+            await self.runtime.delete(self.id, force=True)
+            for proc in [*self.execs.values(), *([self.init] if self.init else [])]:
+                proc.close()
+            self.execs.clear()
+            self.state = State.STOPPED
+            shutil.rmtree(self.bundle, ignore_errors=True)

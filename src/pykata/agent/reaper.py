@@ -1,0 +1,74 @@
+"""Exit statuses of container processes, reaped through pidfds.
+
+The agent is the child subreaper: when the runtime exits, the container's
+init and detached exec processes become the agent's children. Each known
+pid gets a pidfd; the event loop watches it and waitid(P_PIDFD) reaps that
+process alone - a blanket waitpid(-1) would steal the exit statuses of the
+agent's own runtime invocations. A process that exits before anyone asks
+stays a zombie until reaped, so no status is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def exit_status(info: os.waitid_result) -> int:
+    """The shell's convention, as upstream reports it: code, or 128 + signal."""
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status
+    return 128 + info.si_status
+
+
+class WatchedProcess:
+    """A child process known by pidfd: signal it safely, await its exit status."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd: int | None = os.pidfd_open(pid)
+        self._loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int] = self._loop.create_future()
+        self._loop.add_reader(self._fd, self._reap)
+
+    def _reap(self) -> None:
+        assert self._fd is not None
+        try:
+            info = os.waitid(os.P_PIDFD, self._fd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            # Not (or no longer) our child: nothing to reap, only its end to note.
+            info = None
+            status = -1
+        else:
+            if info is None:
+                return  # woken, but not exited yet
+            status = exit_status(info)
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        if not self.exited.done():
+            self.exited.set_result(status)
+
+    def send_signal(self, signum: int) -> None:
+        """Signal this exact process (no pid-reuse race); a no-op once it has exited."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._fd, signum)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,198 @@
+"""The OCI runtime (crun or runc), driven as a separate program.
+
+One method per runtime command. Every invocation logs to its own JSON file
+so the runtime's own error message can be put in the caller's status.
+The runtime keeps its state under the agent's run directory, never in the
+host's default (/run/runc, /run/crun).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import RuntimeFailure
+
+log = logging.getLogger("pykata.agent.runtime")
+
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+UNIFIED = "/sys/fs/cgroup/unified"
+
+Stdio = int | IO[Any] | None
+
+
+def cgroups_are_hybrid() -> bool:
+    """v1 controllers plus a cgroup2 mount at /sys/fs/cgroup/unified."""
+    return os.path.ismount(UNIFIED) and os.path.isdir("/sys/fs/cgroup/memory")
+
+
+def detach_unified_hierarchy() -> None:
+    """Give this process a private mount namespace without the cgroup2 mount.
+
+    crun refuses hybrid cgroups; in a namespace of our own it sees pure v1,
+    and the host's mounts are untouched. Must run before any thread starts.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "make / rprivate")
+    if libc.umount2(UNIFIED.encode(), MNT_DETACH) != 0:
+        raise OSError(ctypes.get_errno(), f"umount {UNIFIED}")
+
+
+def choose(preferred: str) -> str:
+    """The runtime binary to use: `preferred` (a name or path), or crun/runc by availability.
+
+    Called at start-up, before threads: choosing crun on a hybrid-cgroup host
+    moves the agent into its own mount namespace.
+    """
+    if preferred and preferred != "auto":
+        found = shutil.which(preferred)
+        if found is None:
+            raise RuntimeFailure(f"OCI runtime {preferred!r} not found")
+        if os.path.basename(found) == "crun" and cgroups_are_hybrid():
+            detach_unified_hierarchy()
+        return found
+    crun, runc = shutil.which("crun"), shutil.which("runc")
+    if crun and cgroups_are_hybrid():
+        try:
+            detach_unified_hierarchy()
+        except OSError as exc:
+            log.warning("crun needs a private mount namespace here (%s); using runc", exc)
+            crun = None
+    if crun:
+        return crun
+    if runc:
+        return runc
+    raise RuntimeFailure("no OCI runtime found: install crun or runc")
+
+
+@dataclass
+class OciRuntime:
+    binary: str
+    #: Runtime state directory (--root).
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.binary)
+
+    async def _run(
+        self,
+        *args: str,
+        stdin: Stdio = None,
+        stdout: Stdio = None,
+        stderr: Stdio = None,
+        input: bytes | None = None,
+    ) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, log_path = tempfile.mkstemp(prefix="log-", dir=self.root)
+        os.close(fd)
+        command = [
+            self.binary,
+            "--root",
+            str(self.root),
+            "--log",
+            log_path,
+            "--log-format",
+            "json",
+            *args,
+        ]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.PIPE
+                if input is not None
+                else (stdin or asyncio.subprocess.DEVNULL),
+                stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
+                stderr=stderr if stderr is not None else asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate(input)
+            if proc.returncode != 0:
+                message = _last_error(log_path) or (err or b"").decode(errors="replace").strip()
+                raise RuntimeFailure(
+                    f"{self.name} {args[0]} failed: {message or f'exit status {proc.returncode}'}"
+                )
+            return (out or b"").decode(errors="replace")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_path)
+
+    async def create(
+        self,
+        container_id: str,
+        bundle: Path,
+        pid_file: Path,
+        *,
+        console_socket: Path | None = None,
+        stdio: tuple[Stdio, Stdio, Stdio] = (None, None, None),
+    ) -> None:
+        args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
+        if console_socket is not None:
+            args += ["--console-socket", str(console_socket)]
+        stdin, stdout, stderr = stdio
+        await self._run(*args, container_id, stdin=stdin, stdout=stdout, stderr=stderr)
+
+    async def start(self, container_id: str) -> None:
+        await self._run("start", container_id)
+
+    async def exec(
+        self,
+        container_id: str,
+        process_file: Path,
+        pid_file: Path,
+        *,
+        console_socket: Path | None = None,
+        stdio: tuple[Stdio, Stdio, Stdio] = (None, None, None),
+    ) -> None:
+        args = ["exec", "--detach", "--process", str(process_file), "--pid-file", str(pid_file)]
+        if console_socket is not None:
+            args += ["--tty", "--console-socket", str(console_socket)]
+        stdin, stdout, stderr = stdio
+        await self._run(*args, container_id, stdin=stdin, stdout=stdout, stderr=stderr)
+
+    async def kill(self, container_id: str, signal: int, *, all_processes: bool = False) -> None:
+        await self._run("kill", *(["--all"] if all_processes else []), container_id, str(signal))
+
+    async def delete(self, container_id: str, *, force: bool = True) -> None:
+        await self._run("delete", *(["--force"] if force else []), container_id)
+
+    async def pause(self, container_id: str) -> None:
+        await self._run("pause", container_id)
+
+    async def resume(self, container_id: str) -> None:
+        await self._run("resume", container_id)
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        await self._run(
+            "update", "--resources", "-", container_id, input=json.dumps(resources).encode()
+        )
+
+    async def state(self, container_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(await self._run("state", container_id))
+        return result
+
+
+def _last_error(log_path: str) -> str:
+    """The last error-level message of a runtime's JSON log."""
+    message = ""
+    with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("level") in ("error", "fatal", "panic"):
+                    message = str(entry.get("msg", "")).strip()
+    return message

@@ -1,0 +1,254 @@
+"""The sandbox: every container the agent runs, and what they share.
+
+A sandbox created with CreateSandbox gets UTS and IPC namespaces of its own
+(held open by a small holder process) that its containers join, so its
+hostname never touches the host's; its DNS settings become a resolv.conf
+file bind-mounted into each container. Without CreateSandbox, containers
+still run, each with the namespaces its spec asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import cgroups
+from .container import Container
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported
+from .runtime import OciRuntime
+
+log = logging.getLogger("pykata.agent.sandbox")
+
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+CGROUP_ROOT = "/pykata"
+SHARED_NAMESPACES = ("uts", "ipc")
+
+
+def check_id(kind: str, value: str) -> str:
+    if not ID.fullmatch(value):
+        raise InvalidArgument(
+            f"{kind} {value!r} is not a valid id: use 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass
+class SandboxSettings:
+    sandbox_id: str = ""
+    hostname: str = ""
+    dns: list[str] = field(default_factory=list)
+    sandbox_pidns: bool = False
+    guest_hook_path: str = ""
+    kernel_modules: list[tuple[str, list[str]]] = field(default_factory=list)
+    storages: list[str] = field(default_factory=list)  # driver names
+
+
+class Sandbox:
+    def __init__(
+        self, runtime: OciRuntime, run_dir: Path, *, pipe_size: int = 0, owns_machine: bool = False
+    ) -> None:
+        self.runtime = runtime
+        self.run_dir = run_dir
+        self.pipe_size = pipe_size
+        self.owns_machine = owns_machine
+        self.settings: SandboxSettings | None = None
+        self.containers: dict[str, Container] = {}
+        self._holder: asyncio.subprocess.Process | None = None
+        self._instance = f"agent-{os.getpid()}"
+
+    # --- the sandbox itself ---------------------------------------------------
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / "sandbox"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"{CGROUP_ROOT}/{self._instance}"
+
+    async def create(self, settings: SandboxSettings) -> None:
+        if self.settings is not None:
+            raise AlreadyExists(
+                f"sandbox {self.settings.sandbox_id or '(unnamed)'} already exists; "
+                "DestroySandbox first"
+            )
+        if settings.sandbox_id:
+            check_id("sandbox_id", settings.sandbox_id)
+        if settings.sandbox_pidns:
+            raise Unsupported(
+                "sandbox_pidns (one PID namespace for all containers) is not "
+                "supported yet; leave it false"
+            )
+        if settings.guest_hook_path:
+            raise Unsupported(
+                f"guest hooks (guest_hook_path {settings.guest_hook_path!r}) are not supported yet"
+            )
+        if settings.storages:
+            raise Unsupported(
+                f"storage driver(s) {', '.join(settings.storages)} not supported "
+                "yet: no storage drivers are implemented"
+            )
+        if settings.kernel_modules:
+            await self._load_modules(settings.kernel_modules)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if settings.dns:
+            (self.dir / "resolv.conf").write_text("".join(f"{line}\n" for line in settings.dns))
+        if settings.hostname and len(settings.hostname) > 64:
+            raise InvalidArgument(f"hostname {settings.hostname!r} is longer than 64 characters")
+        self._holder = await self._start_holder(settings.hostname)
+        if settings.sandbox_id:
+            self._instance = settings.sandbox_id
+        self.settings = settings
+        log.info(
+            "sandbox created", extra={"sandbox": settings.sandbox_id, "hostname": settings.hostname}
+        )
+
+    async def _load_modules(self, modules: list[tuple[str, list[str]]]) -> None:
+        if not self.owns_machine:
+            names = ", ".join(name for name, _ in modules)
+            raise FailedPrecondition(
+                f"not loading kernel modules ({names}): the agent runs stand-alone on a host "
+                "and loading them would change the host"
+            )
+        for name, params in modules:
+            proc = await asyncio.create_subprocess_exec(
+                "modprobe", name, *params, stderr=asyncio.subprocess.PIPE
+            )
+            _, err = await proc.communicate()
+            if proc.returncode:
+                raise FailedPrecondition(f"modprobe {name} failed: {err.decode().strip()}")
+
+    async def _start_holder(self, hostname: str) -> asyncio.subprocess.Process:
+        """A process sitting in the sandbox's own UTS and IPC namespaces."""
+        script = (
+            'if [ -n "$1" ]; then hostname -- "$1" || exit 1; fi; echo ready; exec sleep infinity'
+        )
+        holder = await asyncio.create_subprocess_exec(
+            "unshare",
+            "--uts",
+            "--ipc",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "holder",
+            hostname,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert holder.stdout is not None
+        line = await holder.stdout.readline()
+        if line.strip() != b"ready":
+            _, err = await holder.communicate()
+            raise FailedPrecondition(
+                f"cannot create the sandbox namespaces: {err.decode().strip()}"
+            )
+        return holder
+
+    async def destroy(self) -> None:
+        """Remove every container and everything the sandbox created."""
+        for container_id in list(self.containers):
+            try:
+                await self.remove_container(container_id, timeout=10)
+            except Exception as exc:
+                log.error("cannot remove container %s: %s", container_id, exc)
+        if self._holder is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._holder.kill()
+            await self._holder.wait()
+            self._holder = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+        cgroups.remove(self.cgroup_parent, stop_at=CGROUP_ROOT)
+        self.settings = None
+        self._instance = f"agent-{os.getpid()}"
+
+    # --- containers ------------------------------------------------------------
+
+    def container(self, container_id: str) -> Container:
+        found = self.containers.get(container_id)
+        if found is None:
+            raise NotFound(f"no container {container_id!r}")
+        return found
+
+    def _config(self, container_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        config = copy.deepcopy(spec)
+        process = config.get("process") or {}
+        if not process.get("args"):
+            raise InvalidArgument("OCI.Process.Args is empty: a container needs a command to run")
+        root = (config.get("root") or {}).get("path", "")
+        if not root or not os.path.isabs(root):
+            raise InvalidArgument(f"OCI.Root.Path {root!r} must be an absolute path to the rootfs")
+        if not os.path.isdir(root):
+            raise InvalidArgument(f"OCI.Root.Path {root!r} is not a directory")
+        process.setdefault("cwd", "/")
+        process.setdefault("user", {"uid": 0, "gid": 0})
+        config.setdefault("ociVersion", "1.0.2")
+        if config.pop("hooks", None):
+            # Hooks in the request are the host's; run in the guest they would run
+            # host-side programs with the agent's privileges.
+            log.warning("ignoring OCI hooks in the spec of container %s", container_id)
+        linux = config.setdefault("linux", {})
+        linux["cgroupsPath"] = f"{self.cgroup_parent}/{container_id}"
+        if self._holder is not None:
+            self._join_sandbox_namespaces(config)
+        if self.settings and self.settings.dns:
+            mounts = config.setdefault("mounts", [])
+            if not any(m.get("destination") == "/etc/resolv.conf" for m in mounts):
+                mounts.append(
+                    {
+                        "destination": "/etc/resolv.conf",
+                        "type": "bind",
+                        "source": str(self.dir / "resolv.conf"),
+                        "options": ["rbind", "ro"],
+                    }
+                )
+        return config
+
+    def _join_sandbox_namespaces(self, config: dict[str, Any]) -> None:
+        assert self._holder is not None
+        namespaces = [
+            ns
+            for ns in config["linux"].get("namespaces", [])
+            if ns.get("type") not in SHARED_NAMESPACES
+        ]
+        for kind in SHARED_NAMESPACES:
+            namespaces.append({"type": kind, "path": f"/proc/{self._holder.pid}/ns/{kind}"})
+        config["linux"]["namespaces"] = namespaces
+        config.pop("hostname", None)  # the sandbox's hostname applies
+
+    async def create_container(self, container_id: str, spec: dict[str, Any]) -> Container:
+        check_id("container_id", container_id)
+        if container_id in self.containers:
+            raise AlreadyExists(f"container {container_id!r} already exists")
+        config = self._config(container_id, spec)
+        bundle = self.run_dir / "containers" / container_id
+        bundle.mkdir(parents=True, exist_ok=False)
+        container = Container(container_id, bundle, config, self.runtime, self.pipe_size)
+        self.containers[container_id] = container
+        try:
+            await container.create()
+        except BaseException:
+            self.containers.pop(container_id, None)
+            with contextlib.suppress(Exception):
+                await self.runtime.delete(container_id, force=True)
+            shutil.rmtree(bundle, ignore_errors=True)
+            cgroups.remove(container.cgroup, stop_at=CGROUP_ROOT)
+            raise
+        log.info("container created", extra={"container": container_id})
+        return container
+
+    async def remove_container(self, container_id: str, timeout: float | None) -> None:
+        container = self.container(container_id)
+        await container.remove(timeout)
+        self.containers.pop(container_id, None)
+        cgroups.remove(container.cgroup, stop_at=CGROUP_ROOT)
+        log.info("container removed", extra={"container": container_id})
