@@ -19,8 +19,9 @@ def build_rootfs(path: Path) -> Path:
     """A minimal root filesystem: busybox-static and its applet links, passwd, group."""
     (path / "bin").mkdir(parents=True)
     shutil.copy2(BUSYBOX, path / "bin" / "busybox")
-    applets = subprocess.run([BUSYBOX, "--list-full"], capture_output=True, text=True,
-                             check=True).stdout.split()
+    applets = subprocess.run(
+        [BUSYBOX, "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
     for applet in applets:
         if applet == "bin/busybox":
             continue
@@ -65,5 +66,6 @@ def spec(rootfs: Path, *args: str, terminal: bool = False, **process: Any) -> oc
 
 
 def process(*args: str, terminal: bool = False) -> oci_pb2.Process:
-    return oci_pb2.Process(Args=list(args), Terminal=terminal, Cwd="/",
-                           Env=["PATH=/bin:/sbin:/usr/bin:/usr/sbin"])
+    return oci_pb2.Process(
+        Args=list(args), Terminal=terminal, Cwd="/", Env=["PATH=/bin:/sbin:/usr/bin:/usr/sbin"]
+    )

@@ -45,7 +45,9 @@ async def spawn(
         try:
             master_task = asyncio.ensure_future(console.receive_master())
             try:
-                await launch((None, None, None), console.path, pid_file)
+                # Never pipes here: the container would inherit them and keep them open.
+                devnull = asyncio.subprocess.DEVNULL
+                await launch((devnull, devnull, devnull), console.path, pid_file)
             except BaseException:
                 master_task.cancel()
                 raise
@@ -154,6 +156,7 @@ class Container:
             proc = await spawn(
                 self.id, exec_id, self.bundle, bool(spec.get("terminal")), self.pipe_size, launch
             )
+            proc.on_finished = lambda: self._forget(proc)
             self.execs[exec_id] = proc
             return proc
 
@@ -170,13 +173,13 @@ class Container:
         process.signal(signum)
 
     async def wait(self, exec_id: str) -> int:
-        process = self.process(exec_id)
-        status = await process.wait()
-        if process is not self.init:
-            # Forgotten, as upstream does; its unread output goes with it.
-            self.execs.pop(process.exec_id, None)
+        return await self.process(exec_id).wait()
+
+    def _forget(self, process: Process) -> None:
+        """An exec whose status was collected and whose output was all read."""
+        if self.execs.get(process.exec_id) is process:
+            del self.execs[process.exec_id]
             process.close()
-        return status
 
     async def pause(self) -> None:
         async with self._lock:
@@ -192,7 +195,9 @@ class Container:
 
     async def update(self, resources: dict[str, Any]) -> None:
         self._require(State.CREATED, State.RUNNING, State.PAUSED, action="update")
-        await self.runtime.update(self.id, resources)
+        resources_file = self.bundle / "resources.json"
+        resources_file.write_text(json.dumps(resources))
+        await self.runtime.update(self.id, resources_file)
 
     async def remove(self, timeout: float | None) -> None:
         """Stop everything in the container and delete all trace of it."""

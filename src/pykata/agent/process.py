@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 
 from .errors import EndOfStream, FailedPrecondition
 from .reaper import WatchedProcess
@@ -25,6 +26,19 @@ class Process:
         self.exec_id = exec_id
         self.stdio = stdio
         self._watched = watched
+        self.waited = False
+        self._ended: set[str] = set()
+        #: Called once the exit status has been collected and all output read.
+        self.on_finished: Callable[[], None] | None = None
+
+    @property
+    def output_drained(self) -> bool:
+        streams = {"stdout"} if self.stdio.stderr is None else {"stdout", "stderr"}
+        return streams <= self._ended
+
+    def _maybe_finished(self) -> None:
+        if self.waited and self.output_drained and self.on_finished is not None:
+            self.on_finished()
 
     @property
     def name(self) -> str:
@@ -40,7 +54,10 @@ class Process:
         return self._watched.exited.done()
 
     async def wait(self) -> int:
-        return await asyncio.shield(self._watched.exited)
+        status = await asyncio.shield(self._watched.exited)
+        self.waited = True
+        self._maybe_finished()
+        return status
 
     def signal(self, signum: int) -> None:
         self._watched.send_signal(signum)
@@ -67,6 +84,8 @@ class Process:
             raise FailedPrecondition(f"the {self.name} has a terminal: its output is all on stdout")
         data = await reader.read(max(1, min(size, 1 << 20)))
         if not data:
+            self._ended.add(stream)
+            self._maybe_finished()
             raise EndOfStream(f"{stream} of the {self.name} has ended")
         return data
 

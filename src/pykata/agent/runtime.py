@@ -96,7 +96,6 @@ class OciRuntime:
         stdin: Stdio = None,
         stdout: Stdio = None,
         stderr: Stdio = None,
-        input: bytes | None = None,
     ) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
         fd, log_path = tempfile.mkstemp(prefix="log-", dir=self.root)
@@ -114,13 +113,11 @@ class OciRuntime:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *command,
-                stdin=asyncio.subprocess.PIPE
-                if input is not None
-                else (stdin or asyncio.subprocess.DEVNULL),
+                stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
                 stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
                 stderr=stderr if stderr is not None else asyncio.subprocess.PIPE,
             )
-            out, err = await proc.communicate(input)
+            out, err = await proc.communicate()
             if proc.returncode != 0:
                 message = _last_error(log_path) or (err or b"").decode(errors="replace").strip()
                 raise RuntimeFailure(
@@ -176,10 +173,9 @@ class OciRuntime:
     async def resume(self, container_id: str) -> None:
         await self._run("resume", container_id)
 
-    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
-        await self._run(
-            "update", "--resources", "-", container_id, input=json.dumps(resources).encode()
-        )
+    async def update(self, container_id: str, resources_file: Path) -> None:
+        # A file, not stdin: crun opens /dev/stdin, which fails on a socket.
+        await self._run("update", "--resources", str(resources_file), container_id)
 
     async def state(self, container_id: str) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(await self._run("state", container_id))
