@@ -74,8 +74,13 @@ def run_agent(
         yield agent
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            # Gracefully, so the agent removes its containers; killed only if it hangs.
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture

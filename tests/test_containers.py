@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -219,3 +220,176 @@ async def test_memory_limit_update_and_stats(
     )
     assert second.cgroup_stats.memory_stats.usage.limit == 64 << 20
     assert second.cgroup_stats.pids_stats.current >= 1
+
+
+async def expect(code: Code, call: Any, *words: str) -> None:
+    with pytest.raises(TtrpcError) as exc:
+        await call
+    assert exc.value.code == code, exc.value
+    for word in words:
+        assert word in exc.value.message, exc.value.message
+
+
+async def test_errors_name_the_problem(api: Any, rootfs: Path) -> None:
+    create = agent_pb2.CreateContainerRequest
+    await expect(
+        Code.INVALID_ARGUMENT,
+        api.CreateContainer(create(container_id="../escape", OCI=spec(rootfs, "/bin/true"))),
+        "container_id",
+        "../escape",
+    )
+    await expect(
+        Code.INVALID_ARGUMENT,
+        api.CreateContainer(create(container_id="noargs", OCI=spec(rootfs))),
+        "OCI.Process.Args",
+    )
+    relative = spec(rootfs, "/bin/true")
+    relative.Root.Path = "rootfs"
+    await expect(
+        Code.INVALID_ARGUMENT,
+        api.CreateContainer(create(container_id="rel", OCI=relative)),
+        "OCI.Root.Path",
+        "'rootfs'",
+    )
+    await expect(
+        Code.INVALID_ARGUMENT, api.CreateContainer(create(container_id="nooci")), "OCI is missing"
+    )
+    await create_started(api, rootfs, "dup", "/bin/sleep", "300")
+    await expect(
+        Code.ALREADY_EXISTS,
+        api.CreateContainer(create(container_id="dup", OCI=spec(rootfs, "/bin/true"))),
+        "dup",
+    )
+    await expect(
+        Code.FAILED_PRECONDITION,
+        api.StartContainer(agent_pb2.StartContainerRequest(container_id="dup")),
+        "dup",
+        "running",
+    )
+    await expect(
+        Code.NOT_FOUND,
+        api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="dup", exec_id="nope")),
+        "nope",
+    )
+    await expect(
+        Code.NOT_FOUND,
+        api.PauseContainer(agent_pb2.PauseContainerRequest(container_id="ghost")),
+        "ghost",
+    )
+    await expect(
+        Code.INVALID_ARGUMENT,
+        api.SignalProcess(agent_pb2.SignalProcessRequest(container_id="dup", signal=999)),
+        "999",
+    )
+    # the runtime's own words for what it could not do
+    await expect(
+        Code.INTERNAL,
+        api.ExecProcess(
+            agent_pb2.ExecProcessRequest(
+                container_id="dup", exec_id="bad", process=process("/no/such/binary")
+            )
+        ),
+        "/no/such/binary",
+    )
+    await api.SignalProcess(agent_pb2.SignalProcessRequest(container_id="dup", signal=9))
+    await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="dup"))
+    await expect(
+        Code.FAILED_PRECONDITION,
+        api.ExecProcess(
+            agent_pb2.ExecProcessRequest(
+                container_id="dup", exec_id="late", process=process("/bin/true")
+            )
+        ),
+        "stopped",
+    )
+    await expect(
+        Code.UNIMPLEMENTED,
+        api.CreateContainer(
+            create(
+                container_id="st",
+                OCI=spec(rootfs, "/bin/true"),
+                storages=[agent_pb2.Storage(driver="virtio-fs", mount_point="/x")],
+            )
+        ),
+        "virtio-fs",
+    )
+    # and the agent still serves
+    await create_started(api, rootfs, "after", "/bin/true")
+    assert (await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="after"))).status == 0
+
+
+async def test_sandbox_hostname_and_dns_stay_inside(api: Any, rootfs: Path) -> None:
+    host_name = os.uname().nodename
+    await api.CreateSandbox(
+        agent_pb2.CreateSandboxRequest(
+            sandbox_id="sb1", hostname="sandbox-host", dns=["nameserver 192.0.2.53"]
+        )
+    )
+    await create_started(api, rootfs, "h", "/bin/sh", "-c", "hostname; cat /etc/resolv.conf")
+    assert await read_all(api, "h") == b"sandbox-host\nnameserver 192.0.2.53\n"
+    assert os.uname().nodename == host_name
+    await expect(
+        Code.ALREADY_EXISTS,
+        api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb2")),
+        "sb1",
+    )
+    await api.DestroySandbox(agent_pb2.DestroySandboxRequest())
+    await expect(Code.NOT_FOUND, api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="h")))
+    await expect(
+        Code.FAILED_PRECONDITION,
+        api.CreateSandbox(
+            agent_pb2.CreateSandboxRequest(kernel_modules=[agent_pb2.KernelModule(name="dummy")])
+        ),
+        "dummy", "change the host",
+    )
+    await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb2"))
+
+
+def leftovers(agent_pid: int, run_dir: Path) -> list[str]:
+    """Everything an agent may leave behind: processes, cgroups, bundles."""
+    found = []
+    for name in ("memory", "pids", "freezer", "cpu"):
+        base = Path("/sys/fs/cgroup") / name / "pykata" / f"agent-{agent_pid}"
+        if base.exists():
+            found += [str(base), *(str(p) for p in base.rglob("*") if p.is_dir())]
+    containers = run_dir / "containers"
+    if containers.exists():
+        found += [str(p) for p in containers.iterdir()]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                status = (proc / "status").read_text()
+            except OSError:
+                continue
+            if f"PPid:\t{agent_pid}\n" in status:
+                found.append(f"process {proc.name}")
+    return found
+
+
+async def test_sigterm_kills_and_removes_every_container(
+    tmp_path: Path, rootfs: Path, runtime: str
+) -> None:
+    with run_container_agent(tmp_path, runtime) as agent:
+        async with await Client.connect(agent.address) as client:
+            api = Stub(client, AGENT)
+            await api.CreateSandbox(agent_pb2.CreateSandboxRequest(hostname="x"))
+            for n in range(3):
+                await create_started(api, rootfs, f"c{n}", "/bin/sleep", "300")
+            await api.ExecProcess(
+                agent_pb2.ExecProcessRequest(
+                    container_id="c0", exec_id="e", process=process("/bin/sleep", "300")
+                )
+            )
+            await api.CreateContainer(
+                agent_pb2.CreateContainerRequest(
+                    container_id="created-only", OCI=spec(rootfs, "/bin/true")
+                )
+            )
+            waiting = asyncio.ensure_future(
+                api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="c1"))
+            )
+            assert leftovers(agent.proc.pid, tmp_path / "run")
+            await asyncio.sleep(0.2)  # the WaitProcess request is on its way
+            assert await asyncio.to_thread(agent.stop) == 0
+            assert (await waiting).status == 128 + signal.SIGKILL  # answered before exit
+        assert leftovers(agent.proc.pid, tmp_path / "run") == []

@@ -82,6 +82,7 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
             "startup_ms": round((time.monotonic() - started) * 1e3, 1),
         },
     )
+    sweeper = asyncio.ensure_future(sweep_orphans())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -91,7 +92,16 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     # Containers first: their end also ends calls waiting on them (WaitProcess, reads).
     await sandbox.destroy()
     await server.shutdown(grace=5.0)
+    sweeper.cancel()
     log.info("agent stopped")
+
+
+async def sweep_orphans(period: float = 2.0) -> None:
+    """Zombies reparented to us that no one waits for (see reaper.Orphans)."""
+    while True:
+        await asyncio.sleep(period)
+        for pid in reaper.orphans.sweep():
+            log.debug("reaped orphan", extra={"pid": pid})
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

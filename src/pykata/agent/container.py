@@ -12,9 +12,10 @@ import signal as signals
 from pathlib import Path
 from typing import Any
 
+from . import cgroups
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .process import Process
-from .reaper import WatchedProcess
+from .reaper import WatchedProcess, orphans
 from .runtime import OciRuntime
 from .stdio import ConsoleSocket, PipeStdio, TerminalStdio
 
@@ -38,6 +39,19 @@ async def spawn(
 ) -> Process:
     """Prepare streams, let `launch(stdio, console_socket, pid_file)` run the runtime,
     then adopt the process it left behind (reparented to us, the subreaper)."""
+    # Until the new process is watched, a sweep could reap it as an orphan.
+    with orphans.runtime_running():
+        return await _spawn(container_id, exec_id, workdir, terminal, pipe_size, launch)
+
+
+async def _spawn(
+    container_id: str,
+    exec_id: str,
+    workdir: Path,
+    terminal: bool,
+    pipe_size: int,
+    launch: Any,
+) -> Process:
     name = exec_id or "init"
     pid_file = workdir / f"{name}.pid"
     if terminal:
@@ -185,13 +199,26 @@ class Container:
         async with self._lock:
             self._require(State.RUNNING, action="pause")
             await self.runtime.pause(self.id)
+            await self._settle_freezer("FROZEN")
             self.state = State.PAUSED
 
     async def resume(self) -> None:
         async with self._lock:
             self._require(State.PAUSED, action="resume")
             await self.runtime.resume(self.id)
+            await self._settle_freezer("THAWED")
             self.state = State.RUNNING
+
+    async def _settle_freezer(self, wanted: str, timeout: float = 5.0) -> None:
+        """Some runtimes return while the freezer is still FREEZING: answer when it is done."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while cgroups.freezer_state(self.cgroup) not in (wanted, ""):
+            if asyncio.get_running_loop().time() > deadline:
+                raise FailedPrecondition(
+                    f"container {self.id}: freezer still "
+                    f"{cgroups.freezer_state(self.cgroup)} after {timeout}s"
+                )
+            await asyncio.sleep(0.005)
 
     async def update(self, resources: dict[str, Any]) -> None:
         self._require(State.CREATED, State.RUNNING, State.PAUSED, action="update")

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import os
 import signal
+from collections.abc import Iterator
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -41,6 +42,7 @@ class WatchedProcess:
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = self._loop.create_future()
         self._loop.add_reader(self._fd, self._reap)
+        orphans.watched.add(pid)
 
     def _reap(self) -> None:
         assert self._fd is not None
@@ -57,6 +59,7 @@ class WatchedProcess:
         self._loop.remove_reader(self._fd)
         os.close(self._fd)
         self._fd = None
+        orphans.watched.discard(self.pid)
         if not self.exited.done():
             self.exited.set_result(status)
 
@@ -68,7 +71,67 @@ class WatchedProcess:
             signal.pidfd_send_signal(self._fd, signum)
 
     def close(self) -> None:
+        """Stop watching (the agent no longer cares); an unreaped zombie goes to the sweeper."""
         if self._fd is not None:
             self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = None
+        orphans.watched.discard(self.pid)
+
+
+class Orphans:
+    """Reaps zombies nobody else will: orphans reparented to us, the subreaper.
+
+    A runtime's helper process that outlives its parent (a failed `exec`, for
+    one) lands here as a zombie. Unreaped, it can even keep a container's
+    PID-namespace init from finishing its exit. Reaping it is only safe when
+    no runtime invocation is running (one could be ours for asyncio to
+    collect, or an exec whose pid file is not read yet) and the pid is not
+    one we watch or keep.
+    """
+
+    def __init__(self) -> None:
+        self.watched: set[int] = set()
+        self.kept: set[int] = set()
+        self._busy = 0
+
+    @contextlib.contextmanager
+    def runtime_running(self) -> Iterator[None]:
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self.sweep()
+
+    def sweep(self) -> list[int]:
+        if self._busy:
+            return []
+        reaped = []
+        for pid in _children():
+            if pid in self.watched or pid in self.kept or not _is_zombie(pid):
+                continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+                reaped.append(pid)
+        return reaped
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+orphans = Orphans()

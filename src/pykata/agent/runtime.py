@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import RuntimeFailure
+from .reaper import orphans
 
 log = logging.getLogger("pykata.agent.runtime")
 
@@ -110,23 +111,24 @@ class OciRuntime:
             "json",
             *args,
         ]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
-                stderr=stderr if stderr is not None else asyncio.subprocess.PIPE,
-            )
-            out, err = await proc.communicate()
-            if proc.returncode != 0:
-                message = _last_error(log_path) or (err or b"").decode(errors="replace").strip()
-                raise RuntimeFailure(
-                    f"{self.name} {args[0]} failed: {message or f'exit status {proc.returncode}'}"
+        # Busy while the runtime runs: its helpers must not be taken for orphans.
+        with orphans.runtime_running():
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *command,
+                    stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
+                    stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
+                    stderr=stderr if stderr is not None else asyncio.subprocess.PIPE,
                 )
-            return (out or b"").decode(errors="replace")
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(log_path)
+                out, err = await proc.communicate()
+                if proc.returncode != 0:
+                    message = _last_error(log_path) or (err or b"").decode(errors="replace")
+                    message = message.strip() or f"exit status {proc.returncode}"
+                    raise RuntimeFailure(f"{self.name} {args[0]} failed: {message}")
+                return (out or b"").decode(errors="replace")
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(log_path)
 
     async def create(
         self,

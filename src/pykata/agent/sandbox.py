@@ -23,6 +23,7 @@ from typing import Any
 from . import cgroups
 from .container import Container
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported
+from .reaper import orphans
 from .runtime import OciRuntime
 
 log = logging.getLogger("pykata.agent.sandbox")
@@ -145,6 +146,7 @@ class Sandbox:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
+        orphans.kept.add(holder.pid)  # asyncio reaps it, not the sweeper
         assert holder.stdout is not None
         line = await holder.stdout.readline()
         if line.strip() != b"ready":
@@ -165,6 +167,7 @@ class Sandbox:
             with contextlib.suppress(ProcessLookupError):
                 self._holder.kill()
             await self._holder.wait()
+            orphans.kept.discard(self._holder.pid)
             self._holder = None
         shutil.rmtree(self.dir, ignore_errors=True)
         cgroups.remove(self.cgroup_parent, stop_at=CGROUP_ROOT)
