@@ -40,9 +40,9 @@ async def talk(address: str) -> None:
         )
         print(f"Health/Version -> agent {version.agent_version}, API {version.grpc_version}")
         try:
-            await client.call_raw("grpc.AgentService", "CreateContainer", b"")
+            await client.call_raw("grpc.AgentService", "GetGuestDetails", b"")
         except TtrpcError as exc:
-            print(f"AgentService/CreateContainer -> {exc}")
+            print(f"AgentService/GetGuestDetails -> {exc}")
 
 
 def main() -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pykata import __version__
+from pykata.agent.service import AgentService
 from pykata.api import agent_pb2, health_pb2
 from pykata.ttrpc import Client, Code, TtrpcError
 
@@ -18,6 +19,7 @@ from .conftest import AGENT, AgentProcess, run_agent
 from .peers import wait_for_socket
 
 AGENT_METHODS = [m.name for m in agent_pb2.DESCRIPTOR.services_by_name["AgentService"].methods]
+NOT_YET = [m for m in AGENT_METHODS if not hasattr(AgentService, m)]
 
 
 async def test_answers_health_check_and_version(agent: AgentProcess) -> None:
@@ -32,9 +34,10 @@ async def test_answers_health_check_and_version(agent: AgentProcess) -> None:
     assert version.agent_version == __version__ and version.grpc_version
 
 
-async def test_every_agent_method_is_unimplemented_naming_it(agent: AgentProcess) -> None:
+async def test_methods_not_implemented_yet_say_so_naming_them(agent: AgentProcess) -> None:
+    assert NOT_YET, "every method is implemented: drop this test"
     async with await Client.connect(agent.address) as client:
-        for method in AGENT_METHODS:
+        for method in [*NOT_YET, "NoSuchMethod"]:
             with pytest.raises(TtrpcError) as exc:
                 await client.call_raw("grpc.AgentService", method, b"")
             assert exc.value.code == Code.UNIMPLEMENTED

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
 
 from pykata.agent import cgroups
 from pykata.api import agent_pb2
@@ -17,6 +21,7 @@ from pykata.ttrpc import Client, Code, Stub, TtrpcError
 
 from .conftest import AgentProcess, run_container_agent
 from .containers import process, spec
+from .peers import REFERENCE_DESCRIPTORS
 
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 
@@ -340,7 +345,8 @@ async def test_sandbox_hostname_and_dns_stay_inside(api: Any, rootfs: Path) -> N
         api.CreateSandbox(
             agent_pb2.CreateSandboxRequest(kernel_modules=[agent_pb2.KernelModule(name="dummy")])
         ),
-        "dummy", "change the host",
+        "dummy",
+        "change the host",
     )
     await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb2"))
 
@@ -393,3 +399,146 @@ async def test_sigterm_kills_and_removes_every_container(
             assert await asyncio.to_thread(agent.stop) == 0
             assert (await waiting).status == 128 + signal.SIGKILL  # answered before exit
         assert leftovers(agent.proc.pid, tmp_path / "run") == []
+
+
+def go_call(peer: Path, socket_path: str, method: str, request: Any) -> dict[str, Any]:
+    """One AgentService call made by containerd's Go ttRPC client, JSON both ways."""
+    result = subprocess.run(
+        [
+            str(peer),
+            "-desc",
+            str(REFERENCE_DESCRIPTORS),
+            "client",
+            "-socket",
+            socket_path,
+            "-op",
+            "call",
+            "-method",
+            method,
+            "-request",
+            json_format.MessageToJson(request),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+def test_go_client_drives_a_container_end_to_end(
+    go_peer: Path, agent_proc: AgentProcess, rootfs: Path
+) -> None:
+    sock = agent_proc.socket_path
+    assert sock
+
+    def ok(method: str, request: Any) -> dict[str, Any]:
+        reply = go_call(go_peer, sock, method, request)
+        assert reply["status"]["code"] == 0, reply
+        return dict(reply["response"])
+
+    ok("CreateSandbox", agent_pb2.CreateSandboxRequest(sandbox_id="go", hostname="go-sandbox"))
+    ok(
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(
+            container_id="g1",
+            exec_id="g1",
+            OCI=spec(rootfs, "/bin/sh", "-c", "hostname; read x; echo got $x; exit 3"),
+        ),
+    )
+    ok("StartContainer", agent_pb2.StartContainerRequest(container_id="g1"))
+    written = ok("WriteStdin", agent_pb2.WriteStreamRequest(container_id="g1", data=b"go\n"))
+    assert written["len"] == 3
+    output = b""
+    while True:
+        reply = go_call(
+            go_peer, sock, "ReadStdout", agent_pb2.ReadStreamRequest(container_id="g1", len=4096)
+        )
+        if reply["status"]["code"] != 0:
+            assert reply["status"]["code"] == Code.OUT_OF_RANGE
+            break
+        output += base64.b64decode(reply["response"]["data"])
+    assert output == b"go-sandbox\ngot go\n"
+    assert ok("WaitProcess", agent_pb2.WaitProcessRequest(container_id="g1"))["status"] == 3
+    ok("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="g1"))
+    ok("DestroySandbox", agent_pb2.DestroySandboxRequest())
+    missing = go_call(
+        go_peer, sock, "StartContainer", agent_pb2.StartContainerRequest(container_id="g1")
+    )
+    assert missing["status"] == {"code": Code.NOT_FOUND, "message": "no container 'g1'"}
+
+
+async def test_20_containers_and_200_execs_in_parallel(api: Any, rootfs: Path) -> None:
+    async def container(n: int) -> tuple[bytes, int]:
+        cid = f"par{n}"
+        await create_started(
+            api,
+            rootfs,
+            cid,
+            "/bin/sh",
+            "-c",
+            f"for i in $(seq 1 200); do echo c{n}-$i; done; sleep 300",
+        )
+        return cid.encode(), n
+
+    await asyncio.gather(*(container(n) for n in range(20)))
+
+    async def one_exec(n: int) -> tuple[int, bytes, int]:
+        cid, eid = f"par{n % 20}", f"e{n}"
+        await api.ExecProcess(
+            agent_pb2.ExecProcessRequest(
+                container_id=cid,
+                exec_id=eid,
+                process=process("/bin/sh", "-c", f"seq 1 {n}; exit {n % 256}"),
+            )
+        )
+        out, status = await asyncio.gather(
+            read_all(api, cid, eid),
+            api.WaitProcess(agent_pb2.WaitProcessRequest(container_id=cid, exec_id=eid)),
+        )
+        return n, out, status.status
+
+    results = await asyncio.gather(*(one_exec(n) for n in range(200)))
+    for n, out, status in results:
+        assert status == n % 256
+        assert out == "".join(f"{i}\n" for i in range(1, n + 1)).encode()
+    # every container's own output, all of it, while they still run
+    for n in range(20):
+        expected = "".join(f"c{n}-{i}\n" for i in range(1, 201)).encode()
+        got = b""
+        while len(got) < len(expected):
+            got += (
+                await api.ReadStdout(agent_pb2.ReadStreamRequest(container_id=f"par{n}", len=65536))
+            ).data
+        assert got == expected
+    await asyncio.gather(
+        *(
+            api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id=f"par{n}"))
+            for n in range(20)
+        )
+    )
+
+
+async def test_client_gone_mid_read_leaks_nothing(
+    api: Any, rootfs: Path, agent_proc: AgentProcess
+) -> None:
+    await create_started(api, rootfs, "quiet", "/bin/cat")
+    fds = len(os.listdir(f"/proc/{agent_proc.proc.pid}/fd"))
+    for _ in range(5):
+        client = await Client.connect(agent_proc.address)
+        pending = asyncio.ensure_future(
+            Stub(client, AGENT).ReadStdout(
+                agent_pb2.ReadStreamRequest(container_id="quiet", len=100)
+            )
+        )
+        await asyncio.sleep(0.1)  # the read is waiting inside the agent
+        await client.close()
+        with pytest.raises(TtrpcError):
+            await pending
+    await asyncio.sleep(0.2)
+    assert len(os.listdir(f"/proc/{agent_proc.proc.pid}/fd")) == fds
+    # the stream is not stuck: a new reader gets what cat echoes
+    await api.WriteStdin(agent_pb2.WriteStreamRequest(container_id="quiet", data=b"still here\n"))
+    reply = await api.ReadStdout(agent_pb2.ReadStreamRequest(container_id="quiet", len=100))
+    assert reply.data == b"still here\n"

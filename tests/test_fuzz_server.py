@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pykata.agent.service import services
+from pykata.agent.service import health_service
 from pykata.api.health_pb2 import CheckRequest, HealthCheckResponse
 from pykata.ttrpc import Server
 from pykata.ttrpc.frame import HEADER, MAX_DATA_SIZE, FrameDecoder, MessageType, encode_frame
@@ -42,7 +42,7 @@ class ServerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server = Server(services())
+        self.server = Server([health_service()])
         self.loop.run_until_complete(self.server.start(self.address))
         self.ready.set()
         self.loop.run_forever()

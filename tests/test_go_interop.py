@@ -58,7 +58,7 @@ def test_go_client_unknown_method_and_service(go_peer: Path, agent: AgentProcess
     method, service = go_client(go_peer, agent.socket_path, "unknown")
     assert method["status"] == {
         "code": Code.UNIMPLEMENTED,
-        "message": "method grpc.AgentService/CreateContainer is not implemented",
+        "message": "method grpc.AgentService/NoSuchMethod is not implemented",
     }
     assert service["status"] == {"code": Code.UNIMPLEMENTED, "message": "unknown service no.Such"}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pykata.agent.service import services
+from pykata.agent.service import health_service
 from pykata.api.health_pb2 import CheckRequest, HealthCheckResponse
 from pykata.transport import (
     AbstractAddress,
@@ -73,7 +73,7 @@ def test_bad_addresses_name_the_address_and_the_accepted_forms(text: str, why: s
 
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
-    server = Server(services())
+    server = Server([health_service()])
     yield server
     await server.shutdown(grace=0)
 
@@ -106,7 +106,7 @@ async def test_stale_socket_is_replaced_but_a_live_one_is_not(
     stale.close()  # the file stays, nobody listens: a crashed agent's leftover
     await server.start(f"unix://{path}")
     assert await check(f"unix://{path}") == HealthCheckResponse.SERVING
-    other = Server(services())
+    other = Server([health_service()])
     with pytest.raises(TransportError, match="another process is listening"):
         await other.start(f"unix://{path}")
 
@@ -208,7 +208,7 @@ async def test_vsock_bind_and_listen(server: Server) -> None:
     sock = listener._server.sockets[0]
     assert sock.family == socket.AF_VSOCK
     assert sock.getsockname() == (socket.VMADDR_CID_ANY, port)
-    other = Server(services())
+    other = Server([health_service()])
     with pytest.raises(TransportError, match=f"cannot listen on vsock://-1:{port}"):
         await other.start(f"vsock://-1:{port}")
 

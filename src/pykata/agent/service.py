@@ -167,9 +167,13 @@ class AgentService:
         return EMPTY
 
 
+def health_service() -> Service:
+    return Service.from_descriptor(health_pb2.DESCRIPTOR.services_by_name["Health"], Health())
+
+
 def services(sandbox: Sandbox) -> list[Service]:
     return [
-        Service.from_descriptor(health_pb2.DESCRIPTOR.services_by_name["Health"], Health()),
+        health_service(),
         Service.from_descriptor(
             agent_pb2.DESCRIPTOR.services_by_name["AgentService"], AgentService(sandbox)
         ),

@@ -28,6 +28,7 @@ import (
 	"github.com/containerd/ttrpc"
 	gogoproto "github.com/gogo/protobuf/proto"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protodesc"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -229,6 +230,8 @@ func readResponse(conn net.Conn) map[string]interface{} {
 	return out
 }
 
+var callService, callMethod, callRequest *string
+
 func client(socket, op string, n, conc int) {
 	conn, err := net.Dial("unix", socket)
 	if err != nil {
@@ -253,7 +256,7 @@ func client(socket, op string, n, conc int) {
 			"grpc_version": resp.m.Get(field(resp, "grpc_version")).String(),
 			"agent_version": resp.m.Get(field(resp, "agent_version")).String()})
 	case "unknown":
-		err := c.Call(ctx, "grpc.AgentService", "CreateContainer", newMsg("grpc.CreateContainerRequest"), newMsg("grpc.CheckRequest"))
+		err := c.Call(ctx, "grpc.AgentService", "NoSuchMethod", newMsg("grpc.CheckRequest"), newMsg("grpc.CheckRequest"))
 		emit(map[string]interface{}{"op": op, "status": statusOf(err)})
 		err = c.Call(ctx, "no.Such", "Thing", newMsg("grpc.CheckRequest"), newMsg("grpc.CheckRequest"))
 		emit(map[string]interface{}{"op": "unknown-service", "status": statusOf(err)})
@@ -279,6 +282,24 @@ func client(socket, op string, n, conc int) {
 			}
 		}
 		emit(map[string]interface{}{"op": op, "calls": n, "ok": ok})
+	case "call":
+		// Any method of any service in the descriptor set, request and response as JSON.
+		d, err := files.FindDescriptorByName(protoreflect.FullName(*callService))
+		if err != nil {
+			fatal(err)
+		}
+		m := d.(protoreflect.ServiceDescriptor).Methods().ByName(protoreflect.Name(*callMethod))
+		if m == nil {
+			fatal(fmt.Errorf("no method %s in %s", *callMethod, *callService))
+		}
+		req := &msg{dynamicpb.NewMessage(m.Input())}
+		if err := protojson.Unmarshal([]byte(*callRequest), req.m); err != nil {
+			fatal(err)
+		}
+		resp := &msg{dynamicpb.NewMessage(m.Output())}
+		err = c.Call(ctx, *callService, *callMethod, req, resp)
+		body, _ := protojson.Marshal(resp.m)
+		emit(map[string]interface{}{"op": op, "status": statusOf(err), "response": json.RawMessage(body)})
 	case "bench":
 		rate(c, n/10+1, conc) // warm-up
 		emit(map[string]interface{}{"op": op, "calls": n, "concurrency": conc, "rate": rate(c, n, conc)})
@@ -300,6 +321,9 @@ func main() {
 	op := sub.String("op", "check", "client operation")
 	n := sub.Int("n", 1000, "calls")
 	conc := sub.Int("c", 1, "concurrent callers")
+	callService = sub.String("service", "grpc.AgentService", "service, for -op call")
+	callMethod = sub.String("method", "", "method, for -op call")
+	callRequest = sub.String("request", "{}", "request as JSON, for -op call")
 	sub.Parse(args[1:])
 	switch args[0] {
 	case "server":
