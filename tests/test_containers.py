@@ -542,3 +542,76 @@ async def test_client_gone_mid_read_leaks_nothing(
     await api.WriteStdin(agent_pb2.WriteStreamRequest(container_id="quiet", data=b"still here\n"))
     reply = await api.ReadStdout(agent_pb2.ReadStreamRequest(container_id="quiet", len=100))
     assert reply.data == b"still here\n"
+
+
+def agent_mounts(pid: int) -> str:
+    return Path(f"/proc/{pid}/mountinfo").read_text()
+
+
+async def test_storages_tmpfs_bind_local_and_overlay_rootfs(
+    api: Any, rootfs: Path, agent_proc: AgentProcess, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shared = tmp_path / "host-share"
+    shared.mkdir()
+    (shared / "hello.txt").write_text("from the host\n")
+    await api.CreateSandbox(agent_pb2.CreateSandboxRequest(storages=[
+        agent_pb2.Storage(driver="ephemeral", source="tmpfs", fstype="tmpfs",
+                          options=["size=1m"], mount_point=f"{run}/sandbox/ephemeral/scratch"),
+    ]))
+    overlay_root = f"{run}/shared/containers/ov/rootfs"
+    config = spec(rootfs, "/bin/sh", "-c",
+                  "cat /share/hello.txt; echo new > /newfile; echo t > /scratch/t; ls -ld /local")
+    config.Root.Path = overlay_root
+    config.Mounts.add(destination="/scratch", source=f"{run}/sandbox/ephemeral/scratch",
+                      type="bind", options=["rbind"])
+    config.Mounts.add(destination="/share", source=f"{run}/shared/bind", type="bind",
+                      options=["rbind"])
+    config.Mounts.add(destination="/local", source=f"{run}/shared/local", type="bind",
+                      options=["rbind"])
+    await api.CreateContainer(agent_pb2.CreateContainerRequest(
+        container_id="ov", OCI=config, storages=[
+            agent_pb2.Storage(driver="overlayfs", source="overlay", fstype="overlay",
+                              mount_point=overlay_root, options=[
+                                  f"lowerdir={rootfs}", f"upperdir={run}/shared/ov-upper",
+                                  f"workdir={run}/shared/ov-work"]),
+            agent_pb2.Storage(driver="bind", source=str(shared), mount_point=f"{run}/shared/bind",
+                              options=["ro"]),
+            agent_pb2.Storage(driver="local", mount_point=f"{run}/shared/local",
+                              options=["mode=0750"]),
+        ]))
+    await api.StartContainer(agent_pb2.StartContainerRequest(container_id="ov"))
+    out = await read_all(api, "ov")
+    assert out.startswith(b"from the host\n")
+    assert b"drwxr-x---" in out  # the local storage's mode
+    assert (await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="ov"))).status == 0
+    assert (run / "shared" / "ov-upper" / "newfile").read_text() == "new\n"
+    assert not (rootfs / "newfile").exists()  # the lower layer is untouched
+    mounts = agent_mounts(agent_proc.proc.pid)
+    assert overlay_root in mounts and f"{run}/sandbox/ephemeral/scratch" in mounts
+    # the agent's mounts live in its own mount namespace, not the host's
+    assert str(run) not in Path("/proc/self/mountinfo").read_text()
+    await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="ov"))
+    mounts = agent_mounts(agent_proc.proc.pid)
+    assert overlay_root not in mounts and f"{run}/shared/bind" not in mounts
+    assert f"{run}/sandbox/ephemeral/scratch" in mounts  # the sandbox's, until it goes
+    await api.DestroySandbox(agent_pb2.DestroySandboxRequest())
+    assert str(run) not in agent_mounts(agent_proc.proc.pid)
+
+
+async def test_storage_mount_points_cannot_escape(api: Any, rootfs: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    (run / "sneaky").symlink_to("/etc")
+
+    def tmpfs_at(point: str) -> Any:
+        return api.CreateSandbox(agent_pb2.CreateSandboxRequest(storages=[
+            agent_pb2.Storage(driver="ephemeral", source="tmpfs", mount_point=point)]))
+
+    await expect(Code.INVALID_ARGUMENT, tmpfs_at("/etc"), "outside the agent's directory")
+    await expect(Code.INVALID_ARGUMENT, tmpfs_at(f"{run}/../../etc"), "'..'")
+    await expect(Code.INVALID_ARGUMENT, tmpfs_at(f"{run}/sneaky/x"), "resolves to /etc/x")
+    await expect(Code.INVALID_ARGUMENT, tmpfs_at("relative"), "absolute")
+    await expect(Code.UNIMPLEMENTED, api.CreateSandbox(agent_pb2.CreateSandboxRequest(storages=[
+        agent_pb2.Storage(driver="9p", mount_point=f"{run}/x")])), "'9p'", "supported: local")
+    assert not os.path.ismount("/etc")  # nothing was mounted anywhere

@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.warning("cannot become the child subreaper (%s): exit statuses may be lost", exc)
     try:
-        # Before any thread exists: choosing crun may move us into a mount namespace.
+        # Before any thread exists: unshare() refuses threaded processes.
+        if os.getpid() != 1 and os.geteuid() == 0:
+            runtime_mod.enter_private_mount_namespace()
         runtime_binary = runtime_mod.choose(config.oci_runtime)
         log.info("OCI runtime", extra={"runtime": runtime_binary})
         run(serve(config, runtime_binary, started))

@@ -99,6 +99,8 @@ class Container:
         #: The exec id the runtime gave the init process at CreateContainer ("" also names it).
         self.init_exec_id = ""
         self.execs: dict[str, Process] = {}
+        #: Storages mounted for this container, released when it is removed.
+        self.storage_points: list[Path] = []
         self._lock = asyncio.Lock()
 
     @property

@@ -39,17 +39,30 @@ def cgroups_are_hybrid() -> bool:
     return os.path.ismount(UNIFIED) and os.path.isdir("/sys/fs/cgroup/memory")
 
 
-def detach_unified_hierarchy() -> None:
-    """Give this process a private mount namespace without the cgroup2 mount.
+_private_namespace = False
 
-    crun refuses hybrid cgroups; in a namespace of our own it sees pure v1,
-    and the host's mounts are untouched. Must run before any thread starts.
+
+def enter_private_mount_namespace() -> None:
+    """Give this process a mount namespace of its own, propagating nothing to the host.
+
+    Stand-alone, the agent's mounts (storages, crun's view of cgroups) then
+    never show on the host. Must run before any thread starts.
     """
+    global _private_namespace
+    if _private_namespace:
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNS) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
     if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         raise OSError(ctypes.get_errno(), "make / rprivate")
+    _private_namespace = True
+
+
+def detach_unified_hierarchy() -> None:
+    """crun refuses hybrid cgroups; without the cgroup2 mount it sees pure v1."""
+    enter_private_mount_namespace()
+    libc = ctypes.CDLL(None, use_errno=True)
     if libc.umount2(UNIFIED.encode(), MNT_DETACH) != 0:
         raise OSError(ctypes.get_errno(), f"umount {UNIFIED}")
 

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .container import Container
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported
 from .reaper import orphans
 from .runtime import OciRuntime
+from .storage import Storages, StorageSpec
 
 log = logging.getLogger("pykata.agent.sandbox")
 
@@ -50,7 +52,7 @@ class SandboxSettings:
     sandbox_pidns: bool = False
     guest_hook_path: str = ""
     kernel_modules: list[tuple[str, list[str]]] = field(default_factory=list)
-    storages: list[str] = field(default_factory=list)  # driver names
+    storages: list[StorageSpec] = field(default_factory=list)
 
 
 class Sandbox:
@@ -64,6 +66,8 @@ class Sandbox:
         self.settings: SandboxSettings | None = None
         self.containers: dict[str, Container] = {}
         self._holder: asyncio.subprocess.Process | None = None
+        self.storages = Storages(run_dir)
+        self._storage_points: list[Path] = []
         self._instance = f"agent-{os.getpid()}"
 
     # --- the sandbox itself ---------------------------------------------------
@@ -93,11 +97,8 @@ class Sandbox:
             raise Unsupported(
                 f"guest hooks (guest_hook_path {settings.guest_hook_path!r}) are not supported yet"
             )
-        if settings.storages:
-            raise Unsupported(
-                f"storage driver(s) {', '.join(settings.storages)} not supported "
-                "yet: no storage drivers are implemented"
-            )
+        for storage in settings.storages:
+            self.storages.check(storage)
         if settings.kernel_modules:
             await self._load_modules(settings.kernel_modules)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,13 @@ class Sandbox:
             (self.dir / "resolv.conf").write_text("".join(f"{line}\n" for line in settings.dns))
         if settings.hostname and len(settings.hostname) > 64:
             raise InvalidArgument(f"hostname {settings.hostname!r} is longer than 64 characters")
-        self._holder = await self._start_holder(settings.hostname)
+        self._storage_points = await self._mount_all(settings.storages)
+        try:
+            self._holder = await self._start_holder(settings.hostname)
+        except BaseException:
+            for point in self._storage_points:
+                await self.storages.release(point)
+            raise
         if settings.sandbox_id:
             self._instance = settings.sandbox_id
         self.settings = settings
@@ -169,6 +176,9 @@ class Sandbox:
             await self._holder.wait()
             orphans.kept.discard(self._holder.pid)
             self._holder = None
+        for point in self._storage_points:
+            await self.storages.release(point)
+        self._storage_points = []
         shutil.rmtree(self.dir, ignore_errors=True)
         cgroups.remove(self.cgroup_parent, stop_at=CGROUP_ROOT)
         self.settings = None
@@ -228,10 +238,36 @@ class Sandbox:
         config["linux"]["namespaces"] = namespaces
         config.pop("hostname", None)  # the sandbox's hostname applies
 
-    async def create_container(self, container_id: str, spec: dict[str, Any]) -> Container:
+    async def _mount_all(self, storages: list[StorageSpec]) -> list[Path]:
+        points: list[Path] = []
+        try:
+            for storage in storages:
+                points.append(await self.storages.add(storage))
+        except BaseException:
+            for point in points:
+                await self.storages.release(point)
+            raise
+        return points
+
+    async def create_container(
+        self, container_id: str, spec: dict[str, Any], storages: Sequence[StorageSpec] = ()
+    ) -> Container:
         check_id("container_id", container_id)
         if container_id in self.containers:
             raise AlreadyExists(f"container {container_id!r} already exists")
+        for storage in storages:
+            self.storages.check(storage)
+        points = await self._mount_all(list(storages))
+        try:
+            container = await self._create_container(container_id, spec)
+        except BaseException:
+            for point in points:
+                await self.storages.release(point)
+            raise
+        container.storage_points = points
+        return container
+
+    async def _create_container(self, container_id: str, spec: dict[str, Any]) -> Container:
         config = self._config(container_id, spec)
         bundle = self.run_dir / "containers" / container_id
         bundle.mkdir(parents=True, exist_ok=False)
@@ -254,4 +290,6 @@ class Sandbox:
         await container.remove(timeout)
         self.containers.pop(container_id, None)
         cgroups.remove(container.cgroup, stop_at=CGROUP_ROOT)
+        for point in container.storage_points:
+            await self.storages.release(point)
         log.info("container removed", extra={"container": container_id})

@@ -17,6 +17,7 @@ from ..ttrpc import ServerContext, Service
 from . import cgroups, oci
 from .errors import InvalidArgument, Unsupported
 from .sandbox import Sandbox, SandboxSettings
+from .storage import StorageSpec
 
 #: The agent API version reported by Health/Version (upstream's value).
 API_VERSION = "0.0.1"
@@ -35,10 +36,10 @@ class Health:
         return health_pb2.VersionCheckResponse(grpc_version=API_VERSION, agent_version=__version__)
 
 
-def _no_storages(storages: list[agent_pb2.Storage]) -> None:
-    if storages:
-        drivers = ", ".join(sorted({s.driver or "(no driver)" for s in storages}))
-        raise Unsupported(f"storage driver(s) {drivers} not supported yet")
+def _storages(storages: list[agent_pb2.Storage]) -> list[StorageSpec]:
+    return [
+        StorageSpec(s.driver, s.source, s.fstype, tuple(s.options), s.mount_point) for s in storages
+    ]
 
 
 class AgentService:
@@ -58,7 +59,7 @@ class AgentService:
                 sandbox_pidns=req.sandbox_pidns,
                 guest_hook_path=req.guest_hook_path,
                 kernel_modules=[(m.name, list(m.parameters)) for m in req.kernel_modules],
-                storages=[s.driver or "(no driver)" for s in req.storages],
+                storages=_storages(list(req.storages)),
             )
         )
         return EMPTY
@@ -74,12 +75,13 @@ class AgentService:
     async def CreateContainer(
         self, req: agent_pb2.CreateContainerRequest, ctx: ServerContext
     ) -> Empty:
-        _no_storages(list(req.storages))
         if req.devices:
             raise Unsupported(f"devices ({len(req.devices)}) are not supported yet")
         if not req.HasField("OCI"):
             raise InvalidArgument("OCI is missing: CreateContainer needs an OCI spec")
-        container = await self.sandbox.create_container(req.container_id, oci.to_json(req.OCI))
+        container = await self.sandbox.create_container(
+            req.container_id, oci.to_json(req.OCI), _storages(list(req.storages))
+        )
         container.init_exec_id = req.exec_id
         return EMPTY
 

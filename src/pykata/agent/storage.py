@@ -1,0 +1,147 @@
+"""Storages: filesystems the runtime asks the agent to provide (local, bind, tmpfs, overlay).
+
+Every mount point must lie inside the agent's run directory, after
+resolving symlinks: a request cannot make the agent mount over anything
+else. Mounts are reference-counted by mount point (containers may share
+one) and undone when the last user goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FailedPrecondition, InvalidArgument, Unsupported
+
+log = logging.getLogger("pykata.agent.storage")
+
+DRIVERS = ("local", "bind", "ephemeral", "overlayfs")
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    driver: str
+    source: str
+    fstype: str
+    options: tuple[str, ...]
+    mount_point: str
+
+
+def _inside(root: Path, path: str, what: str) -> Path:
+    """`path`, checked to stay inside `root` once symlinks are resolved."""
+    if not os.path.isabs(path):
+        raise InvalidArgument(f"{what} {path!r} must be an absolute path")
+    if ".." in Path(path).parts:
+        raise InvalidArgument(f"{what} {path!r} must not contain '..'")
+    real_root = Path(os.path.realpath(root))
+    resolved = Path(os.path.realpath(path))
+    if resolved != real_root and real_root not in resolved.parents:
+        raise InvalidArgument(
+            f"{what} {path!r} is outside the agent's directory {root} (it resolves to {resolved})"
+        )
+    return resolved
+
+
+async def _mount(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "mount", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode:
+        raise FailedPrecondition(f"mount {' '.join(args)} failed: {err.decode().strip()}")
+
+
+async def _umount(path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "umount",
+        "--lazy",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode:
+        log.warning("umount %s failed: %s", path, err.decode().strip())
+
+
+class Storages:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._users: dict[Path, int] = {}
+        self._mounted: set[Path] = set()
+
+    def check(self, spec: StorageSpec) -> None:
+        """Refuse a storage before anything is done (unknown driver, bad paths)."""
+        if spec.driver not in DRIVERS:
+            raise Unsupported(
+                f"storage driver {spec.driver!r} (for {spec.mount_point}) is not supported; "
+                f"supported: {', '.join(DRIVERS)}"
+            )
+        _inside(self.root, spec.mount_point, "storage mount_point")
+        if spec.driver == "overlayfs":
+            for option in spec.options:
+                key, _, value = option.partition("=")
+                if key in ("upperdir", "workdir"):
+                    _inside(self.root, value, f"overlay {key}")
+
+    async def add(self, spec: StorageSpec) -> Path:
+        self.check(spec)
+        self.root.mkdir(parents=True, exist_ok=True)
+        point = _inside(self.root, spec.mount_point, "storage mount_point")
+        if point in self._users:
+            self._users[point] += 1
+            return point
+        point.mkdir(parents=True, exist_ok=True)
+        options = [o for o in spec.options if not o.startswith("mode=")]
+        if spec.driver == "local":
+            mode = next((o[5:] for o in spec.options if o.startswith("mode=")), "0777")
+            point.chmod(int(mode, 8))
+        elif spec.driver == "bind":
+            if not os.path.exists(spec.source):
+                raise InvalidArgument(f"bind storage source {spec.source!r} does not exist")
+            await _mount("--bind", spec.source, str(point))
+            if "ro" in options:
+                await _mount("-o", "remount,bind,ro", str(point))
+            self._mounted.add(point)
+        elif spec.driver == "ephemeral":
+            await _mount(
+                "-t",
+                "tmpfs",
+                *(["-o", ",".join(options)] if options else []),
+                spec.source or "tmpfs",
+                str(point),
+            )
+            self._mounted.add(point)
+        else:  # overlayfs
+            for option in options:
+                key, _, value = option.partition("=")
+                if key in ("upperdir", "workdir"):
+                    Path(value).mkdir(parents=True, exist_ok=True)
+            await _mount(
+                "-t", "overlay", "-o", ",".join(options), spec.source or "overlay", str(point)
+            )
+            self._mounted.add(point)
+        self._users[point] = 1
+        log.info("storage mounted", extra={"driver": spec.driver, "mount_point": str(point)})
+        return point
+
+    async def release(self, point: Path) -> None:
+        users = self._users.get(point, 0) - 1
+        if users > 0:
+            self._users[point] = users
+            return
+        self._users.pop(point, None)
+        if point in self._mounted:
+            self._mounted.discard(point)
+            await _umount(point)
+        with contextlib.suppress(OSError):
+            point.rmdir()
+
+    async def release_all(self) -> None:
+        for point in list(self._users):
+            self._users[point] = 1
+            await self.release(point)
