@@ -615,3 +615,16 @@ async def test_storage_mount_points_cannot_escape(api: Any, rootfs: Path, tmp_pa
     await expect(Code.UNIMPLEMENTED, api.CreateSandbox(agent_pb2.CreateSandboxRequest(storages=[
         agent_pb2.Storage(driver="9p", mount_point=f"{run}/x")])), "'9p'", "supported: local")
     assert not os.path.ismount("/etc")  # nothing was mounted anywhere
+
+
+async def test_oom_event_from_a_memory_hog(api: Any, rootfs: Path) -> None:
+    waiting = asyncio.ensure_future(api.GetOOMEvent(agent_pb2.GetOOMEventRequest()))
+    await create_started(api, rootfs, "calm", "/bin/sleep", "300")
+    hog = spec(rootfs, "/bin/sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' x); echo no")
+    hog.Linux.Resources.Memory.Limit = 32 << 20
+    await api.CreateContainer(agent_pb2.CreateContainerRequest(container_id="hog", OCI=hog))
+    await api.StartContainer(agent_pb2.StartContainerRequest(container_id="hog"))
+    event = await asyncio.wait_for(waiting, 30)
+    assert event.container_id == "hog"
+    status = await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="hog"))
+    assert status.status == 128 + signal.SIGKILL

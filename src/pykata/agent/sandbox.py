@@ -24,6 +24,7 @@ from typing import Any
 from . import cgroups
 from .container import Container
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported
+from .oom import OomEvents
 from .reaper import orphans
 from .runtime import OciRuntime
 from .storage import Storages, StorageSpec
@@ -67,6 +68,7 @@ class Sandbox:
         self.containers: dict[str, Container] = {}
         self._holder: asyncio.subprocess.Process | None = None
         self.storages = Storages(run_dir)
+        self.oom = OomEvents()
         self._storage_points: list[Path] = []
         self._instance = f"agent-{os.getpid()}"
 
@@ -265,6 +267,7 @@ class Sandbox:
                 await self.storages.release(point)
             raise
         container.storage_points = points
+        self.oom.watch(container_id, container.cgroup)
         return container
 
     async def _create_container(self, container_id: str, spec: dict[str, Any]) -> Container:
@@ -289,6 +292,7 @@ class Sandbox:
         container = self.container(container_id)
         await container.remove(timeout)
         self.containers.pop(container_id, None)
+        self.oom.forget(container_id)
         cgroups.remove(container.cgroup, stop_at=CGROUP_ROOT)
         for point in container.storage_points:
             await self.storages.release(point)

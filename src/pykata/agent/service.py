@@ -121,6 +121,11 @@ class AgentService:
         container = self.sandbox.container(req.container_id)
         return agent_pb2.StatsContainerResponse(cgroup_stats=cgroups.stats(container.cgroup))
 
+    async def GetOOMEvent(
+        self, req: agent_pb2.GetOOMEventRequest, ctx: ServerContext
+    ) -> agent_pb2.OOMEvent:
+        return agent_pb2.OOMEvent(container_id=await self.sandbox.oom.next())
+
     # processes
 
     async def ExecProcess(self, req: agent_pb2.ExecProcessRequest, ctx: ServerContext) -> Empty:

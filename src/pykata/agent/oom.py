@@ -1,0 +1,99 @@
+"""Out-of-memory events of containers, as GetOOMEvent reports them.
+
+cgroup v1: an eventfd registered through cgroup.event_control for the
+container's memory.oom_control (the kernel signals it on every OOM, and
+once more when the cgroup goes away - told apart by the oom_kill counter).
+cgroup v2: the oom_kill counter of memory.events, polled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from . import cgroups
+
+log = logging.getLogger("pykata.agent.oom")
+
+V2_POLL_SECONDS = 0.5
+
+
+def _oom_kills(path: Path) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class OomEvents:
+    """Watches containers' memory cgroups; `next()` waits for the next OOM of any."""
+
+    def __init__(self) -> None:
+        self._events: asyncio.Queue[str] = asyncio.Queue()
+        self._watches: dict[str, asyncio.Task[None]] = {}
+
+    async def next(self) -> str:
+        return await self._events.get()
+
+    def watch(self, container_id: str, cgroup: str) -> None:
+        if container_id in self._watches:
+            return
+        watcher = self._watch_v2 if cgroups.is_v2() else self._watch_v1
+        self._watches[container_id] = asyncio.ensure_future(watcher(container_id, cgroup))
+
+    def forget(self, container_id: str) -> None:
+        task = self._watches.pop(container_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def _watch_v1(self, container_id: str, cgroup: str) -> None:
+        memory = cgroups.ROOT / "memory" / cgroup.lstrip("/")
+        control = memory / "memory.oom_control"
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            cfd = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(efd)
+            log.warning("no OOM events for container %s: %s", container_id, exc)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            (memory / "cgroup.event_control").write_text(f"{efd} {cfd}")
+            seen = _oom_kills(control)
+            while True:
+                ready = loop.create_future()
+                loop.add_reader(efd, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(efd)
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(efd)
+                if not memory.exists():
+                    return
+                kills = _oom_kills(control)
+                if kills > seen:
+                    seen = kills
+                    self._events.put_nowait(container_id)
+        except OSError as exc:
+            log.warning("OOM watch of container %s ended: %s", container_id, exc)
+        finally:
+            os.close(efd)
+            os.close(cfd)
+
+    async def _watch_v2(self, container_id: str, cgroup: str) -> None:
+        events = cgroups.ROOT / cgroup.lstrip("/") / "memory.events"
+        seen = _oom_kills(events)
+        while events.exists():
+            await asyncio.sleep(V2_POLL_SECONDS)
+            kills = _oom_kills(events)
+            if kills > seen:
+                seen = kills
+                self._events.put_nowait(container_id)
