@@ -628,3 +628,15 @@ async def test_oom_event_from_a_memory_hog(api: Any, rootfs: Path) -> None:
     assert event.container_id == "hog"
     status = await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="hog"))
     assert status.status == 128 + signal.SIGKILL
+
+
+async def test_container_pipe_size_is_honoured(tmp_path: Path, rootfs: Path) -> None:
+    import fcntl
+
+    with run_container_agent(tmp_path, cmdline="agent.container_pipe_size=262144") as agent:
+        async with await Client.connect(agent.address) as client:
+            api = Stub(client, AGENT)
+            await create_started(api, rootfs, "p", "/bin/sleep", "300")
+            pid = (tmp_path / "run" / "containers" / "p" / "init.pid").read_text()
+            with open(f"/proc/{pid}/fd/1", "rb") as stdout:
+                assert fcntl.fcntl(stdout, 1032) == 262144  # F_GETPIPE_SZ

@@ -33,6 +33,21 @@ def exit_status(info: os.waitid_result) -> int:
     return 128 + info.si_status
 
 
+async def process_exit(pid: int) -> None:
+    """Until the child `pid` has exited (it is left for the caller to reap)."""
+    fd = os.pidfd_open(pid)
+    loop = asyncio.get_running_loop()
+    try:
+        done = loop.create_future()
+        loop.add_reader(fd, done.set_result, None)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
 class WatchedProcess:
     """A child process known by pidfd: signal it safely, await its exit status."""
 

@@ -8,20 +8,20 @@ host's default (/run/runc, /run/crun).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import RuntimeFailure
-from .reaper import orphans
+from .reaper import orphans, process_exit
 
 log = logging.getLogger("pykata.agent.runtime")
 
@@ -111,37 +111,43 @@ class OciRuntime:
         stdout: Stdio = None,
         stderr: Stdio = None,
     ) -> str:
+        """Run one runtime command; its output, or RuntimeFailure with its own message.
+
+        Spawned with subprocess (vfork: about a third of the cost of the event
+        loop's fork-based spawn) and awaited through a pidfd.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, log_path = tempfile.mkstemp(prefix="log-", dir=self.root)
-        os.close(fd)
-        command = [
-            self.binary,
-            "--root",
-            str(self.root),
-            "--log",
-            log_path,
-            "--log-format",
-            "json",
-            *args,
-        ]
-        # Busy while the runtime runs: its helpers must not be taken for orphans.
-        with orphans.runtime_running():
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *command,
-                    stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
-                    stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
-                    stderr=stderr if stderr is not None else asyncio.subprocess.PIPE,
+        with (
+            tempfile.NamedTemporaryFile(prefix="log-", dir=self.root) as log_file,
+            tempfile.TemporaryFile(dir=self.root) as output,
+        ):
+            command = [
+                self.binary,
+                "--root",
+                str(self.root),
+                "--log",
+                log_file.name,
+                "--log-format",
+                "json",
+                *args,
+            ]
+            # Busy while the runtime runs: its helpers must not be taken for orphans.
+            with orphans.runtime_running():
+                proc = subprocess.Popen(
+                    command,
+                    stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                    stdout=stdout if stdout is not None else output,
+                    stderr=stderr if stderr is not None else output,
                 )
-                out, err = await proc.communicate()
-                if proc.returncode != 0:
-                    message = _last_error(log_path) or (err or b"").decode(errors="replace")
-                    message = message.strip() or f"exit status {proc.returncode}"
-                    raise RuntimeFailure(f"{self.name} {args[0]} failed: {message}")
-                return (out or b"").decode(errors="replace")
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(log_path)
+                await process_exit(proc.pid)
+                returncode = proc.wait()
+            output.seek(0)
+            text = output.read().decode(errors="replace")
+            if returncode != 0:
+                message = _last_error(log_file.name) or text.strip()
+                message = message or f"exit status {returncode}"
+                raise RuntimeFailure(f"{self.name} {args[0]} failed: {message}")
+            return text
 
     async def create(
         self,

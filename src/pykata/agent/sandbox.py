@@ -283,7 +283,7 @@ class Sandbox:
             with contextlib.suppress(Exception):
                 await self.runtime.delete(container_id, force=True)
             shutil.rmtree(bundle, ignore_errors=True)
-            cgroups.remove(container.cgroup, stop_at=CGROUP_ROOT)
+            cgroups.remove(container.cgroup, stop_at=container.cgroup)
             raise
         log.info("container created", extra={"container": container_id})
         return container
@@ -293,7 +293,9 @@ class Sandbox:
         await container.remove(timeout)
         self.containers.pop(container_id, None)
         self.oom.forget(container_id)
-        cgroups.remove(container.cgroup, stop_at=CGROUP_ROOT)
+        # Only the container's own: the sandbox's parent cgroup stays until the sandbox
+        # goes (creating and removing cgroups costs milliseconds each).
+        cgroups.remove(container.cgroup, stop_at=container.cgroup)
         for point in container.storage_points:
             await self.storages.release(point)
         log.info("container removed", extra={"container": container_id})

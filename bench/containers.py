@@ -1,0 +1,244 @@
+"""Container benchmarks: the agent against the same OCI runtime invoked directly.
+
+    python bench/containers.py            # prints JSON results
+
+The bare-runtime side runs in a child process that enters a private mount
+namespace (as the agent does, so crun works on hybrid-cgroup hosts) and
+drives the runtime the way the agent does: create, start, wait, delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pykata.agent import oci, runtime  # noqa: E402
+from pykata.agent.reaper import become_subreaper  # noqa: E402
+from pykata.api import agent_pb2, oci_pb2  # noqa: E402
+from pykata.ttrpc import Client, Code, Stub, TtrpcError  # noqa: E402
+from tests.containers import build_rootfs, template  # noqa: E402
+from tests.peers import wait_for_socket  # noqa: E402
+
+CYCLES = 30
+EXECS = 50
+CONCURRENT = 50
+STDOUT_BYTES = 256 << 20
+
+
+def config(rootfs: Path, *args: str) -> dict[str, Any]:
+    data = template()
+    data["root"] = {"path": str(rootfs)}
+    data["process"]["args"] = list(args)
+    data["process"]["terminal"] = False
+    return data
+
+
+# --- the bare runtime ---------------------------------------------------------------
+
+
+async def _bare(binary: str, work: Path, rootfs: Path) -> dict[str, Any]:
+    state = work / "bare-state"
+
+    async def run(*args: str) -> None:
+        # No pipes: a container inherits the runtime's stdio and would hold them open.
+        log = work / "bare.log"
+        proc = await asyncio.create_subprocess_exec(
+            binary,
+            "--root",
+            str(state),
+            "--log",
+            str(log),
+            *args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if await proc.wait():
+            raise RuntimeError(f"{binary} {args[0]} failed: {log.read_text()[-500:]}")
+
+    async def lifecycle(cid: str, *args: str) -> None:
+        bundle = work / "bare" / cid
+        bundle.mkdir(parents=True)
+        cfg = config(rootfs, *args)
+        cfg["linux"]["cgroupsPath"] = f"/pykata-bench/{cid}"
+        (bundle / "config.json").write_text(json.dumps(cfg))
+        await run("create", "--bundle", str(bundle), "--pid-file", str(bundle / "pid"), cid)
+        await run("start", cid)
+
+    async def wait_exit(cid: str) -> None:
+        pid = int((work / "bare" / cid / "pid").read_text())
+        fd = os.pidfd_open(pid)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(fd, done.set_result, None)
+        await done
+        loop.remove_reader(fd)
+        os.waitid(os.P_PIDFD, fd, os.WEXITED)
+        os.close(fd)
+
+    async def delete(cid: str) -> None:
+        await run("delete", "--force", cid)
+        shutil.rmtree(work / "bare" / cid)
+
+    cycles = []
+    for n in range(CYCLES):
+        started = time.perf_counter()
+        await lifecycle(f"b{n}", "/bin/true")
+        await wait_exit(f"b{n}")
+        await delete(f"b{n}")
+        cycles.append(time.perf_counter() - started)
+    await lifecycle("bx", "/bin/sleep", "300")
+    execs = []
+    for _ in range(EXECS):
+        started = time.perf_counter()
+        await run("exec", "bx", "/bin/true")
+        execs.append(time.perf_counter() - started)
+    await delete("bx")
+    started = time.perf_counter()
+    await asyncio.gather(*(lifecycle(f"p{n}", "/bin/sleep", "300") for n in range(CONCURRENT)))
+    concurrent = time.perf_counter() - started
+    await asyncio.gather(*(delete(f"p{n}") for n in range(CONCURRENT)))
+    return {
+        "cycle_ms": statistics.median(cycles) * 1e3,
+        "exec_ms": statistics.median(execs) * 1e3,
+        "concurrent_s": concurrent,
+    }
+
+
+def bare_main(binary: str, work: str, rootfs: str) -> None:
+    if os.path.basename(binary) == "crun" and runtime.cgroups_are_hybrid():
+        runtime.detach_unified_hierarchy()
+    else:
+        runtime.enter_private_mount_namespace()
+    become_subreaper()
+    print(json.dumps(asyncio.run(_bare(binary, Path(work), Path(rootfs)))))
+
+
+# --- through the agent ------------------------------------------------------------------
+
+
+async def _agent(address: str, rootfs: Path) -> dict[str, Any]:
+    async with await Client.connect(address) as client:
+        api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+
+        def spec(*args: str) -> oci_pb2.Spec:
+            message = oci_pb2.Spec()
+            oci.from_json(config(rootfs, *args), message)
+            return message
+
+        async def create_start(cid: str, *args: str) -> None:
+            await api.CreateContainer(
+                agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec(*args))
+            )
+            await api.StartContainer(agent_pb2.StartContainerRequest(container_id=cid))
+
+        cycles = []
+        for n in range(CYCLES):
+            started = time.perf_counter()
+            await create_start(f"a{n}", "/bin/true")
+            await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id=f"a{n}"))
+            await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id=f"a{n}"))
+            cycles.append(time.perf_counter() - started)
+        await create_start("ax", "/bin/sleep", "300")
+        execs = []
+        true = oci_pb2.Process(Args=["/bin/true"], Cwd="/")
+        for n in range(EXECS):
+            started = time.perf_counter()
+            await api.ExecProcess(
+                agent_pb2.ExecProcessRequest(container_id="ax", exec_id=f"e{n}", process=true)
+            )
+            await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="ax", exec_id=f"e{n}"))
+            execs.append(time.perf_counter() - started)
+        await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="ax"))
+
+        await create_start("out", "/bin/sh", "-c", f"head -c {STDOUT_BYTES} /dev/zero")
+        received = 0
+        started = time.perf_counter()
+        while True:
+            try:
+                reply = await api.ReadStdout(
+                    agent_pb2.ReadStreamRequest(container_id="out", len=1 << 20)
+                )
+            except TtrpcError as exc:
+                assert exc.code == Code.OUT_OF_RANGE
+                break
+            received += len(reply.data)
+        throughput = received / (time.perf_counter() - started) / (1 << 20)
+        assert received == STDOUT_BYTES, received
+        await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="out"))
+
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(create_start(f"p{n}", "/bin/sleep", "300") for n in range(CONCURRENT))
+        )
+        concurrent = time.perf_counter() - started
+        await asyncio.gather(
+            *(
+                api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id=f"p{n}"))
+                for n in range(CONCURRENT)
+            )
+        )
+    return {
+        "cycle_ms": statistics.median(cycles) * 1e3,
+        "exec_ms": statistics.median(execs) * 1e3,
+        "stdout_mib_s": throughput,
+        "concurrent_s": concurrent,
+    }
+
+
+def measure() -> dict[str, Any]:
+    binary = shutil.which("crun") or shutil.which("runc")
+    assert binary
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rootfs = build_rootfs(work / "rootfs")
+        bare = json.loads(
+            subprocess.run(
+                [sys.executable, __file__, "--bare", binary, tmp, str(rootfs)],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=600,
+            ).stdout
+        )
+        (work / "cmdline").write_text("")
+        env = {
+            **os.environ,
+            "KATA_AGENT_SERVER_ADDR": f"unix://{tmp}/agent.sock",
+            "KATA_AGENT_RUN_DIR": f"{tmp}/run",
+            "KATA_AGENT_OCI_RUNTIME": binary,
+            "KATA_AGENT_LOG_LEVEL": "warn",
+        }
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "pykata.agent.cli", "--kernel-cmdline", f"{tmp}/cmdline"],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_socket(f"{tmp}/agent.sock", proc=agent)
+            import uvloop
+
+            through = uvloop.run(_agent(f"unix://{tmp}/agent.sock", rootfs))
+        finally:
+            agent.terminate()
+            agent.wait(30)
+    return {"runtime": os.path.basename(binary), "bare": bare, "agent": through}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--bare"]:
+        bare_main(*sys.argv[2:5])
+    else:
+        print(json.dumps(measure(), indent=1))
