@@ -24,12 +24,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.containers import build_rootfs, template  # noqa: E402
+from tests.peers import wait_for_socket  # noqa: E402
+
 from pykata.agent import oci, runtime  # noqa: E402
 from pykata.agent.reaper import become_subreaper  # noqa: E402
 from pykata.api import agent_pb2, oci_pb2  # noqa: E402
 from pykata.ttrpc import Client, Code, Stub, TtrpcError  # noqa: E402
-from tests.containers import build_rootfs, template  # noqa: E402
-from tests.peers import wait_for_socket  # noqa: E402
 
 CYCLES = 30
 EXECS = 50

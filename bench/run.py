@@ -20,16 +20,28 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 from tests.peers import REFERENCE_DESCRIPTORS, build_go_peer, wait_for_socket  # noqa: E402
+
+import containers as containers_bench  # noqa: E402
 
 AGENT = [sys.executable, "-m", "pykata.agent.cli"]
 SEQUENTIAL_CALLS = 20_000
 CONCURRENT_CALLS = 80_000
 CONCURRENCY = 16
-TARGETS = {"sequential": 0.7, "concurrent": 0.4, "startup_ms": 300, "idle_rss_mb": 40}
+TARGETS = {
+    "sequential": 0.7,
+    "concurrent": 0.4,
+    "startup_ms": 300,
+    "idle_rss_mb": 40,
+    "cycle_ratio": 1.3,
+    "exec_ratio": 1.3,
+    "stdout_mib_s": 200,
+}
 
 
 @contextlib.contextmanager
@@ -195,7 +207,10 @@ def measure(rounds: int) -> dict[str, object]:
         startups = [startup_ms(tmp) for _ in range(10)]
         rss = idle_rss_mb(tmp)
     med = {k: statistics.median(v) for k, v in samples.items()}
+    print("containers", file=sys.stderr, flush=True)
+    containers = [containers_bench.measure() for _ in range(rounds)]
     return {
+        "containers": containers,
         "machine": (
             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
         ),
@@ -216,6 +231,14 @@ def report(r: dict[str, object]) -> str:
     seq, conc = float(r["ratio_sequential"]), float(r["ratio_concurrent"])  # type: ignore[arg-type]
     start, rss = float(r["startup_ms_median"]), float(r["idle_rss_mb"])  # type: ignore[arg-type]
 
+    runs: list[dict[str, Any]] = r["containers"]  # type: ignore[assignment]
+
+    def cmed(side: str, key: str) -> float:
+        return statistics.median(run[side][key] for run in runs)
+
+    cycle = cmed("agent", "cycle_ms") / cmed("bare", "cycle_ms")
+    exec_ratio = cmed("agent", "exec_ms") / cmed("bare", "exec_ms")
+    stdout = cmed("agent", "stdout_mib_s")
     checks = [
         ("our server / Go server, sequential", f"{seq:.2f}x", seq, "sequential", ">="),
         (
@@ -227,6 +250,27 @@ def report(r: dict[str, object]) -> str:
         ),
         ("agent start to first answered Check", f"{start:.0f} ms", start, "startup_ms", "<="),
         ("agent idle RSS", f"{rss:.1f} MB", rss, "idle_rss_mb", "<="),
+        (
+            "container create+start+wait+remove, agent / bare runtime",
+            f"{cycle:.2f}x",
+            cycle,
+            "cycle_ratio",
+            "<=",
+        ),
+        (
+            "exec round trip, agent / bare runtime",
+            f"{exec_ratio:.2f}x",
+            exec_ratio,
+            "exec_ratio",
+            "<=",
+        ),
+        (
+            "stdout through ReadStdout (256 MiB)",
+            f"{stdout:.0f} MiB/s",
+            stdout,
+            "stdout_mib_s",
+            ">=",
+        ),
     ]
     lines = []
     for label, shown, value, key, op in checks:
@@ -254,6 +298,19 @@ and server is its own process on one unix-socket connection; the call is
 | measure | result | target | |
 |---|---:|---:|---|
 {rows}
+
+## Containers (runtime: {runs[0]["runtime"]})
+
+| measure | bare runtime | through the agent |
+|---|---:|---:|
+| create + start + wait + remove `/bin/true` (median of {containers_bench.CYCLES}) | {cmed("bare", "cycle_ms"):.1f} ms | {cmed("agent", "cycle_ms"):.1f} ms |
+| exec `/bin/true` round trip (median of {containers_bench.EXECS}) | {cmed("bare", "exec_ms"):.1f} ms | {cmed("agent", "exec_ms"):.1f} ms |
+| {containers_bench.CONCURRENT} containers created and started concurrently | {cmed("bare", "concurrent_s"):.2f} s | {cmed("agent", "concurrent_s"):.2f} s |
+| stdout of `head -c 256M /dev/zero` read with ReadStdout | - | {stdout:.0f} MiB/s |
+
+The bare side drives the same runtime binary the same way (create, start,
+wait on a pidfd, delete --force; exec in the foreground) from a process in
+its own mount namespace, as the agent is. Medians over the rounds.
 
 Start-up is the median of 10 runs, from spawning `kata-agent` to the first
 Check answered (the client retries connecting every 2 ms). RSS is VmRSS one

@@ -32,7 +32,7 @@ class FdReader:
             loop = asyncio.get_running_loop()
             while self.fd is not None:
                 try:
-                    return os.read(self.fd, size)
+                    return self._read_available(size)
                 except BlockingIOError:
                     ready = loop.create_future()
                     loop.add_reader(self.fd, ready.set_result, None)
@@ -46,6 +46,26 @@ class FdReader:
                         return b""
                     raise
             return b""
+
+    def _read_available(self, size: int) -> bytes:
+        """Up to `size` bytes: blocks (raises BlockingIOError) only if none are there.
+
+        Takes what the writer has refilled meanwhile too, so a fast producer
+        is drained in fewer, larger answers.
+        """
+        assert self.fd is not None
+        chunks = [os.read(self.fd, size)]
+        total = len(chunks[0])
+        while chunks[-1] and total < size:
+            try:
+                chunk = os.read(self.fd, size - total)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks)
 
     def close(self) -> None:
         if self.fd is not None:
