@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := python3 crun runc busybox-static golang-go golang-github-containerd-ttrpc-dev \
+DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golang-go golang-github-containerd-ttrpc-dev \
                 golang-google-protobuf-dev iproute2
 STAMP := $(VENV)/.setup-stamp
 

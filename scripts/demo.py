@@ -1,8 +1,9 @@
 """`make demo`: the agent stand-alone, driven by our ttRPC client and by containerd's Go one.
 
 Starts kata-agent on a unix socket, asks Health for its status and version,
-shows an agent method that is not implemented yet, lets the Go ttRPC client
-call it too, then stops the agent with SIGTERM and checks it cleaned up.
+creates a sandbox and a busybox container, streams its output, runs an exec,
+collects the exit codes, removes everything, lets the Go ttRPC client call
+the agent too, then stops the agent with SIGTERM and checks it cleaned up.
 """
 
 from __future__ import annotations
@@ -19,14 +20,69 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.containers import build_rootfs, spec  # noqa: E402
 from tests.peers import REFERENCE_DESCRIPTORS, build_go_peer, wait_for_socket  # noqa: E402
 
-from pykata.api import health_pb2  # noqa: E402
-from pykata.ttrpc import Client, TtrpcError  # noqa: E402
+from pykata.api import agent_pb2, health_pb2, oci_pb2  # noqa: E402
+from pykata.ttrpc import Client, Code, Stub, TtrpcError  # noqa: E402
 
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
+
+
+async def stream(api: Stub, cid: str, exec_id: str = "") -> None:
+    while True:
+        try:
+            reply = await api.ReadStdout(
+                agent_pb2.ReadStreamRequest(container_id=cid, exec_id=exec_id, len=4096)
+            )
+        except TtrpcError as exc:
+            if exc.code == Code.OUT_OF_RANGE:
+                return
+            raise
+        for line in reply.data.decode().splitlines():
+            print(f"  [{cid}{'/' + exec_id if exec_id else ''}] {line}")
+
+
+async def containers(address: str, rootfs: Path) -> None:
+    async with await Client.connect(address) as client:
+        api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+        await api.CreateSandbox(
+            agent_pb2.CreateSandboxRequest(
+                sandbox_id="demo", hostname="demo-sandbox", dns=["nameserver 192.0.2.1"]
+            )
+        )
+        print("CreateSandbox demo (hostname demo-sandbox)")
+        script = (
+            "echo hello from $(hostname); uname -sr; for i in 1 2 3; do echo tick $i; "
+            "sleep 0.2; done; exit 3"
+        )
+        await api.CreateContainer(
+            agent_pb2.CreateContainerRequest(
+                container_id="busybox", exec_id="busybox", OCI=spec(rootfs, "/bin/sh", "-c", script)
+            )
+        )
+        await api.StartContainer(agent_pb2.StartContainerRequest(container_id="busybox"))
+        print("CreateContainer + StartContainer busybox; its stdout:")
+        await api.ExecProcess(
+            agent_pb2.ExecProcessRequest(
+                container_id="busybox",
+                exec_id="ps",
+                process=oci_pb2.Process(Args=["/bin/sh", "-c", "ps -o pid,args; exit 7"], Cwd="/"),
+            )
+        )
+        await stream(api, "busybox")
+        init = await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="busybox"))
+        print(f"WaitProcess busybox -> exit code {init.status}")
+        await stream(api, "busybox", "ps")
+        ps = await api.WaitProcess(
+            agent_pb2.WaitProcessRequest(container_id="busybox", exec_id="ps")
+        )
+        print(f"WaitProcess busybox/ps -> exit code {ps.status}")
+        await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="busybox"))
+        await api.DestroySandbox(agent_pb2.DestroySandboxRequest())
+        print("RemoveContainer + DestroySandbox: done")
 
 
 async def talk(address: str) -> None:
@@ -50,10 +106,15 @@ def main() -> int:
         sock = f"{tmp}/kata-agent.sock"
         address = f"unix://{sock}"
         (Path(tmp) / "cmdline").write_text("agent.log=info")
+        rootfs = build_rootfs(Path(tmp) / "rootfs")
         say(f"starting kata-agent on {address}")
         agent = subprocess.Popen(
             [sys.executable, "-m", "pykata.agent.cli", "--kernel-cmdline", f"{tmp}/cmdline"],
-            env={**os.environ, "KATA_AGENT_SERVER_ADDR": address},
+            env={
+                **os.environ,
+                "KATA_AGENT_SERVER_ADDR": address,
+                "KATA_AGENT_RUN_DIR": f"{tmp}/run",
+            },
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -61,6 +122,8 @@ def main() -> int:
             wait_for_socket(sock, proc=agent)
             say("our ttRPC client")
             asyncio.run(talk(address))
+            say("a sandbox and a busybox container")
+            asyncio.run(containers(address, rootfs))
             say("containerd's Go ttRPC client (Debian golang-github-containerd-ttrpc-dev)")
             peer = build_go_peer()
             for op in ("check", "version", "unknown"):
@@ -94,8 +157,12 @@ def main() -> int:
                 }
                 or "",
             )
-        print(f"\nexit status {code}; socket removed: {not os.path.exists(sock)}")
-        return 0 if code == 0 and not os.path.exists(sock) else 1
+        left = list((Path(tmp) / "run" / "containers").glob("*"))
+        print(
+            f"\nexit status {code}; socket removed: {not os.path.exists(sock)}; "
+            f"bundles left: {len(left)}"
+        )
+        return 0 if code == 0 and not os.path.exists(sock) and not left else 1
 
 
 if __name__ == "__main__":
