@@ -323,7 +323,9 @@ async def test_errors_name_the_problem(api: Any, rootfs: Path) -> None:
     assert (await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="after"))).status == 0
 
 
-async def test_sandbox_hostname_and_dns_stay_inside(api: Any, rootfs: Path) -> None:
+async def test_sandbox_hostname_and_dns_stay_inside(
+    api: Any, rootfs: Path, agent_proc: AgentProcess, tmp_path: Path
+) -> None:
     host_name = os.uname().nodename
     await api.CreateSandbox(
         agent_pb2.CreateSandboxRequest(
@@ -338,7 +340,9 @@ async def test_sandbox_hostname_and_dns_stay_inside(api: Any, rootfs: Path) -> N
         api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb2")),
         "sb1",
     )
+    await create_started(api, rootfs, "h2", "/bin/sleep", "300")
     await api.DestroySandbox(agent_pb2.DestroySandboxRequest())
+    assert leftovers("sb1", tmp_path / "run") == []
     await expect(Code.NOT_FOUND, api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="h")))
     await expect(
         Code.FAILED_PRECONDITION,
@@ -351,23 +355,24 @@ async def test_sandbox_hostname_and_dns_stay_inside(api: Any, rootfs: Path) -> N
     await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb2"))
 
 
-def leftovers(agent_pid: int, run_dir: Path) -> list[str]:
+def leftovers(instance: str, run_dir: Path) -> list[str]:
     """Everything an agent may leave behind: processes, cgroups, bundles."""
     found = []
     for name in ("memory", "pids", "freezer", "cpu"):
-        base = Path("/sys/fs/cgroup") / name / "pykata" / f"agent-{agent_pid}"
+        base = Path("/sys/fs/cgroup") / name / "pykata" / instance
         if base.exists():
             found += [str(base), *(str(p) for p in base.rglob("*") if p.is_dir())]
     containers = run_dir / "containers"
     if containers.exists():
         found += [str(p) for p in containers.iterdir()]
+    # processes of its containers, wherever they were reparented to
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                status = (proc / "status").read_text()
+                cgroup = (proc / "cgroup").read_text()
             except OSError:
                 continue
-            if f"PPid:\t{agent_pid}\n" in status:
+            if f"/pykata/{instance}/" in cgroup:
                 found.append(f"process {proc.name}")
     return found
 
@@ -394,11 +399,11 @@ async def test_sigterm_kills_and_removes_every_container(
             waiting = asyncio.ensure_future(
                 api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="c1"))
             )
-            assert leftovers(agent.proc.pid, tmp_path / "run")
+            assert leftovers(f"agent-{agent.proc.pid}", tmp_path / "run")
             await asyncio.sleep(0.2)  # the WaitProcess request is on its way
             assert await asyncio.to_thread(agent.stop) == 0
             assert (await waiting).status == 128 + signal.SIGKILL  # answered before exit
-        assert leftovers(agent.proc.pid, tmp_path / "run") == []
+        assert leftovers(f"agent-{agent.proc.pid}", tmp_path / "run") == []
 
 
 def go_call(peer: Path, socket_path: str, method: str, request: Any) -> dict[str, Any]:
@@ -555,31 +560,67 @@ async def test_storages_tmpfs_bind_local_and_overlay_rootfs(
     shared = tmp_path / "host-share"
     shared.mkdir()
     (shared / "hello.txt").write_text("from the host\n")
-    await api.CreateSandbox(agent_pb2.CreateSandboxRequest(storages=[
-        agent_pb2.Storage(driver="ephemeral", source="tmpfs", fstype="tmpfs",
-                          options=["size=1m"], mount_point=f"{run}/sandbox/ephemeral/scratch"),
-    ]))
+    await api.CreateSandbox(
+        agent_pb2.CreateSandboxRequest(
+            storages=[
+                agent_pb2.Storage(
+                    driver="ephemeral",
+                    source="tmpfs",
+                    fstype="tmpfs",
+                    options=["size=1m"],
+                    mount_point=f"{run}/sandbox/ephemeral/scratch",
+                ),
+            ]
+        )
+    )
     overlay_root = f"{run}/shared/containers/ov/rootfs"
-    config = spec(rootfs, "/bin/sh", "-c",
-                  "cat /share/hello.txt; echo new > /newfile; echo t > /scratch/t; ls -ld /local")
+    config = spec(
+        rootfs,
+        "/bin/sh",
+        "-c",
+        "cat /share/hello.txt; echo new > /newfile; echo t > /scratch/t; ls -ld /local",
+    )
     config.Root.Path = overlay_root
-    config.Mounts.add(destination="/scratch", source=f"{run}/sandbox/ephemeral/scratch",
-                      type="bind", options=["rbind"])
-    config.Mounts.add(destination="/share", source=f"{run}/shared/bind", type="bind",
-                      options=["rbind"])
-    config.Mounts.add(destination="/local", source=f"{run}/shared/local", type="bind",
-                      options=["rbind"])
-    await api.CreateContainer(agent_pb2.CreateContainerRequest(
-        container_id="ov", OCI=config, storages=[
-            agent_pb2.Storage(driver="overlayfs", source="overlay", fstype="overlay",
-                              mount_point=overlay_root, options=[
-                                  f"lowerdir={rootfs}", f"upperdir={run}/shared/ov-upper",
-                                  f"workdir={run}/shared/ov-work"]),
-            agent_pb2.Storage(driver="bind", source=str(shared), mount_point=f"{run}/shared/bind",
-                              options=["ro"]),
-            agent_pb2.Storage(driver="local", mount_point=f"{run}/shared/local",
-                              options=["mode=0750"]),
-        ]))
+    config.Mounts.add(
+        destination="/scratch",
+        source=f"{run}/sandbox/ephemeral/scratch",
+        type="bind",
+        options=["rbind"],
+    )
+    config.Mounts.add(
+        destination="/share", source=f"{run}/shared/bind", type="bind", options=["rbind"]
+    )
+    config.Mounts.add(
+        destination="/local", source=f"{run}/shared/local", type="bind", options=["rbind"]
+    )
+    await api.CreateContainer(
+        agent_pb2.CreateContainerRequest(
+            container_id="ov",
+            OCI=config,
+            storages=[
+                agent_pb2.Storage(
+                    driver="overlayfs",
+                    source="overlay",
+                    fstype="overlay",
+                    mount_point=overlay_root,
+                    options=[
+                        f"lowerdir={rootfs}",
+                        f"upperdir={run}/shared/ov-upper",
+                        f"workdir={run}/shared/ov-work",
+                    ],
+                ),
+                agent_pb2.Storage(
+                    driver="bind",
+                    source=str(shared),
+                    mount_point=f"{run}/shared/bind",
+                    options=["ro"],
+                ),
+                agent_pb2.Storage(
+                    driver="local", mount_point=f"{run}/shared/local", options=["mode=0750"]
+                ),
+            ],
+        )
+    )
     await api.StartContainer(agent_pb2.StartContainerRequest(container_id="ov"))
     out = await read_all(api, "ov")
     assert out.startswith(b"from the host\n")
@@ -605,15 +646,26 @@ async def test_storage_mount_points_cannot_escape(api: Any, rootfs: Path, tmp_pa
     (run / "sneaky").symlink_to("/etc")
 
     def tmpfs_at(point: str) -> Any:
-        return api.CreateSandbox(agent_pb2.CreateSandboxRequest(storages=[
-            agent_pb2.Storage(driver="ephemeral", source="tmpfs", mount_point=point)]))
+        return api.CreateSandbox(
+            agent_pb2.CreateSandboxRequest(
+                storages=[agent_pb2.Storage(driver="ephemeral", source="tmpfs", mount_point=point)]
+            )
+        )
 
     await expect(Code.INVALID_ARGUMENT, tmpfs_at("/etc"), "outside the agent's directory")
     await expect(Code.INVALID_ARGUMENT, tmpfs_at(f"{run}/../../etc"), "'..'")
     await expect(Code.INVALID_ARGUMENT, tmpfs_at(f"{run}/sneaky/x"), "resolves to /etc/x")
     await expect(Code.INVALID_ARGUMENT, tmpfs_at("relative"), "absolute")
-    await expect(Code.UNIMPLEMENTED, api.CreateSandbox(agent_pb2.CreateSandboxRequest(storages=[
-        agent_pb2.Storage(driver="9p", mount_point=f"{run}/x")])), "'9p'", "supported: local")
+    await expect(
+        Code.UNIMPLEMENTED,
+        api.CreateSandbox(
+            agent_pb2.CreateSandboxRequest(
+                storages=[agent_pb2.Storage(driver="9p", mount_point=f"{run}/x")]
+            )
+        ),
+        "'9p'",
+        "supported: local",
+    )
     assert not os.path.ismount("/etc")  # nothing was mounted anywhere
 
 
