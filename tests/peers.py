@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -50,3 +51,45 @@ def build_go_peer() -> Path:
         ["go", "build", "-o", str(GO_PEER_BIN), "."], cwd=GO_PEER_SRC, env=env, check=True
     )
     return GO_PEER_BIN
+
+
+class FakeVmm:
+    """Stands in for Firecracker/Cloud Hypervisor's hybrid vsock socket.
+
+    Accepts on the VMM socket, reads "CONNECT <port>\\n", answers "OK <n>\\n"
+    if `port` is served, then splices the stream to the guest-side listener
+    (here: our agent on a unix socket).
+    """
+
+    def __init__(self, path: Path, ports: dict[int, str], reply: str | None = None) -> None:
+        self.path = path
+        self.ports = ports
+        self.reply = reply
+        self.connects: list[str] = []
+
+    async def __aenter__(self) -> FakeVmm:
+        self.server = await asyncio.start_unix_server(self._serve, str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = (await reader.readline()).decode()
+        self.connects.append(line)
+        port = int(line.split()[1]) if line.startswith("CONNECT ") else -1
+        if self.reply is not None or port not in self.ports:
+            writer.write((self.reply or "").encode())
+            await writer.drain()
+            writer.close()
+            return
+        guest_reader, guest_writer = await asyncio.open_unix_connection(self.ports[port])
+        writer.write(b"OK 1073741824\n")
+        await asyncio.gather(self._pipe(reader, guest_writer), self._pipe(guest_reader, writer))
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+        dst.close()

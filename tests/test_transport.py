@@ -32,6 +32,8 @@ from pykata.transport import (
 )
 from pykata.ttrpc import Client, Server
 
+from .peers import FakeVmm
+
 
 @pytest.mark.parametrize(
     ("text", "address"),
@@ -126,48 +128,6 @@ async def test_connect_to_nothing_is_a_one_line_error(tmp_path: Path) -> None:
         str(exc.value)
         == f"cannot connect to unix://{tmp_path}/none.sock: No such file or directory"
     )
-
-
-class FakeVmm:
-    """Stands in for Firecracker/Cloud Hypervisor's hybrid vsock socket.
-
-    Accepts on the VMM socket, reads "CONNECT <port>\\n", answers "OK <n>\\n"
-    if `port` is served, then splices the stream to the guest-side listener
-    (here: our agent on a unix socket).
-    """
-
-    def __init__(self, path: Path, ports: dict[int, str], reply: str | None = None) -> None:
-        self.path = path
-        self.ports = ports
-        self.reply = reply
-        self.connects: list[str] = []
-
-    async def __aenter__(self) -> FakeVmm:
-        self.server = await asyncio.start_unix_server(self._serve, str(self.path))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        line = (await reader.readline()).decode()
-        self.connects.append(line)
-        port = int(line.split()[1]) if line.startswith("CONNECT ") else -1
-        if self.reply is not None or port not in self.ports:
-            writer.write((self.reply or "").encode())
-            await writer.drain()
-            writer.close()
-            return
-        guest_reader, guest_writer = await asyncio.open_unix_connection(self.ports[port])
-        writer.write(b"OK 1073741824\n")
-        await asyncio.gather(self._pipe(reader, guest_writer), self._pipe(guest_reader, writer))
-
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        while data := await src.read(65536):
-            dst.write(data)
-            await dst.drain()
-        dst.close()
 
 
 async def test_hybrid_vsock_connect_through_a_vmm(server: Server, tmp_path: Path) -> None:

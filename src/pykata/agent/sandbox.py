@@ -84,10 +84,15 @@ class Sandbox:
 
     async def create(self, settings: SandboxSettings) -> None:
         if self.settings is not None:
-            raise AlreadyExists(
-                f"sandbox {self.settings.sandbox_id or '(unnamed)'} already exists; "
-                "DestroySandbox first"
-            )
+            if self.containers:
+                raise AlreadyExists(
+                    f"sandbox {self.settings.sandbox_id or '(unnamed)'} already exists with "
+                    f"containers {', '.join(sorted(self.containers))}; DestroySandbox first"
+                )
+            # An empty sandbox is simply replaced, as upstream's agent does: several
+            # runs one after another need no clean-up between them.
+            log.info("replacing empty sandbox", extra={"sandbox": self.settings.sandbox_id})
+            await self.destroy()
         if settings.sandbox_id:
             check_id("sandbox_id", settings.sandbox_id)
         if settings.sandbox_pidns:

@@ -1,0 +1,186 @@
+"""kata-agent-ctl command line, upstream-compatible."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import uuid
+from pathlib import Path
+
+from .. import __version__
+from .. import log as logsetup
+from ..transport import (
+    Address,
+    AddressError,
+    HybridVsockAddress,
+    TransportError,
+    UnixAddress,
+    parse_address,
+)
+from ..ttrpc import Client
+from .autovalues import AutoValues
+from .examples import EXAMPLES
+from .repl import interact
+from .session import Quit, Session
+
+LEVELS = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": logsetup.TRACE,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="kata-agent-ctl",
+        description="Call any Kata agent API, with any parameters, scripted or interactive.",
+        epilog="Run 'kata-agent-ctl examples' for working examples.",
+    )
+    top.add_argument(
+        "-l",
+        "--log-level",
+        choices=list(LEVELS),
+        default="warn",
+        help="log level for the tool's own messages (stderr)",
+    )
+    top.add_argument("--version", action="version", version=f"kata-agent-ctl {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    connect = sub.add_parser(
+        "connect",
+        help="connect to an agent and run commands",
+        description="Connect to an agent and run commands in order.",
+    )
+    connect.add_argument(
+        "--server-address",
+        required=True,
+        metavar="ADDRESS",
+        help="vsock://CID:PORT, unix:///PATH, unix://@NAME, hvsock:///PATH:PORT",
+    )
+    connect.add_argument(
+        "--hybrid-vsock",
+        action="store_true",
+        help="the unix:// address is a VMM's hybrid vsock socket",
+    )
+    connect.add_argument(
+        "--hybrid-vsock-port",
+        type=int,
+        default=1024,
+        metavar="PORT",
+        help="the agent's port behind the hybrid vsock socket (default 1024)",
+    )
+    connect.add_argument(
+        "--bundle-dir",
+        type=Path,
+        metavar="DIR",
+        help="OCI bundle (or rootfs) used for CreateContainer and run",
+    )
+    connect.add_argument(
+        "-c",
+        "--cmd",
+        action="append",
+        default=[],
+        metavar="COMMAND",
+        help="a command to run (repeatable, run in order)",
+    )
+    connect.add_argument(
+        "--ignore-errors", action="store_true", help="go on after a failed command, and exit 0"
+    )
+    connect.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="read commands from a prompt (after any -c commands)",
+    )
+    connect.add_argument(
+        "-n",
+        "--no-auto-values",
+        action="store_true",
+        help="send exactly what is given: no generated ids or fields",
+    )
+    connect.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="deadline for each call (and for connecting)",
+    )
+    connect.add_argument(
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="text (readable) or json (one object per line)",
+    )
+    connect.add_argument("--vm", action="store_true", help="boot a VM for the agent")
+    sub.add_parser("generate-cid", help="print a new container id")
+    sub.add_parser("generate-sid", help="print a new sandbox id")
+    sub.add_parser("examples", help="print examples")
+    return top
+
+
+def address_of(args: argparse.Namespace) -> Address:
+    address = parse_address(args.server_address)
+    if args.hybrid_vsock:
+        if not isinstance(address, UnixAddress):
+            raise AddressError(
+                f"--hybrid-vsock needs a unix:///PATH address, not {args.server_address!r}"
+            )
+        return HybridVsockAddress(address.path, args.hybrid_vsock_port)
+    return address
+
+
+async def _connect(args: argparse.Namespace) -> Client:
+    return await Client.connect(address_of(args), timeout=args.timeout or 10.0)
+
+
+def connect(args: argparse.Namespace) -> int:
+    if args.vm:
+        print(
+            "kata-agent-ctl: --vm (booting a VM) is not supported yet; start the agent "
+            "yourself and give its --server-address",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.cmd and not args.interactive:
+        print("kata-agent-ctl: nothing to do: give -c COMMAND or --interactive", file=sys.stderr)
+        return 2
+    loop = asyncio.new_event_loop()
+    try:
+        client = loop.run_until_complete(_connect(args))
+    except (AddressError, TransportError) as exc:
+        print(f"kata-agent-ctl: {exc}", file=sys.stderr)
+        return 1
+    auto = None if args.no_auto_values else AutoValues(bundle_dir=args.bundle_dir)
+    session = Session(client, auto, output=args.output, timeout=args.timeout)
+    try:
+        for command in args.cmd:
+            ok = loop.run_until_complete(session.execute(command))
+            if not ok and not args.ignore_errors:
+                return 1
+        if args.interactive:
+            interact(session, loop)
+    except Quit:
+        pass
+    finally:
+        loop.run_until_complete(client.close())
+        loop.close()
+    return 1 if session.failures and not args.ignore_errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logsetup.setup(LEVELS[args.log_level], name="kata-agent-ctl", source="ctl")
+    if args.command == "generate-cid" or args.command == "generate-sid":
+        print(uuid.uuid4().hex)
+        return 0
+    if args.command == "examples":
+        print(EXAMPLES, end="")
+        return 0
+    return connect(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

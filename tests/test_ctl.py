@@ -1,0 +1,249 @@
+"""kata-agent-ctl as a user runs it: a subprocess against a real agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import AgentProcess, run_container_agent
+from .peers import FakeVmm
+
+CTL = [sys.executable, "-m", "pykata.ctl.cli"]
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    with run_container_agent(tmp_path) as running:
+        yield running
+
+
+def ctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CTL, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def connect(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return ctl("connect", "--server-address", agent.address, *args)
+
+
+def test_check_and_version(agent: AgentProcess) -> None:
+    result = connect(agent, "-c", "Check", "-c", "Version")
+    assert result.returncode == 0, result.stderr
+    assert '"status": "SERVING"' in result.stdout and '"agent_version": "0.1.0"' in result.stdout
+
+
+def test_json_output_one_object_per_line(agent: AgentProcess) -> None:
+    result = connect(
+        agent,
+        "--output",
+        "json",
+        "--ignore-errors",
+        "-c",
+        "Check",
+        "-c",
+        "StartContainer container_id=nope",
+    )
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines == [
+        {"command": "Check", "status": "OK", "response": {"status": "SERVING"}},
+        {"command": "StartContainer", "status": "NOT_FOUND", "message": "no container 'nope'"},
+    ]
+    assert result.returncode == 0  # --ignore-errors
+
+
+def test_full_container_lifecycle_with_auto_values(agent: AgentProcess, rootfs: Path) -> None:
+    result = connect(
+        agent,
+        "--bundle-dir",
+        str(rootfs),
+        "-c",
+        "CreateSandbox hostname=ctl-box",
+        "-c",
+        "CreateContainer OCI.Process.Args=/bin/sh OCI.Process.Args=-c "
+        "'OCI.Process.Args=hostname; exit 5'",
+        "-c",
+        "StartContainer",
+        "-c",
+        "ReadStdout",
+        "-c",
+        "WaitProcess",
+        "-c",
+        "ExecProcess process.Args=/bin/echo process.Args=exec-out",
+        "-c",
+        "RemoveContainer",
+        "-c",
+        "DestroySandbox",
+    )
+    # the exec goes to a stopped container: a clear failure, and the run stops there
+    assert result.returncode == 1
+    assert "ctl-box" in result.stdout
+    assert '"status": 5' in result.stdout
+    assert "ExecProcess: FAILED_PRECONDITION" in result.stdout
+    assert "RemoveContainer" not in result.stdout
+
+
+def test_run_streams_output_and_exit_code(agent: AgentProcess, rootfs: Path) -> None:
+    result = connect(
+        agent,
+        "--bundle-dir",
+        str(rootfs),
+        "-c",
+        "run /bin/sh -c 'echo to-out; echo to-err >&2; exit 3'",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "to-out\nexit code 3\n"
+    assert "to-err" in result.stderr
+    # several runs one after another: nothing to clean up in between
+    for _ in range(2):
+        again = connect(
+            agent, "--bundle-dir", str(rootfs), "-c", "CreateSandbox", "-c", "run /bin/true"
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_json_and_file_forms(agent: AgentProcess, rootfs: Path, tmp_path: Path) -> None:
+    request = tmp_path / "create.json"
+    request.write_text(
+        json.dumps(
+            {
+                "container_id": "fromfile",
+                "OCI": {
+                    "Root": {"Path": str(rootfs)},
+                    "Process": {"Args": ["/bin/sleep", "30"], "Cwd": "/"},
+                    "Mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+                },
+            }
+        )
+    )
+    result = connect(
+        agent,
+        "--no-auto-values",
+        "-c",
+        f"CreateContainer file://{request}",
+        "-c",
+        'StartContainer json://{"container_id": "fromfile"}',
+        "-c",
+        'StatsContainer json://{"container_id": "fromfile"}',
+        "-c",
+        "RemoveContainer container_id=fromfile",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"cgroup_stats"' in result.stdout
+
+
+def test_bad_field_names_the_field_and_the_valid_ones(agent: AgentProcess) -> None:
+    result = connect(agent, "-c", "StartContainer containerid=x", "-c", "Check")
+    assert result.returncode == 1
+    assert "StartContainerRequest has no field 'containerid'" in result.stdout
+    assert "its fields: container_id" in result.stdout
+    assert "Check" not in result.stdout.split("\n", 1)[1]  # stopped at the failure
+
+
+def test_unknown_command_suggests(agent: AgentProcess) -> None:
+    result = connect(agent, "-c", "Chek")
+    assert result.returncode == 1 and "did you mean Check" in result.stdout
+
+
+def test_unreachable_address_is_one_line_and_non_zero(tmp_path: Path) -> None:
+    result = ctl("connect", "--server-address", f"unix://{tmp_path}/none.sock", "-c", "Check")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"kata-agent-ctl: cannot connect to unix://{tmp_path}/none.sock: No such file or directory"
+    ]
+    bad = ctl("connect", "--server-address", "tcp://1.2.3.4:1", "-c", "Check")
+    assert bad.returncode == 1 and "accepted forms" in bad.stderr
+
+
+async def test_hybrid_vsock_through_a_fake_vmm(agent: AgentProcess, tmp_path: Path) -> None:
+    """A VMM socket cannot exist here: the fake one in tests/peers.py stands in for it."""
+    assert agent.socket_path
+    async with FakeVmm(tmp_path / "vmm.sock", {1024: agent.socket_path}) as vmm:
+        result = await asyncio.to_thread(
+            ctl,
+            "connect",
+            "--server-address",
+            f"unix://{tmp_path}/vmm.sock",
+            "--hybrid-vsock",
+            "--hybrid-vsock-port",
+            "1024",
+            "-c",
+            "Check",
+        )
+    assert result.returncode == 0, result.stderr
+    assert '"SERVING"' in result.stdout and vmm.connects == ["CONNECT 1024\n"]
+
+
+def test_other_subcommands() -> None:
+    assert re.fullmatch(r"[0-9a-f]{32}\n", ctl("generate-cid").stdout)
+    assert re.fullmatch(r"[0-9a-f]{32}\n", ctl("generate-sid").stdout)
+    examples = ctl("examples").stdout
+    assert "--hybrid-vsock" in examples and "vsock://" in examples and "unix://@" in examples
+    vm = ctl("connect", "--server-address", "unix:///x", "--vm", "-c", "Check")
+    assert vm.returncode == 2 and "not supported yet" in vm.stderr
+
+
+class Terminal:
+    """The tool on a pseudo-terminal, as a person would type at it."""
+
+    def __init__(self, args: list[str], home: Path) -> None:
+        self.master, slave = pty.openpty()
+        env = {**os.environ, "KATA_AGENT_CTL_HISTORY": str(home / "history"), "TERM": "dumb"}
+        self.proc = subprocess.Popen(
+            args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True
+        )
+        os.close(slave)
+        self.seen = b""
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def expect(self, pattern: str, timeout: float = 15) -> str:
+        """Everything up to and including the first match; the rest stays for later."""
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern.encode(), self.seen)):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {pattern!r} in {self.seen[-500:]!r}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    self.seen += os.read(self.master, 4096)
+                except OSError:  # the tool has exited
+                    break
+        assert match, f"no {pattern!r} before the tool exited: {self.seen[-500:]!r}"
+        found, self.seen = self.seen[: match.end()], self.seen[match.end() :]
+        return found.decode(errors="replace")
+
+    def close(self) -> int:
+        code = self.proc.wait(15)
+        os.close(self.master)
+        return code
+
+
+def test_interactive_mode_with_completion_and_help(agent: AgentProcess, tmp_path: Path) -> None:
+    term = Terminal([*CTL, "connect", "--server-address", agent.address, "--interactive"], tmp_path)
+    term.expect("kata-agent-ctl> ")
+    term.type("Check\n")
+    term.expect("SERVING")
+    term.type("Vers\t")  # completes the command name
+    term.expect("Version")
+    term.type("\n")
+    term.expect('"agent_version"')
+    term.type("StartContainer contai\t")  # completes the field name
+    term.expect("container_id=")
+    term.type("nope\n")
+    term.expect("NOT_FOUND")
+    term.expect("kata-agent-ctl> ")
+    term.type("help CreateSandbox\n")
+    assert "hostname: string" in term.expect("kata-agent-ctl> ")
+    term.type("quit\n")
+    assert term.close() == 1  # one command failed
+    assert "StartContainer container_id=nope" in (tmp_path / "history").read_text()
