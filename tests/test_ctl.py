@@ -247,3 +247,19 @@ def test_interactive_mode_with_completion_and_help(agent: AgentProcess, tmp_path
     term.type("quit\n")
     assert term.close() == 1  # one command failed
     assert "StartContainer container_id=nope" in (tmp_path / "history").read_text()
+
+
+def test_bundle_with_config_json_gets_an_absolute_rootfs(
+    agent: AgentProcess, rootfs: Path, tmp_path: Path
+) -> None:
+    from .containers import template
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "rootfs").symlink_to(rootfs)
+    config = template()  # root.path is the relative "rootfs", as `runc spec` writes it
+    assert config["root"]["path"] == "rootfs"
+    (bundle / "config.json").write_text(json.dumps(config))
+    result = connect(agent, "--bundle-dir", str(bundle), "-c", "run /bin/echo from-bundle")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "from-bundle\nexit code 0\n"

@@ -55,7 +55,7 @@ async def _spawn(
     name = exec_id or "init"
     pid_file = workdir / f"{name}.pid"
     if terminal:
-        console = ConsoleSocket(workdir / f"{name}.console")
+        console = ConsoleSocket()
         try:
             master_task = asyncio.ensure_future(console.receive_master())
             try:

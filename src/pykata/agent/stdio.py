@@ -15,6 +15,7 @@ import fcntl
 import os
 import socket
 import struct
+import tempfile
 import termios
 from pathlib import Path
 
@@ -144,10 +145,12 @@ class PipeStdio:
 class ConsoleSocket:
     """Where the runtime sends the pty master (SCM_RIGHTS) for a terminal process."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self) -> None:
+        # A fresh short directory: bundle paths can exceed AF_UNIX's 108 bytes.
+        self._dir = Path(tempfile.mkdtemp(prefix="kata-console-"))
+        self.path = self._dir / "sock"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(str(path))
+        self._sock.bind(str(self.path))
         self._sock.listen(1)
         self._sock.setblocking(False)
 
@@ -168,6 +171,8 @@ class ConsoleSocket:
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            self._dir.rmdir()
 
 
 class TerminalStdio:

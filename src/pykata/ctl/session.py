@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from ..api import agent_pb2
 from ..ttrpc import Client, Code, TtrpcError
 from .api import METHODS, CommandError, Method, build_request, describe
-from .autovalues import AutoValues
+from .autovalues import AutoValues, new_id
 from .spec import from_bundle
 
 log = logging.getLogger("pykata.ctl")
@@ -108,10 +108,14 @@ class Session:
         hint = f"; did you mean {' or '.join(close)}?" if close else "; 'list' shows them all"
         return f"unknown command {name!r}{hint}"
 
-    async def call(self, method: Method, args: list[str]) -> Outcome:
-        request = build_request(method, args)
-        if self.auto is not None:
-            self.auto.fill(method, request)
+    async def call(
+        self, method: Method, args: list[str], request: Message | None = None
+    ) -> Outcome:
+        """Call `method` with a request built from `args` (plus auto values), or `request` as is."""
+        if request is None:
+            request = build_request(method, args)
+            if self.auto is not None:
+                self.auto.fill(method, request)
         log.debug(
             "calling",
             extra={
@@ -216,13 +220,16 @@ class Session:
         spec = from_bundle(self.auto.bundle_dir)
         del spec.Process.Args[:]
         spec.Process.Args.extend(args)
-        spec.Process.Terminal = False
-        create = ["json://" + json_format.MessageToJson(agent_pb2.CreateContainerRequest(OCI=spec))]
-        steps = [("CreateContainer", create), ("StartContainer", [])]
-        for step, step_args in steps:
-            outcome = await self.call(METHODS[step], step_args)
-            if outcome.code != Code.OK:
-                return self._report(outcome)
+        spec.Process.Terminal = False  # output goes to stdout and stderr, separately
+        cid = new_id()
+        create = agent_pb2.CreateContainerRequest(container_id=cid, exec_id=cid, OCI=spec)
+        outcome = await self.call(METHODS["CreateContainer"], [], create)
+        if outcome.code != Code.OK:
+            return self._report(outcome)
+        self.auto.container_id, self.auto.exec_id = cid, ""
+        outcome = await self.call(METHODS["StartContainer"], [])
+        if outcome.code != Code.OK:
+            return self._report(outcome)
         cid = self.auto.container_id
         await asyncio.gather(
             self._stream(cid, "ReadStdout", sys.stdout), self._stream(cid, "ReadStderr", sys.stderr)
