@@ -1,8 +1,9 @@
 """Out-of-memory events of containers, as GetOOMEvent reports them.
 
 cgroup v1: an eventfd registered through cgroup.event_control for the
-container's memory.oom_control (the kernel signals it on every OOM, and
-once more when the cgroup goes away - told apart by the oom_kill counter).
+container's memory.oom_control. The kernel signals it when an OOM starts
+(before the oom_kill counter moves, so the counter cannot tell), and once
+more when the cgroup goes away - told apart by the cgroup being gone.
 cgroup v2: the oom_kill counter of memory.events, polled.
 """
 
@@ -66,7 +67,6 @@ class OomEvents:
         loop = asyncio.get_running_loop()
         try:
             (memory / "cgroup.event_control").write_text(f"{efd} {cfd}")
-            seen = _oom_kills(control)
             while True:
                 ready = loop.create_future()
                 loop.add_reader(efd, ready.set_result, None)
@@ -78,10 +78,7 @@ class OomEvents:
                     os.eventfd_read(efd)
                 if not memory.exists():
                     return
-                kills = _oom_kills(control)
-                if kills > seen:
-                    seen = kills
-                    self._events.put_nowait(container_id)
+                self._events.put_nowait(container_id)
         except OSError as exc:
             log.warning("OOM watch of container %s ended: %s", container_id, exc)
         finally:
