@@ -25,7 +25,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from tests.peers import REFERENCE_DESCRIPTORS, build_go_peer, wait_for_socket  # noqa: E402
+from tests.peers import (  # noqa: E402
+    REFERENCE_DESCRIPTORS,
+    build_go_peer,
+    go_client,
+    wait_for_socket,
+)
 
 import containers as containers_bench  # noqa: E402
 
@@ -82,28 +87,9 @@ def go_server(peer: Path, socket_path: str) -> Iterator[None]:
         proc.wait(10)
 
 
-def go_client_rate(peer: Path, socket_path: str, calls: int, concurrency: int) -> float:
-    out = subprocess.run(
-        [
-            str(peer),
-            "-desc",
-            str(REFERENCE_DESCRIPTORS),
-            "client",
-            "-socket",
-            socket_path,
-            "-op",
-            "bench",
-            "-n",
-            str(calls),
-            "-c",
-            str(concurrency),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout
-    return float(json.loads(out.splitlines()[-1])["rate"])
+def go_client_rate(socket_path: str, calls: int, concurrency: int) -> float:
+    [result] = go_client(socket_path, "bench", "-n", str(calls), "-c", str(concurrency))
+    return float(result["rate"])
 
 
 def py_client_rate(socket_path: str, calls: int, concurrency: int) -> float:
@@ -193,15 +179,15 @@ def measure(rounds: int) -> dict[str, object]:
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", file=sys.stderr)
             with go_server(peer, f"{tmp}/go.sock"):
-                add("go->go seq", go_client_rate(peer, f"{tmp}/go.sock", SEQUENTIAL_CALLS, 1))
+                add("go->go seq", go_client_rate(f"{tmp}/go.sock", SEQUENTIAL_CALLS, 1))
                 add(
                     "go->go c16",
-                    go_client_rate(peer, f"{tmp}/go.sock", CONCURRENT_CALLS, CONCURRENCY),
+                    go_client_rate(f"{tmp}/go.sock", CONCURRENT_CALLS, CONCURRENCY),
                 )
             with agent_process(f"{tmp}/agent.sock"):
                 sock = f"{tmp}/agent.sock"
-                add("go->py seq", go_client_rate(peer, sock, SEQUENTIAL_CALLS, 1))
-                add("go->py c16", go_client_rate(peer, sock, CONCURRENT_CALLS, CONCURRENCY))
+                add("go->py seq", go_client_rate(sock, SEQUENTIAL_CALLS, 1))
+                add("go->py c16", go_client_rate(sock, CONCURRENT_CALLS, CONCURRENCY))
                 add("py->py seq", py_client_rate(sock, SEQUENTIAL_CALLS, 1))
                 add("py->py c16", py_client_rate(sock, CONCURRENT_CALLS, CONCURRENCY))
         startups = [startup_ms(tmp) for _ in range(10)]

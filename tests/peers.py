@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -93,3 +95,25 @@ class FakeVmm:
             dst.write(data)
             await dst.drain()
         dst.close()
+
+
+def go_client(socket_path: str, op: str, *args: str, timeout: float = 300) -> list[dict[str, Any]]:
+    """Run the Go peer's client once; its JSON result lines."""
+    result = subprocess.run(
+        [
+            str(build_go_peer()),
+            "-desc",
+            str(REFERENCE_DESCRIPTORS),
+            "client",
+            "-socket",
+            socket_path,
+            "-op",
+            op,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import signal
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from pykata.ttrpc import Client, Code, Stub, TtrpcError
 
 from .conftest import AgentProcess, run_container_agent
 from .containers import process, spec
-from .peers import REFERENCE_DESCRIPTORS
+from .peers import go_client
 
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 
@@ -406,29 +404,11 @@ async def test_sigterm_kills_and_removes_every_container(
         assert leftovers(f"agent-{agent.proc.pid}", tmp_path / "run") == []
 
 
-def go_call(peer: Path, socket_path: str, method: str, request: Any) -> dict[str, Any]:
+def go_call(socket_path: str, method: str, request: Any) -> dict[str, Any]:
     """One AgentService call made by containerd's Go ttRPC client, JSON both ways."""
-    result = subprocess.run(
-        [
-            str(peer),
-            "-desc",
-            str(REFERENCE_DESCRIPTORS),
-            "client",
-            "-socket",
-            socket_path,
-            "-op",
-            "call",
-            "-method",
-            method,
-            "-request",
-            json_format.MessageToJson(request),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    [reply] = go_client(
+        socket_path, "call", "-method", method, "-request", json_format.MessageToJson(request)
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    reply: dict[str, Any] = json.loads(result.stdout)
     return reply
 
 
@@ -439,7 +419,7 @@ def test_go_client_drives_a_container_end_to_end(
     assert sock
 
     def ok(method: str, request: Any) -> dict[str, Any]:
-        reply = go_call(go_peer, sock, method, request)
+        reply = go_call(sock, method, request)
         assert reply["status"]["code"] == 0, reply
         return dict(reply["response"])
 
@@ -458,7 +438,7 @@ def test_go_client_drives_a_container_end_to_end(
     output = b""
     while True:
         reply = go_call(
-            go_peer, sock, "ReadStdout", agent_pb2.ReadStreamRequest(container_id="g1", len=4096)
+            sock, "ReadStdout", agent_pb2.ReadStreamRequest(container_id="g1", len=4096)
         )
         if reply["status"]["code"] != 0:
             assert reply["status"]["code"] == Code.OUT_OF_RANGE
@@ -468,9 +448,7 @@ def test_go_client_drives_a_container_end_to_end(
     assert ok("WaitProcess", agent_pb2.WaitProcessRequest(container_id="g1"))["status"] == 3
     ok("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="g1"))
     ok("DestroySandbox", agent_pb2.DestroySandboxRequest())
-    missing = go_call(
-        go_peer, sock, "StartContainer", agent_pb2.StartContainerRequest(container_id="g1")
-    )
+    missing = go_call(sock, "StartContainer", agent_pb2.StartContainerRequest(container_id="g1"))
     assert missing["status"] == {"code": Code.NOT_FOUND, "message": "no container 'g1'"}
 
 

@@ -7,7 +7,6 @@ descriptor set, so neither side shares code with the other.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,44 +17,22 @@ from pykata.api import health_pb2
 from pykata.ttrpc import Client, Code, TtrpcError
 
 from .conftest import AgentProcess, call_with_server_deadline
-from .peers import REFERENCE_DESCRIPTORS, wait_for_socket
-
-
-def go_client(peer: Path, socket_path: str, op: str, *args: str) -> list[dict[str, object]]:
-    result = subprocess.run(
-        [
-            str(peer),
-            "-desc",
-            str(REFERENCE_DESCRIPTORS),
-            "client",
-            "-socket",
-            socket_path,
-            "-op",
-            op,
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
+from .peers import REFERENCE_DESCRIPTORS, go_client, wait_for_socket
 
 # --- Go client -> our agent -----------------------------------------------------
 
 
 def test_go_client_check_and_version(go_peer: Path, agent: AgentProcess) -> None:
     assert agent.socket_path
-    [check] = go_client(go_peer, agent.socket_path, "check")
+    [check] = go_client(agent.socket_path, "check")
     assert check["status"] == {"code": 0, "message": ""} and check["serving"] == 1
-    [version] = go_client(go_peer, agent.socket_path, "version")
+    [version] = go_client(agent.socket_path, "version")
     assert version["agent_version"] == "0.1.0" and version["grpc_version"] == "0.0.1"
 
 
 def test_go_client_unknown_method_and_service(go_peer: Path, agent: AgentProcess) -> None:
     assert agent.socket_path
-    method, service = go_client(go_peer, agent.socket_path, "unknown")
+    method, service = go_client(agent.socket_path, "unknown")
     assert method["status"] == {
         "code": Code.UNIMPLEMENTED,
         "message": "method grpc.AgentService/NoSuchMethod is not implemented",
@@ -68,19 +45,19 @@ def test_go_client_oversize_message_then_same_connection_works(
 ) -> None:
     assert agent.socket_path
     # The Go 1.1 client sends a 5 MiB request as is; we refuse it and keep the connection.
-    sent, after = go_client(go_peer, agent.socket_path, "send-oversize")
+    sent, after = go_client(agent.socket_path, "send-oversize")
     assert sent["status"]["code"] == Code.RESOURCE_EXHAUSTED  # type: ignore[index]
     assert "exceeds maximum message size of 4194304" in sent["status"]["message"]  # type: ignore[index]
     assert after["status"] == {"code": 0, "message": ""}
     # Raw frames: oversize header on stream 1, then a Check on stream 3, one connection.
-    [raw] = go_client(go_peer, agent.socket_path, "oversize")
+    [raw] = go_client(agent.socket_path, "oversize")
     assert raw["first"]["code"] == Code.RESOURCE_EXHAUSTED and raw["first"]["stream"] == 1  # type: ignore[index]
     assert raw["second"]["code"] == 0 and raw["second"]["stream"] == 3  # type: ignore[index]
 
 
 def test_go_client_concurrent_calls(go_peer: Path, agent: AgentProcess) -> None:
     assert agent.socket_path
-    [result] = go_client(go_peer, agent.socket_path, "concurrent", "-n", "500")
+    [result] = go_client(agent.socket_path, "concurrent", "-n", "500")
     assert result == {"op": "concurrent", "calls": 500, "ok": 500}
 
 

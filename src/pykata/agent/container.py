@@ -30,54 +30,46 @@ class State(enum.Enum):
 
 
 async def spawn(
-    container_id: str,
-    exec_id: str,
-    workdir: Path,
-    terminal: bool,
-    pipe_size: int,
-    launch: Any,
+    container_id: str, exec_id: str, workdir: Path, terminal: bool, pipe_size: int, launch: Any
 ) -> Process:
     """Prepare streams, let `launch(stdio, console_socket, pid_file)` run the runtime,
     then adopt the process it left behind (reparented to us, the subreaper)."""
+    pid_file = workdir / f"{exec_id or 'init'}.pid"
     # Until the new process is watched, a sweep could reap it as an orphan.
     with orphans.runtime_running():
-        return await _spawn(container_id, exec_id, workdir, terminal, pipe_size, launch)
+        stdio = await (
+            _with_terminal(launch, pid_file)
+            if terminal
+            else _with_pipes(launch, pid_file, pipe_size)
+        )
+        return Process(container_id, exec_id, stdio, WatchedProcess(int(pid_file.read_text())))
 
 
-async def _spawn(
-    container_id: str,
-    exec_id: str,
-    workdir: Path,
-    terminal: bool,
-    pipe_size: int,
-    launch: Any,
-) -> Process:
-    name = exec_id or "init"
-    pid_file = workdir / f"{name}.pid"
-    if terminal:
-        console = ConsoleSocket()
+async def _with_terminal(launch: Any, pid_file: Path) -> TerminalStdio:
+    console = ConsoleSocket()
+    try:
+        master = asyncio.ensure_future(console.receive_master())
         try:
-            master_task = asyncio.ensure_future(console.receive_master())
-            try:
-                # Never pipes here: the container would inherit them and keep them open.
-                devnull = asyncio.subprocess.DEVNULL
-                await launch((devnull, devnull, devnull), console.path, pid_file)
-            except BaseException:
-                master_task.cancel()
-                raise
-            stdio: PipeStdio | TerminalStdio = TerminalStdio(await master_task)
-        finally:
-            console.close()
-    else:
-        stdio = PipeStdio(pipe_size)
-        try:
-            await launch(stdio.child_fds, None, pid_file)
+            # Never pipes here: the container would inherit them and keep them open.
+            devnull = asyncio.subprocess.DEVNULL
+            await launch((devnull, devnull, devnull), console.path, pid_file)
         except BaseException:
-            stdio.close()
+            master.cancel()
             raise
-        stdio.close_child_ends()
-    pid = int(pid_file.read_text())
-    return Process(container_id, exec_id, stdio, WatchedProcess(pid))
+        return TerminalStdio(await master)
+    finally:
+        console.close()
+
+
+async def _with_pipes(launch: Any, pid_file: Path, pipe_size: int) -> PipeStdio:
+    stdio = PipeStdio(pipe_size)
+    try:
+        await launch(stdio.child_fds, None, pid_file)
+    except BaseException:
+        stdio.close()
+        raise
+    stdio.close_child_ends()
+    return stdio
 
 
 class Container:

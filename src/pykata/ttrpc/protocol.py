@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
@@ -66,6 +67,7 @@ class ResponseReceived:
 
 ServerEvent = RequestReceived | DataReceived | StreamRejected
 ClientEvent = ResponseReceived | DataReceived
+E = TypeVar("E", ServerEvent, ClientEvent)
 
 
 def oversize_message(length: int) -> str:
@@ -79,18 +81,14 @@ def _data_frame(stream_id: int, data: bytes | None, end_stream: bool) -> bytes:
     return encode_frame(stream_id, MessageType.DATA, flags, data or b"")
 
 
-# --- server side ------------------------------------------------------------
+class _Receiving(Generic[E]):
+    """Frames in, events out; each side says what a frame means to it."""
 
-
-class ServerConnection:
     def __init__(self) -> None:
         self._decoder = FrameDecoder()
-        self._last_stream_id = 0
-        #: Streams on which the client may still send data frames.
-        self._receiving: set[int] = set()
 
-    def receive(self, data: bytes) -> list[ServerEvent]:
-        events: list[ServerEvent] = []
+    def receive(self, data: bytes) -> list[E]:
+        events: list[E] = []
         for frame in self._decoder.feed(data):
             event = self._handle(frame)
             if event is not None:
@@ -100,6 +98,20 @@ class ServerConnection:
     def end_of_input_is_clean(self) -> bool:
         """False when the input ended in the middle of a frame."""
         return self._decoder.at_frame_boundary()
+
+    def _handle(self, frame: Frame | OversizeFrame) -> E | None:
+        raise NotImplementedError
+
+
+# --- server side ------------------------------------------------------------
+
+
+class ServerConnection(_Receiving[ServerEvent]):
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_stream_id = 0
+        #: Streams on which the client may still send data frames.
+        self._receiving: set[int] = set()
 
     def _handle(self, frame: Frame | OversizeFrame) -> ServerEvent | None:
         sid = frame.stream_id
@@ -163,9 +175,9 @@ class ServerConnection:
 # --- client side ------------------------------------------------------------
 
 
-class ClientConnection:
+class ClientConnection(_Receiving[ClientEvent]):
     def __init__(self) -> None:
-        self._decoder = FrameDecoder()
+        super().__init__()
         self._next_stream_id = 1
 
     def request(
@@ -197,17 +209,6 @@ class ClientConnection:
 
     def data(self, stream_id: int, data: bytes | None, end_stream: bool = False) -> bytes:
         return _data_frame(stream_id, data, end_stream)
-
-    def receive(self, data: bytes) -> list[ClientEvent]:
-        events: list[ClientEvent] = []
-        for frame in self._decoder.feed(data):
-            event = self._handle(frame)
-            if event is not None:
-                events.append(event)
-        return events
-
-    def end_of_input_is_clean(self) -> bool:
-        return self._decoder.at_frame_boundary()
 
     def _handle(self, frame: Frame | OversizeFrame) -> ClientEvent | None:
         sid = frame.stream_id
