@@ -105,7 +105,7 @@ class Container:
         return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
 
     async def create(self) -> None:
-        (self.bundle / "config.json").write_text(json.dumps(self.config, indent=1))
+        (self.bundle / "config.json").write_text(json.dumps(self.config))
         terminal = bool(self.config.get("process", {}).get("terminal"))
 
         async def launch(stdio: Any, console: Path | None, pid_file: Path) -> None:
@@ -114,7 +114,7 @@ class Container:
             )
 
         self.init = await spawn(self.id, "", self.bundle, terminal, self.pipe_size, launch)
-        self.init._watched.exited.add_done_callback(lambda _f: self._init_exited())
+        self.init.when_exited(self._init_exited)
 
     def _init_exited(self) -> None:
         self.state = State.STOPPED

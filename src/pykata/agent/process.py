@@ -59,6 +59,9 @@ class Process:
         self._maybe_finished()
         return status
 
+    def when_exited(self, callback: Callable[[], None]) -> None:
+        self._watched.exited.add_done_callback(lambda _status: callback())
+
     def signal(self, signum: int) -> None:
         self._watched.send_signal(signum)
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -139,8 +140,11 @@ class OciRuntime:
                     stdout=stdout if stdout is not None else output,
                     stderr=stderr if stderr is not None else output,
                 )
+                started = time.monotonic()
                 await process_exit(proc.pid)
                 returncode = proc.wait()
+                log.debug("runtime", extra={"command": list(args), "status": returncode,
+                                            "ms": round((time.monotonic() - started) * 1e3, 2)})
             output.seek(0)
             text = output.read().decode(errors="replace")
             if returncode != 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import os
 import re
@@ -200,7 +199,8 @@ class Sandbox:
         return found
 
     def _config(self, container_id: str, spec: dict[str, Any]) -> dict[str, Any]:
-        config = copy.deepcopy(spec)
+        """The bundle's config.json from a request's spec (which it takes over and edits)."""
+        config = spec
         process = config.get("process") or {}
         if not process.get("args"):
             raise InvalidArgument("OCI.Process.Args is empty: a container needs a command to run")
