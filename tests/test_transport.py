@@ -187,7 +187,7 @@ try:
     print("answered" if s.recv(1024) else "closed")
 except PermissionError:
     print("denied")
-except ConnectionResetError:
+except (ConnectionResetError, BrokenPipeError):
     print("closed")
 """
 

@@ -217,7 +217,8 @@ class Listener:
         """Stop accepting; the socket file goes with it."""
         self._server.close()
         if self._path is not None:
-            with contextlib.suppress(FileNotFoundError):
+            # OSError too: after dropping privileges the directory may be out of reach.
+            with contextlib.suppress(OSError):
                 if os.stat(self._path).st_ino == self._inode:
                     os.unlink(self._path)
             self._path = None
@@ -261,6 +262,10 @@ async def _hybrid_handshake(sock: socket.socket, address: HybridVsockAddress) ->
         if not chunk or len(reply) >= _HANDSHAKE_LIMIT:
             break
         reply += chunk
+    _check_handshake(address, reply)
+
+
+def _check_handshake(address: HybridVsockAddress, reply: bytes | bytearray) -> None:
     line = reply.decode("ascii", "replace").strip()
     if not re.fullmatch(r"OK \d+", line):
         got = repr(line) if reply else "connection closed"
@@ -308,3 +313,29 @@ async def connect(
         sock.close()
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
         raise TransportError(f"cannot connect to {address}: {reason}") from exc
+
+
+def connect_blocking(address: str | Address, *, timeout: float | None = 10.0) -> socket.socket:
+    """A connected blocking socket, for callers outside the event loop (span export)."""
+    address = as_address(address)
+    sock, target = _connect_socket(address)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target)
+        if isinstance(address, HybridVsockAddress):
+            sock.sendall(f"CONNECT {address.port}\n".encode())
+            reply = bytearray()
+            while not reply.endswith(b"\n") and len(reply) < _HANDSHAKE_LIMIT:
+                chunk = sock.recv(1)
+                if not chunk:
+                    break
+                reply += chunk
+            _check_handshake(address, reply)
+    except TransportError:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise TransportError(f"cannot connect to {address}: {reason}") from exc
+    return sock

@@ -24,6 +24,7 @@ from .errors import AgentError
 from .runtime import OciRuntime
 from .sandbox import Sandbox
 from .service import services
+from .tracing import Tracing
 
 log = logging.getLogger("pykata.agent")
 
@@ -36,6 +37,7 @@ environment:
   KATA_AGENT_SERVER_ADDR   address to serve on (default vsock://-1:1024)
   KATA_AGENT_LOG_LEVEL     critical|error|warn|info|debug|trace
   KATA_AGENT_TRACING       true|false
+  KATA_AGENT_TRACE_ADDR    the trace forwarder (default vsock://2:10240)
   KATA_AGENT_RUN_DIR       bundles and runtime state (default /run/kata-containers)
   KATA_AGENT_OCI_RUNTIME   auto (crun where it works, else runc), crun, runc or a path
 
@@ -73,7 +75,8 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     sandbox = Sandbox(
         runtime, run_dir, pipe_size=config.container_pipe_size, owns_machine=os.getpid() == 1
     )
-    server = Server(services(sandbox))
+    tracing = Tracing(config.trace_addr) if config.tracing else None
+    server = Server(services(sandbox), call_hook=tracing.rpc_span if tracing else None)
     await server.start(config.server_addr)
     log.info(
         "agent serving",
@@ -93,6 +96,8 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     await sandbox.destroy()
     await server.shutdown(grace=5.0)
     sweeper.cancel()
+    if tracing is not None:
+        await asyncio.to_thread(tracing.stop)
     log.info("agent stopped")
 
 

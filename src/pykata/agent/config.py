@@ -34,6 +34,8 @@ SERVER_ADDR_ENV = "KATA_AGENT_SERVER_ADDR"
 LOG_LEVEL_ENV = "KATA_AGENT_LOG_LEVEL"
 TRACING_ENV = "KATA_AGENT_TRACING"
 RUN_DIR_ENV = "KATA_AGENT_RUN_DIR"
+TRACE_ADDR_ENV = "KATA_AGENT_TRACE_ADDR"
+DEFAULT_TRACE_ADDR = "vsock://2:10240"
 OCI_RUNTIME_ENV = "KATA_AGENT_OCI_RUNTIME"
 
 #: Accepted level names (logrus and slog spellings) -> Python logging level.
@@ -66,6 +68,8 @@ class AgentConfig:
     server_addr: str = DEFAULT_SERVER_ADDR
     unified_cgroup_hierarchy: bool = False
     tracing: bool = False
+    #: Where the trace forwarder listens (the host, as upstream, unless told otherwise).
+    trace_addr: str = DEFAULT_TRACE_ADDR
     #: Where bundles, runtime state and sandbox files live (pykata setting).
     run_dir: str = "/run/kata-containers"
     #: "auto" (crun where it works, else runc), or a runtime name or path (pykata setting).
@@ -188,6 +192,7 @@ _FILE_TYPES: dict[str, type[Any]] = {
     "unified_cgroup_hierarchy": bool,
     "tracing": bool,
     "run_dir": str,
+    "trace_addr": str,
     "oci_runtime": str,
 }
 
@@ -241,6 +246,8 @@ def apply_env(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
             config.ignored_options.append(f"{LOG_LEVEL_ENV}={level}")
     if TRACING_ENV in env:
         config.tracing = parse_bool(env[TRACING_ENV])
+    if TRACE_ADDR_ENV in env:
+        config.trace_addr = env[TRACE_ADDR_ENV]
     if RUN_DIR_ENV in env:
         config.run_dir = env[RUN_DIR_ENV]
     if OCI_RUNTIME_ENV in env:

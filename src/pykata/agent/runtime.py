@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from opentelemetry import trace
+
 from .errors import RuntimeFailure
 from .reaper import orphans, process_exit
 
 log = logging.getLogger("pykata.agent.runtime")
+tracer = trace.get_tracer("pykata.agent")
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
@@ -133,7 +136,10 @@ class OciRuntime:
                 *args,
             ]
             # Busy while the runtime runs: its helpers must not be taken for orphans.
-            with orphans.runtime_running():
+            span = tracer.start_as_current_span(
+                f"runtime {args[0]}", attributes={"runtime": self.name, "container_id": args[-1]}
+            )
+            with span, orphans.runtime_running():
                 proc = subprocess.Popen(
                     command,
                     stdin=stdin if stdin is not None else subprocess.DEVNULL,
@@ -143,8 +149,14 @@ class OciRuntime:
                 started = time.monotonic()
                 await process_exit(proc.pid)
                 returncode = proc.wait()
-                log.debug("runtime", extra={"command": list(args), "status": returncode,
-                                            "ms": round((time.monotonic() - started) * 1e3, 2)})
+                log.debug(
+                    "runtime",
+                    extra={
+                        "command": list(args),
+                        "status": returncode,
+                        "ms": round((time.monotonic() - started) * 1e3, 2),
+                    },
+                )
             output.seek(0)
             text = output.read().decode(errors="replace")
             if returncode != 0:

@@ -15,9 +15,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry import trace
+
 from .errors import FailedPrecondition, InvalidArgument, Unsupported
 
 log = logging.getLogger("pykata.agent.storage")
+tracer = trace.get_tracer("pykata.agent")
 
 DRIVERS = ("local", "bind", "ephemeral", "overlayfs")
 
@@ -89,6 +92,11 @@ class Storages:
                     _inside(self.root, value, f"overlay {key}")
 
     async def add(self, spec: StorageSpec) -> Path:
+        attributes = {"driver": spec.driver, "mount_point": spec.mount_point}
+        with tracer.start_as_current_span("storage mount", attributes=attributes):
+            return await self._add(spec)
+
+    async def _add(self, spec: StorageSpec) -> Path:
         self.check(spec)
         self.root.mkdir(parents=True, exist_ok=True)
         point = _inside(self.root, spec.mount_point, "storage mount_point")

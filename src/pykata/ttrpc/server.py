@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -54,6 +55,7 @@ class ServerContext:
 
 
 UnaryHandler = Callable[[Any, ServerContext], Awaitable[Message]]
+CallHook = Callable[[ServerContext, Message], AbstractContextManager[None]]
 
 
 class ServerStream:
@@ -255,7 +257,12 @@ class _Connection(asyncio.Protocol):
                 Code.INVALID_ARGUMENT,
                 f"cannot decode {method.request_type.DESCRIPTOR.full_name}: {exc}",
             ) from None
-        response = await method.handler(request, ctx)
+        hook = self.server.call_hook
+        if hook is None:
+            response = await method.handler(request, ctx)
+        else:
+            with hook(ctx, request):
+                response = await method.handler(request, ctx)
         return response.SerializeToString()
 
     async def _run(self, ctx: ServerContext, work: Coroutine[Any, Any, bytes | None]) -> None:
@@ -319,7 +326,11 @@ class Server:
     >>> await server.shutdown(grace=5)
     """
 
-    def __init__(self, services: Iterable[Service] = ()) -> None:
+    def __init__(
+        self, services: Iterable[Service] = (), *, call_hook: CallHook | None = None
+    ) -> None:
+        #: Wraps every unary handler call, e.g. in a tracing span: hook(ctx, request).
+        self.call_hook = call_hook
         self._services: dict[str, Service] = {}
         for service in services:
             self.add_service(service)

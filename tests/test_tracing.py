@@ -1,0 +1,306 @@
+"""Tracing end to end: agent -> kata-trace-forwarder -> a real OTLP receiver (or a file)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from pykata.api import agent_pb2, health_pb2
+from pykata.otlp import HEADER, RecordDecoder, RecordError, encode_record
+from pykata.ttrpc import Client, Stub
+
+from .conftest import run_container_agent
+from .containers import spec
+from .peers import wait_for_socket
+from .receivers import GrpcReceiver, HttpReceiver
+
+FORWARDER = [sys.executable, "-m", "pykata.forwarder.cli"]
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_SPAN = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
+
+
+@given(st.lists(st.binary(max_size=300), max_size=10), st.integers(1, 30))
+def test_records_survive_any_split(payloads: list[bytes], step: int) -> None:
+    wire = b"".join(encode_record(p) for p in payloads)
+    decoder = RecordDecoder()
+    got: list[bytes] = []
+    for offset in range(0, len(wire), step):
+        got += decoder.feed(wire[offset : offset + step])
+    assert got == payloads and decoder.at_record_boundary()
+
+
+def test_hostile_record_length_is_refused() -> None:
+    with pytest.raises(RecordError, match="not a span stream"):
+        RecordDecoder().feed(HEADER.pack(1 << 60))
+
+
+@contextlib.contextmanager
+def forwarder(listen: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [*FORWARDER, "--listen", listen, "-l", "debug", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_socket(listen.removeprefix("unix://"), proc=proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+
+
+def some_spans(count: int = 3) -> bytes:
+    """A record as the agent writes it, made with the OpenTelemetry SDK."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("test")
+    for n in range(count):
+        with tracer.start_as_current_span(f"span-{n}"):
+            pass
+    return encode_record(encode_spans(memory.get_finished_spans()).SerializeToString())
+
+
+def send(path: str, data: bytes) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        sock.sendall(data)
+
+
+@pytest.mark.parametrize("receiver_type", [GrpcReceiver, HttpReceiver])
+def test_forwarder_delivers_to_a_collector(tmp_path: Path, receiver_type: Any) -> None:
+    with (
+        receiver_type() as receiver,
+        forwarder(
+            f"unix://{tmp_path}/f.sock",
+            "--otlp-endpoint",
+            receiver.endpoint,
+            "--otlp-protocol",
+            "grpc" if receiver_type is GrpcReceiver else "http",
+        ),
+    ):
+        send(f"{tmp_path}/f.sock", some_spans(3))
+        spans = receiver.received.wait_for(3)
+    assert [s.name for s in spans] == ["span-0", "span-1", "span-2"]
+    resource = receiver.received.requests[0].resource_spans[0].resource
+    assert {a.key: a.value.string_value for a in resource.attributes}[
+        "service.name"
+    ] == "kata-agent"
+
+
+def test_collector_down_at_start_still_gets_the_spans(tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with forwarder(
+        f"unix://{tmp_path}/f.sock", "--otlp-endpoint", f"http://127.0.0.1:{port}"
+    ) as proc:
+        send(f"{tmp_path}/f.sock", some_spans(2))
+        time.sleep(1.0)  # a few failed attempts
+        with GrpcReceiver(port) as receiver:
+            spans = receiver.received.wait_for(2)
+    assert len(spans) == 2
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert "retrying" in log and "UNAVAILABLE" in log
+
+
+def test_garbage_drops_only_that_connection(tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    with forwarder(f"unix://{tmp_path}/f.sock", "--output", str(out)) as proc:
+        with socket.socket(socket.AF_UNIX) as good, socket.socket(socket.AF_UNIX) as bad:
+            good.connect(f"{tmp_path}/f.sock")
+            bad.connect(f"{tmp_path}/f.sock")
+            bad.sendall(HEADER.pack(5) + b"\xff\xff\xff\xff\xff")  # not OTLP
+            bad.settimeout(5)
+            assert bad.recv(1) == b""  # the forwarder hung up on it
+            good.sendall(some_spans(2))
+        deadline = time.monotonic() + 10
+        while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and "span-1" in lines[0]
+    assert proc.stderr is not None and "dropping a connection" in proc.stderr.read()
+
+
+def test_dump_only_prints_spans(tmp_path: Path) -> None:
+    with forwarder(f"unix://{tmp_path}/f.sock", "--dump-only") as proc:
+        send(f"{tmp_path}/f.sock", some_spans(1))
+        time.sleep(0.5)
+    assert proc.stdout is not None and "span 'span-0'" in proc.stdout.read()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_forwarder_started_as_root_runs_as_nobody(tmp_path: Path) -> None:
+    with forwarder(f"unix://{tmp_path}/f.sock", "--dump-only") as proc:
+        time.sleep(0.3)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    import pwd
+
+    assert uid_line.split()[1:] == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+
+
+def read_file_spans(path: Path) -> list[dict[str, Any]]:
+    from google.protobuf import json_format
+
+    spans = []
+    for line in path.read_text().splitlines():
+        request = ExportTraceServiceRequest()
+        json_format.Parse(line, request)
+        for rs in request.resource_spans:
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    spans.append(
+                        {
+                            "name": s.name,
+                            "trace": s.trace_id.hex(),
+                            "id": s.span_id.hex(),
+                            "parent": s.parent_span_id.hex(),
+                            "attrs": {a.key: a.value.string_value for a in s.attributes},
+                        }
+                    )
+    return spans
+
+
+async def test_agent_spans_end_to_end(tmp_path: Path, rootfs: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    with forwarder(f"unix://{tmp_path}/fwd.sock", "--output", str(out)):
+        env = {"KATA_AGENT_TRACING": "true", "KATA_AGENT_TRACE_ADDR": f"unix://{tmp_path}/fwd.sock"}
+        with run_container_agent(tmp_path, env=env) as agent:
+            async with await Client.connect(agent.address) as client:
+                api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+                meta = {"traceparent": TRACEPARENT}
+                await client.call(
+                    "grpc.Health",
+                    "Check",
+                    health_pb2.CheckRequest(),
+                    health_pb2.HealthCheckResponse,
+                    metadata=meta,
+                )
+                await api.CreateSandbox(
+                    agent_pb2.CreateSandboxRequest(
+                        sandbox_id="traced",
+                        storages=[
+                            agent_pb2.Storage(
+                                driver="ephemeral",
+                                source="tmpfs",
+                                mount_point=f"{tmp_path}/run/sandbox/scratch",
+                            )
+                        ],
+                    ),
+                    metadata=meta,
+                )
+                await api.CreateContainer(
+                    agent_pb2.CreateContainerRequest(
+                        container_id="t1", OCI=spec(rootfs, "/bin/true")
+                    ),
+                    metadata=meta,
+                )
+                await api.StartContainer(
+                    agent_pb2.StartContainerRequest(container_id="t1"), metadata=meta
+                )
+                await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="t1"))
+                await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="t1"))
+            assert agent.stop() == 0
+    spans = read_file_spans(out)
+    by_name = {s["name"]: s for s in spans}
+    for rpc in ("Check", "CreateSandbox", "CreateContainer", "StartContainer"):
+        assert by_name[rpc]["trace"] == TRACE_ID and by_name[rpc]["parent"] == PARENT_SPAN, rpc
+    assert by_name["CreateContainer"]["attrs"]["container_id"] == "t1"
+    assert by_name["CreateSandbox"]["attrs"]["sandbox_id"] == "traced"
+    create = by_name["runtime create"]
+    assert create["parent"] == by_name["CreateContainer"]["id"]
+    assert by_name["runtime start"]["parent"] == by_name["StartContainer"]["id"]
+    assert by_name["storage mount"]["parent"] == by_name["CreateSandbox"]["id"]
+    # no traceparent: a child of the agent's root span, which arrives at shutdown
+    root = by_name["kata-agent"]
+    assert root["parent"] == ""
+    assert by_name["WaitProcess"]["parent"] == root["id"]
+
+
+async def test_agent_keeps_spans_while_the_forwarder_is_away(tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    address = f"unix://{tmp_path}/fwd.sock"
+    env = {"KATA_AGENT_TRACING": "true", "KATA_AGENT_TRACE_ADDR": address}
+    with run_container_agent(tmp_path, env=env) as agent:
+        async with await Client.connect(agent.address) as client:
+            for _ in range(5):  # no forwarder yet
+                await client.call(
+                    "grpc.Health",
+                    "Check",
+                    health_pb2.CheckRequest(),
+                    health_pb2.HealthCheckResponse,
+                )
+            with forwarder(address, "--output", str(out)):
+                for _ in range(5):
+                    await client.call(
+                        "grpc.Health",
+                        "Version",
+                        health_pb2.CheckRequest(),
+                        health_pb2.VersionCheckResponse,
+                    )
+                time.sleep(1.0)
+            # the forwarder restarts; spans made meanwhile wait in the agent
+            for _ in range(3):
+                await client.call(
+                    "grpc.Health",
+                    "Check",
+                    health_pb2.CheckRequest(),
+                    health_pb2.HealthCheckResponse,
+                )
+            with forwarder(address, "--output", str(out)):
+                assert agent.stop() == 0
+    names = [s["name"] for s in read_file_spans(out)]
+    assert names.count("Check") == 8 and names.count("Version") == 5
+    assert "kata-agent" in names
+    logs = agent.log_lines()
+    absent = sum("trace forwarder unreachable" in str(line["msg"]) for line in logs)
+    assert 1 <= absent <= 2  # once while it is away (not once per batch)
+
+
+def test_trace_view_waterfall_and_chrome(tmp_path: Path) -> None:
+    out = tmp_path / "spans.jsonl"
+    with forwarder(f"unix://{tmp_path}/f.sock", "--output", str(out)):
+        send(f"{tmp_path}/f.sock", some_spans(3))
+        time.sleep(0.5)
+    view = subprocess.run(
+        [sys.executable, "-m", "pykata.traceview", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert view.returncode == 0 and "span-2" in view.stdout and "█" in view.stdout
+    chrome = subprocess.run(
+        [sys.executable, "-m", "pykata.traceview", str(out), "--chrome", str(tmp_path / "c.json")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert chrome.returncode == 0
+    events = json.loads((tmp_path / "c.json").read_text())["traceEvents"]
+    assert [e["name"] for e in events] == ["span-0", "span-1", "span-2"]
+    assert all(e["ph"] == "X" and e["dur"] >= 0 for e in events)
