@@ -304,3 +304,35 @@ def test_trace_view_waterfall_and_chrome(tmp_path: Path) -> None:
     events = json.loads((tmp_path / "c.json").read_text())["traceEvents"]
     assert [e["name"] for e in events] == ["span-0", "span-1", "span-2"]
     assert all(e["ph"] == "X" and e["dur"] >= 0 for e in events)
+
+
+def test_hybrid_vsock_socket_path_and_trace_name(tmp_path: Path) -> None:
+    """--socket-path: the forwarder listens where the VMM delivers guest port 10240."""
+    out = tmp_path / "spans.jsonl"
+    proc = subprocess.Popen(
+        [
+            *FORWARDER,
+            "--socket-path",
+            f"{tmp_path}/clh.sock",
+            "--trace-name",
+            "my-agent",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_socket(f"{tmp_path}/clh.sock_10240", proc=proc)
+        for _ in range(3):  # several agents (VMs) at once
+            send(f"{tmp_path}/clh.sock_10240", some_spans(1))
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    requests = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(requests) == 3
+    for request in requests:
+        attributes = request["resourceSpans"][0]["resource"]["attributes"]
+        assert {"key": "service.name", "value": {"stringValue": "my-agent"}} in attributes
