@@ -33,6 +33,7 @@ from tests.peers import (  # noqa: E402
 )
 
 import containers as containers_bench  # noqa: E402
+import tracing as tracing_bench  # noqa: E402
 
 AGENT = [sys.executable, "-m", "pykata.agent.cli"]
 SEQUENTIAL_CALLS = 20_000
@@ -46,6 +47,8 @@ TARGETS = {
     "cycle_ratio": 1.3,
     "exec_ratio": 1.3,
     "stdout_mib_s": 200,
+    "forwarder_spans_s": 20000,
+    "tracing_ratio": 1.2,
 }
 
 
@@ -195,7 +198,10 @@ def measure(rounds: int) -> dict[str, object]:
     med = {k: statistics.median(v) for k, v in samples.items()}
     print("containers", file=sys.stderr, flush=True)
     containers = [containers_bench.measure() for _ in range(rounds)]
+    print("tracing", file=sys.stderr, flush=True)
+    tracing = tracing_bench.measure()
     return {
+        "tracing": tracing,
         "containers": containers,
         "machine": (
             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -225,6 +231,9 @@ def report(r: dict[str, object]) -> str:
     cycle = cmed("agent", "cycle_ms") / cmed("bare", "cycle_ms")
     exec_ratio = cmed("agent", "exec_ms") / cmed("bare", "exec_ms")
     stdout = cmed("agent", "stdout_mib_s")
+    tr: dict[str, float] = r["tracing"]  # type: ignore[assignment]
+    spans_s = tr["forwarder_spans_per_s"]
+    traced = tr["check_us_on"] / tr["check_us_off"]
     checks = [
         ("our server / Go server, sequential", f"{seq:.2f}x", seq, "sequential", ">="),
         (
@@ -257,6 +266,14 @@ def report(r: dict[str, object]) -> str:
             "stdout_mib_s",
             ">=",
         ),
+        (
+            "spans through the forwarder into a gRPC receiver",
+            f"{spans_s:,.0f}/s",
+            spans_s,
+            "forwarder_spans_s",
+            ">=",
+        ),
+        ("Check latency, tracing on / off", f"{traced:.2f}x", traced, "tracing_ratio", "<="),
     ]
     lines = []
     for label, shown, value, key, op in checks:
@@ -297,6 +314,21 @@ and server is its own process on one unix-socket connection; the call is
 The bare side drives the same runtime binary the same way (create, start,
 wait on a pidfd, delete --force; exec in the foreground) from a process in
 its own mount namespace, as the agent is. Medians over the rounds.
+
+## Tracing
+
+| measure | result |
+|---|---:|
+| spans from one agent connection through kata-trace-forwarder into a gRPC OTLP receiver ({tracing_bench.SPANS:,} spans in records of {tracing_bench.BATCH}) | {spans_s:,.0f} spans/s |
+| median `Health/Check` round trip, tracing off | {tr["check_us_off"]:.0f} us |
+| median `Health/Check` round trip, tracing on (each call a span, with a traceparent) | {tr["check_us_on"]:.0f} us |
+
+Why tracing costs a Check about 50 us: measured in-process, creating an SDK
+span with its parent extracted from the traceparent takes ~25-30 us and the
+OTLP encoding of a finished span ~20 us (opentelemetry's own encoder, in
+the export thread, holding the GIL). Against a Check that is a lot; against
+a CreateContainer (~10 ms) it is under 1%. A leaner span path and encoder
+are the way to meet the 1.2x target on the cheapest call.
 
 Start-up is the median of 10 runs, from spawning `kata-agent` to the first
 Check answered (the client retries connecting every 2 ms). RSS is VmRSS one
