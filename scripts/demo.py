@@ -4,6 +4,8 @@ Starts kata-agent on a unix socket, asks Health for its status and version,
 creates a sandbox and a busybox container, streams its output, runs an exec,
 collects the exit codes, removes everything, lets the Go ttRPC client call
 the agent too, then stops the agent with SIGTERM and checks it cleaned up.
+The agent's spans go through kata-trace-forwarder into a local trace file,
+shown as a waterfall at the end.
 """
 
 from __future__ import annotations
@@ -107,6 +109,22 @@ def main() -> int:
         address = f"unix://{sock}"
         (Path(tmp) / "cmdline").write_text("agent.log=info")
         rootfs = build_rootfs(Path(tmp) / "rootfs")
+        spans = Path(tmp) / "spans.jsonl"
+        say(f"starting kata-trace-forwarder on unix://{tmp}/trace.sock -> {spans}")
+        forwarder = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pykata.forwarder.cli",
+                "--listen",
+                f"unix://{tmp}/trace.sock",
+                "--output",
+                str(spans),
+                "-l",
+                "warn",
+            ]
+        )
+        wait_for_socket(f"{tmp}/trace.sock", proc=forwarder)
         say(f"starting kata-agent on {address}")
         agent = subprocess.Popen(
             [sys.executable, "-m", "pykata.agent.cli", "--kernel-cmdline", f"{tmp}/cmdline"],
@@ -114,6 +132,8 @@ def main() -> int:
                 **os.environ,
                 "KATA_AGENT_SERVER_ADDR": address,
                 "KATA_AGENT_RUN_DIR": f"{tmp}/run",
+                "KATA_AGENT_TRACING": "true",
+                "KATA_AGENT_TRACE_ADDR": f"unix://{tmp}/trace.sock",
             },
             stderr=subprocess.PIPE,
             text=True,
@@ -157,6 +177,10 @@ def main() -> int:
                 }
                 or "",
             )
+        forwarder.send_signal(signal.SIGTERM)
+        forwarder.wait(15)
+        say("the agent's spans (kata-trace-view)")
+        subprocess.run([sys.executable, "-m", "pykata.traceview", str(spans)], check=True)
         left = list((Path(tmp) / "run" / "containers").glob("*"))
         print(
             f"\nexit status {code}; socket removed: {not os.path.exists(sock)}; "
