@@ -336,3 +336,31 @@ def test_hybrid_vsock_socket_path_and_trace_name(tmp_path: Path) -> None:
     for request in requests:
         attributes = request["resourceSpans"][0]["resource"]["attributes"]
         assert {"key": "service.name", "value": {"stringValue": "my-agent"}} in attributes
+
+
+def test_forwarder_listens_on_vsock_by_default(tmp_path: Path) -> None:
+    """Bind and listen only: this machine has no vsock peer to send from."""
+    port = str(20000 + os.getpid() % 20000)
+    proc = subprocess.Popen(
+        [*FORWARDER, "--vsock-port", port, "--dump-only"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        while "forwarding" not in (line := proc.stderr.readline()):
+            assert line, "the forwarder exited before listening"
+        assert f'"listen": "vsock://-1:{port}"' in line
+        # the port is taken: a second forwarder says so, in one line
+        second = subprocess.run(
+            [*FORWARDER, "--vsock-port", port, "--dump-only"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert f"cannot listen on vsock://-1:{port}" in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)

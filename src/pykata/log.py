@@ -26,6 +26,16 @@ _LEVEL_NAMES = {
     TRACE: "TRCE",
 }
 
+#: Level names a user may give (-l/--log-level), as upstream's tools accept them.
+LEVELS = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": TRACE,
+}
+
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import uuid
 from pathlib import Path
@@ -25,14 +24,7 @@ from .examples import EXAMPLES
 from .repl import interact
 from .session import Quit, Session
 
-LEVELS = {
-    "critical": logging.CRITICAL,
-    "error": logging.ERROR,
-    "warn": logging.WARNING,
-    "info": logging.INFO,
-    "debug": logging.DEBUG,
-    "trace": logsetup.TRACE,
-}
+LEVELS = logsetup.LEVELS
 
 
 def parser() -> argparse.ArgumentParser:

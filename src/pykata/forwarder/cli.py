@@ -22,14 +22,7 @@ from .server import listen
 
 log = logging.getLogger("pykata.forwarder")
 
-LEVELS = {
-    "critical": logging.CRITICAL,
-    "error": logging.ERROR,
-    "warn": logging.WARNING,
-    "info": logging.INFO,
-    "debug": logging.DEBUG,
-    "trace": logsetup.TRACE,
-}
+LEVELS = logsetup.LEVELS
 
 EPILOG = """\
 examples:
