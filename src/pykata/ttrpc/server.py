@@ -127,7 +127,6 @@ class _Connection(asyncio.Protocol):
         self.streams: dict[int, ServerStream] = {}
         self.peer: tuple[int, int, int] | None = None
         self._outbox: list[bytes] = []
-        self._can_write = True
 
     # asyncio.Protocol
 
@@ -136,7 +135,9 @@ class _Connection(asyncio.Protocol):
         self.peer = transport_mod.peer_credentials(transport)
         if self.listener is not None and not self.listener.admits(transport):
             log.warning(
-                "refused connection from a peer of another user on %s", self.listener.address
+                "refused connection from a peer of another user on %s",
+                self.listener.address,
+                extra={"peer_pid_uid_gid": self.peer},
             )
             self.transport.abort()
             return
@@ -170,12 +171,10 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The peer is not reading its answers: stop taking new requests from it.
-        self._can_write = False
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._can_write = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
