@@ -324,10 +324,11 @@ its own mount namespace, as the agent is. Medians over the rounds.
 | median `Health/Check` round trip, tracing on (each call a span, with a traceparent) | {tr["check_us_on"]:.0f} us |
 
 Why tracing costs a Check about 50 us: measured in-process, creating an SDK
-span with its parent extracted from the traceparent takes ~25-30 us and the
+span with its parent extracted from the traceparent takes ~20-25 us and the
 OTLP encoding of a finished span ~20 us (opentelemetry's own encoder, in
 the export thread, holding the GIL). Against a Check that is a lot; against
-a CreateContainer (~10 ms) it is under 1%. A leaner span path and encoder
+a CreateContainer (~10 ms) it would be under 1% (estimated from that per-span
+cost, not measured here). A leaner span path and encoder
 are the way to meet the 1.2x target on the cheapest call.
 
 Start-up is the median of 10 runs, from spawning `kata-agent` to the first
