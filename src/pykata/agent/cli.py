@@ -75,6 +75,12 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     sandbox = Sandbox(
         runtime, run_dir, pipe_size=config.container_pipe_size, owns_machine=os.getpid() == 1
     )
+    # Signals first: a SIGTERM that comes as soon as the socket exists must stop us
+    # gracefully, not kill us with the default action.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     tracing = Tracing(config.trace_addr) if config.tracing else None
     server = Server(services(sandbox), call_hook=tracing.rpc_span if tracing else None)
     await server.start(config.server_addr)
@@ -86,10 +92,6 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
         },
     )
     sweeper = asyncio.ensure_future(sweep_orphans())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutting down")
     # Containers first: their end also ends calls waiting on them (WaitProcess, reads).

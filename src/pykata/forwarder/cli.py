@@ -132,6 +132,10 @@ def _has_group(name: str) -> bool:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()  # handlers first: a SIGTERM during start-up stops us cleanly
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     sink = make_sink(args)
     queue = Queue(sink, max_requests=args.queue_size)
     address = listen_address(args)
@@ -141,10 +145,6 @@ async def serve(args: argparse.Namespace) -> int:
         drop_privileges()
     queue.start()
     log.info("forwarding", extra={"listen": address, "to": sink.name})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     listener.close()
     await queue.drain(timeout=5.0)
