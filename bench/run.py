@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from tests.peers import (  # noqa: E402
-    REFERENCE_DESCRIPTORS,
     build_go_peer,
     go_client,
+    go_server,
     wait_for_socket,
 )
 
@@ -71,20 +71,6 @@ def agent_process(
     try:
         wait_for_socket(socket_path, proc=proc)
         yield proc
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@contextlib.contextmanager
-def go_server(peer: Path, socket_path: str) -> Iterator[None]:
-    proc = subprocess.Popen(
-        [str(peer), "-desc", str(REFERENCE_DESCRIPTORS), "server", "-socket", socket_path],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_socket(socket_path, proc=proc)
-        yield
     finally:
         proc.terminate()
         proc.wait(10)
@@ -171,7 +157,7 @@ def idle_rss_mb(tmp: str) -> float:
 
 
 def measure(rounds: int) -> dict[str, object]:
-    peer = build_go_peer()
+    build_go_peer()  # once, before any timing
     samples: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:
@@ -181,7 +167,7 @@ def measure(rounds: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", file=sys.stderr)
-            with go_server(peer, f"{tmp}/go.sock"):
+            with go_server(f"{tmp}/go.sock"):
                 add("go->go seq", go_client_rate(f"{tmp}/go.sock", SEQUENTIAL_CALLS, 1))
                 add(
                     "go->go c16",

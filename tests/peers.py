@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,25 @@ def go_client(socket_path: str, op: str, *args: str, timeout: float = 300) -> li
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@contextlib.contextmanager
+def go_server(socket_path: str) -> Iterator[None]:
+    """The Go peer serving grpc.Health (and a Sleep test method) on a unix socket."""
+    proc = subprocess.Popen(
+        [
+            str(build_go_peer()),
+            "-desc",
+            str(REFERENCE_DESCRIPTORS),
+            "server",
+            "-socket",
+            socket_path,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_socket(socket_path, proc=proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -7,7 +7,6 @@ descriptor set, so neither side shares code with the other.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from pykata.api import health_pb2
 from pykata.ttrpc import Client, Code, TtrpcError
 
 from .conftest import AgentProcess, call_with_server_deadline
-from .peers import REFERENCE_DESCRIPTORS, go_client, wait_for_socket
+from .peers import go_client, go_server
 
 # --- Go client -> our agent -----------------------------------------------------
 
@@ -65,23 +64,14 @@ def test_go_client_concurrent_calls(go_peer: Path, agent: AgentProcess) -> None:
 
 
 @pytest.fixture
-def go_server(go_peer: Path, tmp_path: Path) -> Iterator[str]:
+def go_server_path(tmp_path: Path) -> Iterator[str]:
     path = str(tmp_path / "go.sock")
-    proc = subprocess.Popen(
-        [str(go_peer), "-desc", str(REFERENCE_DESCRIPTORS), "server", "-socket", path],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for_socket(path, proc=proc)
+    with go_server(path):
         yield path
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
-async def test_our_client_calls_go_server(go_server: str) -> None:
-    async with await Client.connect(f"unix://{go_server}") as client:
+async def test_our_client_calls_go_server(go_server_path: str) -> None:
+    async with await Client.connect(f"unix://{go_server_path}") as client:
         check = await client.call(
             "grpc.Health", "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse
         )
@@ -102,8 +92,8 @@ async def test_our_client_calls_go_server(go_server: str) -> None:
         assert exc.value.code == Code.UNIMPLEMENTED and "grpc.AgentService" in exc.value.message
 
 
-async def test_our_client_multiplexes_against_go_server(go_server: str) -> None:
-    async with await Client.connect(f"unix://{go_server}") as client:
+async def test_our_client_multiplexes_against_go_server(go_server_path: str) -> None:
+    async with await Client.connect(f"unix://{go_server_path}") as client:
         order: list[str] = []
 
         async def sleep(duration: str) -> None:
@@ -131,8 +121,8 @@ async def test_our_client_multiplexes_against_go_server(go_server: str) -> None:
         assert all(r.status == health_pb2.HealthCheckResponse.SERVING for r in results)
 
 
-async def test_go_server_honours_our_deadline(go_server: str) -> None:
-    async with await Client.connect(f"unix://{go_server}") as client:
+async def test_go_server_honours_our_deadline(go_server_path: str) -> None:
+    async with await Client.connect(f"unix://{go_server_path}") as client:
         # Our timeout_nano reaches the Go server, which cancels the handler.
         payload = health_pb2.CheckRequest(service="5s").SerializeToString()
         with pytest.raises(TtrpcError) as exc:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from . import cgroups
+from .fdwait import until_ready
 
 log = logging.getLogger("pykata.agent.oom")
 
@@ -73,12 +74,7 @@ class OomEvents:
         try:
             (memory / "cgroup.event_control").write_text(f"{efd} {cfd}")
             while True:
-                ready = loop.create_future()
-                loop.add_reader(efd, ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(efd)
+                await until_ready(efd)
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(efd)
                 if not memory.exists():

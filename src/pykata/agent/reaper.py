@@ -17,6 +17,8 @@ import os
 import signal
 from collections.abc import Iterator
 
+from .fdwait import until_ready
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -36,14 +38,8 @@ def exit_status(info: os.waitid_result) -> int:
 async def process_exit(pid: int) -> None:
     """Until the child `pid` has exited (it is left for the caller to reap)."""
     fd = os.pidfd_open(pid)
-    loop = asyncio.get_running_loop()
     try:
-        done = loop.create_future()
-        loop.add_reader(fd, done.set_result, None)
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
+        await until_ready(fd)
     finally:
         os.close(fd)
 

@@ -19,6 +19,8 @@ import tempfile
 import termios
 from pathlib import Path
 
+from .fdwait import until_ready
+
 F_SETPIPE_SZ = 1031
 
 
@@ -30,18 +32,11 @@ class FdReader:
 
     async def read(self, size: int) -> bytes:
         async with self._lock:
-            loop = asyncio.get_running_loop()
             while self.fd is not None:
                 try:
                     return self._read_available(size)
                 except BlockingIOError:
-                    ready = loop.create_future()
-                    loop.add_reader(self.fd, ready.set_result, None)
-                    try:
-                        await ready
-                    finally:
-                        if self.fd is not None:
-                            loop.remove_reader(self.fd)
+                    await until_ready(self.fd, still_ours=lambda: self.fd is not None)
                 except OSError as exc:
                     if exc.errno == errno.EIO:  # pty: the other side is gone
                         return b""
@@ -81,7 +76,6 @@ class FdWriter:
         self._owned = owned
 
     async def write(self, data: bytes) -> int:
-        loop = asyncio.get_running_loop()
         view = memoryview(data)
         while view:
             if self.fd is None:
@@ -89,13 +83,7 @@ class FdWriter:
             try:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
-                ready = loop.create_future()
-                loop.add_writer(self.fd, ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    if self.fd is not None:
-                        loop.remove_writer(self.fd)
+                await until_ready(self.fd, write=True, still_ours=lambda: self.fd is not None)
         return len(data)
 
     def close(self) -> None:

@@ -254,6 +254,7 @@ class Stub:
         self._service = service
 
     def __getattr__(self, name: str) -> Any:
+        # Only reached once per method: the caller is then an attribute of the stub.
         method = self._service.methods_by_name.get(name)
         if method is None:
             raise AttributeError(f"{self._service.full_name} has no method {name}")
@@ -267,4 +268,5 @@ class Stub:
                 service_name, name, request, response_type, timeout=timeout, metadata=metadata
             )
 
+        setattr(self, name, call)
         return call
