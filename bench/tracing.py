@@ -22,6 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.containers import build_rootfs  # noqa: E402
 from tests.peers import wait_for_socket  # noqa: E402
 from tests.receivers import GrpcReceiver  # noqa: E402
 
@@ -32,6 +33,8 @@ from pykata.ttrpc import Client  # noqa: E402
 SPANS = 100_000
 BATCH = 512  # the agent's export batch size
 CALLS = 3000
+CYCLES = 20
+ROUNDS = 3
 
 
 def span_records(count: int) -> list[bytes]:
@@ -104,7 +107,39 @@ async def _latency(address: str) -> float:
     return statistics.median(samples) * 1e6
 
 
-def agent_latency(tmp: str, traced: bool) -> float:
+async def _container_cycle(address: str, rootfs: Path) -> float:
+    """Median create/start/wait/remove of a /bin/true container in ms (RPCs carry a traceparent)."""
+    from bench.containers import config
+
+    from pykata.agent import oci
+    from pykata.api import agent_pb2, oci_pb2
+    from pykata.ttrpc import Stub
+
+    meta = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    spec = oci_pb2.Spec()
+    oci.from_json(config(rootfs, "/bin/true"), spec)
+    async with await Client.connect(address) as client:
+        api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+        samples = []
+        for n in range(CYCLES):
+            cid = f"c{n}"
+            started = time.perf_counter()
+            await api.CreateContainer(
+                agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec), metadata=meta
+            )
+            await api.StartContainer(
+                agent_pb2.StartContainerRequest(container_id=cid), metadata=meta
+            )
+            await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id=cid), metadata=meta)
+            await api.RemoveContainer(
+                agent_pb2.RemoveContainerRequest(container_id=cid), metadata=meta
+            )
+            samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e3
+
+
+def agent_latency(tmp: str, traced: bool, rootfs: Path | None = None) -> float:
+    """Median Check round trip in us; with `rootfs`, the median container cycle in ms."""
     (Path(tmp) / "cmdline").write_text("")
     env = {
         **os.environ,
@@ -135,7 +170,10 @@ def agent_latency(tmp: str, traced: bool) -> float:
         wait_for_socket(f"{tmp}/agent.sock", proc=agent)
         import uvloop
 
-        return float(uvloop.run(_latency(f"unix://{tmp}/agent.sock")))
+        address = f"unix://{tmp}/agent.sock"
+        if rootfs is not None:
+            return float(uvloop.run(_container_cycle(address, rootfs)))
+        return float(uvloop.run(_latency(address)))
     finally:
         for proc in (agent, fwd):
             proc.send_signal(signal.SIGTERM)
@@ -145,12 +183,23 @@ def agent_latency(tmp: str, traced: bool) -> float:
 def measure() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         rate = forwarder_rate(tmp)
-        off = [agent_latency(tmp, False) for _ in range(2)]
-        on = [agent_latency(tmp, True) for _ in range(2)]
+        # alternate off/on so that a slow spell of the machine hits both alike
+        runs: dict[bool, list[float]] = {False: [], True: []}
+        cycles: dict[bool, list[float]] = {False: [], True: []}
+        rootfs = build_rootfs(Path(tmp) / "rootfs")
+        for _ in range(ROUNDS):
+            for traced in (False, True):
+                runs[traced].append(agent_latency(tmp, traced))
+                cycles[traced].append(agent_latency(tmp, traced, rootfs))
     return {
         "forwarder_spans_per_s": rate,
-        "check_us_off": statistics.median(off),
-        "check_us_on": statistics.median(on),
+        "check_us_off": statistics.median(runs[False]),
+        "check_us_on": statistics.median(runs[True]),
+        "check_ratio_per_round": [
+            on / off for off, on in zip(runs[False], runs[True], strict=True)
+        ],
+        "cycle_ms_off": statistics.median(cycles[False]),
+        "cycle_ms_on": statistics.median(cycles[True]),
     }
 
 

@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from pykata.api import agent_pb2, health_pb2
 from pykata.otlp import HEADER, RecordDecoder, RecordError, encode_record
-from pykata.ttrpc import Client, Stub
+from pykata.ttrpc import Client, Stub, TtrpcError
 
 from .conftest import run_container_agent
 from .containers import spec
@@ -181,6 +181,7 @@ def read_file_spans(path: Path) -> list[dict[str, Any]]:
                             "id": s.span_id.hex(),
                             "parent": s.parent_span_id.hex(),
                             "attrs": {a.key: a.value.string_value for a in s.attributes},
+                            "error": s.status.message if s.status.code == 2 else None,
                         }
                     )
     return spans
@@ -225,6 +226,10 @@ async def test_agent_spans_end_to_end(tmp_path: Path, rootfs: Path) -> None:
                 )
                 await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="t1"))
                 await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="t1"))
+                with pytest.raises(TtrpcError):
+                    await api.PauseContainer(
+                        agent_pb2.PauseContainerRequest(container_id="absent"), metadata=meta
+                    )
             assert agent.stop() == 0
     spans = read_file_spans(out)
     by_name = {s["name"]: s for s in spans}
@@ -236,6 +241,10 @@ async def test_agent_spans_end_to_end(tmp_path: Path, rootfs: Path) -> None:
     assert create["parent"] == by_name["CreateContainer"]["id"]
     assert by_name["runtime start"]["parent"] == by_name["StartContainer"]["id"]
     assert by_name["storage mount"]["parent"] == by_name["CreateSandbox"]["id"]
+    assert by_name["StartContainer"]["error"] is None
+    # a failed RPC: its span says so, with the error the caller got
+    assert "absent" in by_name["PauseContainer"]["error"]
+    assert by_name["PauseContainer"]["attrs"]["container_id"] == "absent"
     # no traceparent: a child of the agent's root span, which arrives at shutdown
     root = by_name["kata-agent"]
     assert root["parent"] == ""

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from opentelemetry import trace
-
+from . import tracing
 from .errors import RuntimeFailure
 from .reaper import orphans, process_exit
 
 log = logging.getLogger("pykata.agent.runtime")
-tracer = trace.get_tracer("pykata.agent")
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
@@ -136,8 +134,8 @@ class OciRuntime:
                 *args,
             ]
             # Busy while the runtime runs: its helpers must not be taken for orphans.
-            span = tracer.start_as_current_span(
-                f"runtime {args[0]}", attributes={"runtime": self.name, "container_id": args[-1]}
+            span = tracing.step(
+                f"runtime {args[0]}", {"runtime": self.name, "container_id": args[-1]}
             )
             with span, orphans.runtime_running():
                 proc = subprocess.Popen(

@@ -15,12 +15,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from opentelemetry import trace
-
+from . import tracing
 from .errors import FailedPrecondition, InvalidArgument, Unsupported
 
 log = logging.getLogger("pykata.agent.storage")
-tracer = trace.get_tracer("pykata.agent")
 
 DRIVERS = ("local", "bind", "ephemeral", "overlayfs")
 
@@ -93,7 +91,7 @@ class Storages:
 
     async def add(self, spec: StorageSpec) -> Path:
         attributes = {"driver": spec.driver, "mount_point": spec.mount_point}
-        with tracer.start_as_current_span("storage mount", attributes=attributes):
+        with tracing.step("storage mount", attributes):
             return await self._add(spec)
 
     async def _add(self, spec: StorageSpec) -> Path:

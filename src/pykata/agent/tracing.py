@@ -14,8 +14,10 @@ the root span included.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -29,6 +31,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .. import __version__, transport
@@ -120,6 +123,62 @@ class ForwarderExporter(SpanExporter):
                 self._sock = None
 
 
+class _RpcSpan:
+    """One RPC's span, made in the SDK only when it is first needed."""
+
+    __slots__ = ("_ctx", "_request", "_span", "_start", "_tracing", "error")
+
+    def __init__(self, tracing: Tracing, ctx: ServerContext, request: Any) -> None:
+        self._start = time.time_ns()
+        self._tracing = tracing
+        self._ctx = ctx
+        self._request = request
+        self._span: Span | None = None
+        self.error: Exception | None = None
+
+    def span(self) -> Span:
+        if self._span is None:
+            ctx = self._ctx
+            carrier = {key: values[0] for key, values in ctx.metadata.items() if values}
+            if "traceparent" in carrier:
+                parent = _propagator.extract(carrier)
+            else:
+                parent = self._tracing.root_context
+            attributes = {"rpc.service": ctx.service, "rpc.method": ctx.method}
+            for name in ID_FIELDS:
+                value = getattr(self._request, name, "")
+                if value:
+                    attributes[name] = value
+            self._span = tracer.start_span(
+                ctx.method, context=parent, attributes=attributes, start_time=self._start
+            )
+        return self._span
+
+    def end(self, end_time: int) -> None:
+        span = self.span()
+        if self.error is not None:
+            span.record_exception(self.error, timestamp=end_time)
+            span.set_status(Status(StatusCode.ERROR, f"{type(self.error).__name__}: {self.error}"))
+        span.end(end_time)
+
+
+_current_rpc: contextvars.ContextVar[_RpcSpan | None] = contextvars.ContextVar(
+    "pykata_rpc_span", default=None
+)
+
+
+@contextlib.contextmanager
+def step(name: str, attributes: dict[str, str]) -> Iterator[Span]:
+    """A span for one step of an RPC (a runtime run, a mount): a child of the
+    step it runs in, else of the RPC. A no-op span when tracing is off."""
+    context = None
+    rpc = _current_rpc.get()
+    if rpc is not None and not trace.get_current_span().is_recording():
+        context = trace.set_span_in_context(rpc.span())
+    with tracer.start_as_current_span(name, context=context, attributes=attributes) as span:
+        yield span
+
+
 class Tracing:
     """Tracing for one agent run: the provider, the root span, the RPC hook."""
 
@@ -144,20 +203,26 @@ class Tracing:
         )
         trace.set_tracer_provider(self.provider)
         self.root = tracer.start_span("kata-agent")
-        self._root_context = trace.set_span_in_context(self.root)
+        self.root_context = trace.set_span_in_context(self.root)
 
     @contextlib.contextmanager
     def rpc_span(self, ctx: ServerContext, request: Any) -> Iterator[None]:
-        """The span of one RPC: named after the method, child of the caller's traceparent."""
-        carrier = {key: values[0] for key, values in ctx.metadata.items() if values}
-        parent = _propagator.extract(carrier) if "traceparent" in carrier else self._root_context
-        attributes = {"rpc.service": ctx.service, "rpc.method": ctx.method}
-        for name in ID_FIELDS:
-            value = getattr(request, name, "")
-            if value:
-                attributes[name] = value
-        with tracer.start_as_current_span(ctx.method, context=parent, attributes=attributes):
+        """The span of one RPC: named after the method, child of the caller's traceparent.
+
+        Only the start time is taken while the caller waits; the SDK span is
+        made on the loop's next turn, after the reply is written (or earlier,
+        when a step of the handler needs it as its parent).
+        """
+        rpc = _RpcSpan(self, ctx, request)
+        token = _current_rpc.set(rpc)
+        try:
             yield
+        except Exception as exc:
+            rpc.error = exc
+            raise
+        finally:
+            _current_rpc.reset(token)
+            asyncio.get_running_loop().call_soon(rpc.end, time.time_ns())
 
     def stop(self) -> None:
         self.root.end()
