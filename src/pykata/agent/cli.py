@@ -4,27 +4,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import Message
 
 from .. import __version__
 from .. import log as logsetup
 from ..transport import AddressError, TransportError
-from ..ttrpc import Server
+from ..ttrpc import Server, ServerContext
+from ..ttrpc.server import CallHook
 from . import config as configmod
 from . import reaper
 from . import runtime as runtime_mod
+from .console import DebugConsole, LogPort, shell_or_error
+from .copyfile import SharedFiles
+from .diagnostics import Diagnostics, RecentLogs
 from .errors import AgentError
+from .guest import Guest
+from .memagent import MemAgent
+from .metrics import Metrics
+from .policy import Enforcer
 from .runtime import OciRuntime
 from .sandbox import Sandbox
-from .service import services
+from .service import AgentParts, services
 from .tracing import Tracing
+from .volumes import Volumes
 
 log = logging.getLogger("pykata.agent")
 
@@ -40,6 +52,12 @@ environment:
   KATA_AGENT_TRACE_ADDR    the trace forwarder (default vsock://2:10240)
   KATA_AGENT_RUN_DIR       bundles and runtime state (default /run/kata-containers)
   KATA_AGENT_OCI_RUNTIME   auto (crun where it works, else runc), crun, runc or a path
+  KATA_AGENT_OWNS_MACHINE  true: act on the whole machine (clock, CPUs, swap) even
+                           when not PID 1 (default: only as PID 1)
+  KATA_AGENT_POLICY_FILE   the initial agent policy, TOML (docs/policy.md)
+  KATA_AGENT_DEBUG_CONSOLE_ADDR  debug console address, when agent.debug_console is on
+                           (default vsock://-1:<agent.debug_console_vport>)
+  KATA_AGENT_LOG_ADDR      serve log lines here too (default vsock://-1:<agent.log_vport>)
 
 examples:
   # stand-alone on a development host, talking to it with kata-agent-ctl
@@ -69,12 +87,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def agent_parts(
+    config: configmod.AgentConfig, runtime: OciRuntime, recent: RecentLogs
+) -> AgentParts:
+    run_dir = Path(config.run_dir)
+    owns_machine = config.owns_machine or os.getpid() == 1
+    sandbox = Sandbox(
+        runtime, run_dir, pipe_size=config.container_pipe_size, owns_machine=owns_machine
+    )
+    guest = Guest(owns_machine=owns_machine)
+    return AgentParts(
+        sandbox=sandbox,
+        guest=guest,
+        files=SharedFiles(run_dir / "shared"),
+        volumes=Volumes(run_dir, run_dir / "shared"),
+        memory=MemAgent(guest),
+        metrics=Metrics(),
+        policy=Enforcer.from_file(config.policy_file),
+        diagnostics=Diagnostics(sandbox, recent),
+        supports_seccomp=runtime.supports_seccomp(),
+    )
+
+
+def call_hook(policy: Enforcer, tracing: Tracing | None) -> CallHook:
+    """Every call: its span (if tracing), inside which the policy decides."""
+
+    @contextlib.contextmanager
+    def checked(ctx: ServerContext, request: Message) -> Iterator[None]:
+        policy.check(ctx.method, request)
+        yield
+
+    if tracing is None:
+        return checked
+
+    @contextlib.contextmanager
+    def traced(ctx: ServerContext, request: Message) -> Iterator[None]:
+        with tracing.rpc_span(ctx, request):
+            policy.check(ctx.method, request)
+            yield
+
+    return traced
+
+
 async def serve(config: configmod.AgentConfig, runtime_binary: str, started: float) -> None:
     run_dir = Path(config.run_dir)
     runtime = OciRuntime(runtime_binary, run_dir / "runtime")
-    sandbox = Sandbox(
-        runtime, run_dir, pipe_size=config.container_pipe_size, owns_machine=os.getpid() == 1
-    )
+    recent = RecentLogs(logsetup.JsonFormatter("kata-agent", "agent"))
+    logging.getLogger("pykata").addHandler(recent)
+    parts = agent_parts(config, runtime, recent)
+    sandbox = parts.sandbox
     # Signals first: a SIGTERM that comes as soon as the socket exists must stop us
     # gracefully, not kill us with the default action.
     stop = asyncio.Event()
@@ -82,8 +143,10 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     tracing = Tracing(config.trace_addr) if config.tracing else None
-    server = Server(services(sandbox), call_hook=tracing.rpc_span if tracing else None)
+    server = Server(services(parts), call_hook=call_hook(parts.policy, tracing))
     await server.start(config.server_addr)
+    console = await start_console(config)
+    log_port = await start_log_port(config)
     log.info(
         "agent serving",
         extra={
@@ -95,12 +158,38 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     await stop.wait()
     log.info("shutting down")
     # Containers first: their end also ends calls waiting on them (WaitProcess, reads).
+    if console is not None:
+        console.close()
     await sandbox.destroy()
     await server.shutdown(grace=5.0)
+    await parts.memory.stop()
     sweeper.cancel()
     if tracing is not None:
         await asyncio.to_thread(tracing.stop)
     log.info("agent stopped")
+    if log_port is not None:
+        log_port.close()
+
+
+async def start_console(config: configmod.AgentConfig) -> DebugConsole | None:
+    address = config.console_address
+    if not address:
+        if config.debug_console_addr and not config.debug_console:
+            log.warning("debug console address given but agent.debug_console is off: no console")
+        return None
+    console = DebugConsole(shell_or_error())
+    await console.start(address)
+    return console
+
+
+async def start_log_port(config: configmod.AgentConfig) -> LogPort | None:
+    address = config.log_port_address
+    if not address:
+        return None
+    port = LogPort(logsetup.JsonFormatter("kata-agent", "agent"))
+    await port.start(address)
+    log.info("log port listening", extra={"address": address})
+    return port
 
 
 async def sweep_orphans(period: float = 2.0) -> None:

@@ -37,6 +37,10 @@ RUN_DIR_ENV = "KATA_AGENT_RUN_DIR"
 TRACE_ADDR_ENV = "KATA_AGENT_TRACE_ADDR"
 DEFAULT_TRACE_ADDR = "vsock://2:10240"
 OCI_RUNTIME_ENV = "KATA_AGENT_OCI_RUNTIME"
+OWNS_MACHINE_ENV = "KATA_AGENT_OWNS_MACHINE"
+POLICY_FILE_ENV = "KATA_AGENT_POLICY_FILE"
+DEBUG_CONSOLE_ADDR_ENV = "KATA_AGENT_DEBUG_CONSOLE_ADDR"
+LOG_ADDR_ENV = "KATA_AGENT_LOG_ADDR"
 
 #: Accepted level names (logrus and slog spellings) -> Python logging level.
 LOG_LEVELS = {
@@ -74,6 +78,14 @@ class AgentConfig:
     run_dir: str = "/run/kata-containers"
     #: "auto" (crun where it works, else runc), or a runtime name or path (pykata setting).
     oci_runtime: str = "auto"
+    #: Act on the whole machine (clock, onlining, swap): implied when running as PID 1.
+    owns_machine: bool = False
+    #: The initial agent policy (TOML, docs/policy.md); "" allows everything.
+    policy_file: str = ""
+    #: Debug console address for stand-alone runs (else vsock://-1:<debug_console_vport>).
+    debug_console_addr: str = ""
+    #: Log port address for stand-alone runs (else vsock://-1:<log_vport>).
+    log_addr: str = ""
     #: The config file this configuration came from, if any.
     config_file: str = ""
     #: Settings that were ignored: unknown agent.* options, bad env values (typos show up here).
@@ -82,6 +94,21 @@ class AgentConfig:
     @property
     def logging_level(self) -> int:
         return LOG_LEVELS[self.log_level]
+
+    @property
+    def console_address(self) -> str:
+        """Where the debug console listens; "" when it is off."""
+        if not self.debug_console:
+            return ""
+        if self.debug_console_addr:
+            return self.debug_console_addr
+        return f"vsock://-1:{self.debug_console_vport}" if self.debug_console_vport else ""
+
+    @property
+    def log_port_address(self) -> str:
+        if self.log_addr:
+            return self.log_addr
+        return f"vsock://-1:{self.log_vport}" if self.log_vport else ""
 
     def announce_fields(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
@@ -150,6 +177,8 @@ _OPTIONS: dict[str, tuple[str, _Parser | None, Callable[[Any], bool] | None]] = 
     "agent.container_pipe_size": ("container_pipe_size", parse_pipe_size, None),
     "agent.unified_cgroup_hierarchy": ("unified_cgroup_hierarchy", None, None),
     "systemd.unified_cgroup_hierarchy": ("unified_cgroup_hierarchy", None, None),
+    "agent.owns_machine": ("owns_machine", None, None),
+    "agent.policy_file": ("policy_file", lambda _o, v: v, None),
 }
 CONFIG_FILE_OPTION = "agent.config_file"
 
@@ -194,6 +223,10 @@ _FILE_TYPES: dict[str, type[Any]] = {
     "run_dir": str,
     "trace_addr": str,
     "oci_runtime": str,
+    "owns_machine": bool,
+    "policy_file": str,
+    "debug_console_addr": str,
+    "log_addr": str,
 }
 
 
@@ -252,6 +285,14 @@ def apply_env(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
         config.run_dir = env[RUN_DIR_ENV]
     if OCI_RUNTIME_ENV in env:
         config.oci_runtime = env[OCI_RUNTIME_ENV]
+    if OWNS_MACHINE_ENV in env:
+        config.owns_machine = parse_bool(env[OWNS_MACHINE_ENV])
+    if POLICY_FILE_ENV in env:
+        config.policy_file = env[POLICY_FILE_ENV]
+    if DEBUG_CONSOLE_ADDR_ENV in env:
+        config.debug_console_addr = env[DEBUG_CONSOLE_ADDR_ENV]
+    if LOG_ADDR_ENV in env:
+        config.log_addr = env[LOG_ADDR_ENV]
     return config
 
 

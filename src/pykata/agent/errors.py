@@ -40,6 +40,12 @@ class FailedPrecondition(AgentError):
     code = Code.FAILED_PRECONDITION
 
 
+class PermissionDenied(AgentError):
+    """The agent policy does not allow this request (names the rule)."""
+
+    code = Code.PERMISSION_DENIED
+
+
 class Unsupported(AgentError):
     """A feature this agent does not provide (here, or yet)."""
 

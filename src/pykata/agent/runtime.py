@@ -212,6 +212,16 @@ class OciRuntime:
         # A file, not stdin: crun opens /dev/stdin, which fails on a socket.
         await self._run("update", "--resources", str(resources_file), container_id)
 
+    def supports_seccomp(self) -> bool:
+        """Whether the runtime was built with seccomp (crun: +SECCOMP, runc: libseccomp)."""
+        try:
+            out = subprocess.run(
+                [self.binary, "--version"], capture_output=True, text=True, timeout=10
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return "+SECCOMP" in out or "libseccomp" in out
+
     async def state(self, container_id: str) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(await self._run("state", container_id))
         return result

@@ -1,9 +1,10 @@
 """The sandbox: every container the agent runs, and what they share.
 
-A sandbox created with CreateSandbox gets UTS and IPC namespaces of its own
-(held open by a small holder process) that its containers join, so its
-hostname never touches the host's; its DNS settings become a resolv.conf
-file bind-mounted into each container. Without CreateSandbox, containers
+A sandbox created with CreateSandbox gets UTS, IPC and network namespaces
+of its own (held open by a small holder process) that its containers join,
+so its hostname and network never touch the host's (when the agent owns the
+machine, the network is the guest's own); its DNS settings become a
+resolv.conf file bind-mounted into each container. Without CreateSandbox, containers
 still run, each with the namespaces its spec asks for.
 """
 
@@ -32,7 +33,8 @@ log = logging.getLogger("pykata.agent.sandbox")
 
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CGROUP_ROOT = "/pykata"
-SHARED_NAMESPACES = ("uts", "ipc")
+#: OCI namespace type -> its name under /proc/<pid>/ns.
+SHARED_NAMESPACES = {"uts": "uts", "ipc": "ipc", "network": "net"}
 
 
 def check_id(kind: str, value: str) -> str:
@@ -141,21 +143,38 @@ class Sandbox:
             if proc.returncode:
                 raise FailedPrecondition(f"modprobe {name} failed: {err.decode().strip()}")
 
+    @property
+    def netns_path(self) -> str | None:
+        """The sandbox's network namespace: None for the agent's own (it owns the machine)."""
+        if self.owns_machine:
+            return None
+        if self._holder is None:
+            raise FailedPrecondition(
+                "no sandbox network yet: CreateSandbox first (stand-alone, the agent "
+                "configures only the sandbox's own network namespace, never the host's)"
+            )
+        return f"/proc/{self._holder.pid}/ns/net"
+
     async def _start_holder(self, hostname: str) -> asyncio.subprocess.Process:
-        """A process sitting in the sandbox's own UTS and IPC namespaces."""
+        """A process sitting in the sandbox's own UTS, IPC (and network) namespaces."""
         script = (
-            'if [ -n "$1" ]; then hostname -- "$1" || exit 1; fi; echo ready; exec sleep infinity'
+            'if [ -n "$1" ]; then hostname -- "$1" || exit 1; fi; '
+            'if [ "$2" = net ]; then ip link set lo up || exit 1; fi; '
+            "echo ready; exec sleep infinity"
         )
+        network = [] if self.owns_machine else ["--net"]
         holder = await asyncio.create_subprocess_exec(
             "unshare",
             "--uts",
             "--ipc",
+            *network,
             "--",
             "sh",
             "-c",
             script,
             "holder",
             hostname,
+            "net" if network else "",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -240,8 +259,10 @@ class Sandbox:
             for ns in config["linux"].get("namespaces", [])
             if ns.get("type") not in SHARED_NAMESPACES
         ]
-        for kind in SHARED_NAMESPACES:
-            namespaces.append({"type": kind, "path": f"/proc/{self._holder.pid}/ns/{kind}"})
+        for kind, name in SHARED_NAMESPACES.items():
+            if kind == "network" and self.owns_machine:
+                continue  # the guest's own network: the container stays in the agent's
+            namespaces.append({"type": kind, "path": f"/proc/{self._holder.pid}/ns/{name}"})
         config["linux"]["namespaces"] = namespaces
         config.pop("hostname", None)  # the sandbox's hostname applies
 

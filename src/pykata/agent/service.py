@@ -8,16 +8,24 @@ Methods not defined here answer UNIMPLEMENTED, naming the method.
 from __future__ import annotations
 
 import signal as signals
+from dataclasses import dataclass
 
 from google.protobuf.empty_pb2 import Empty
 
 from .. import __version__
-from ..api import agent_pb2, health_pb2
+from ..api import agent_pb2, csi_pb2, health_pb2, types_pb2
 from ..ttrpc import ServerContext, Service
-from . import cgroups, oci
+from . import cgroups, network, oci
+from .copyfile import CopyRequest, SharedFiles
+from .diagnostics import Diagnostics
 from .errors import InvalidArgument, Unsupported
+from .guest import Guest
+from .memagent import MemAgent
+from .metrics import Metrics
+from .policy import Enforcer
 from .sandbox import Sandbox, SandboxSettings
-from .storage import StorageSpec
+from .storage import DRIVERS, StorageSpec
+from .volumes import Volumes
 
 #: The agent API version reported by Health/Version (upstream's value).
 API_VERSION = "0.0.1"
@@ -42,11 +50,55 @@ def _storages(storages: list[agent_pb2.Storage]) -> list[StorageSpec]:
     ]
 
 
+@dataclass
+class AgentParts:
+    """Everything the agent's RPCs act on."""
+
+    sandbox: Sandbox
+    guest: Guest
+    files: SharedFiles
+    volumes: Volumes
+    memory: MemAgent
+    metrics: Metrics
+    policy: Enforcer
+    diagnostics: Diagnostics
+    supports_seccomp: bool = False
+
+
+def _interface(i: network.Interface) -> types_pb2.Interface:
+    return types_pb2.Interface(
+        device=i.device,
+        name=i.name,
+        IPAddresses=[
+            types_pb2.IPAddress(family=a.family, address=a.address, mask=a.mask)  # type: ignore[arg-type]
+            for a in i.addresses
+        ],
+        mtu=i.mtu,
+        hwAddr=i.hw_addr,
+        type=i.type,
+        raw_flags=i.raw_flags,
+    )
+
+
+def _route(r: network.Route) -> types_pb2.Route:
+    return types_pb2.Route(
+        dest=r.dest,
+        gateway=r.gateway,
+        device=r.device,
+        source=r.source,
+        scope=r.scope,
+        family=r.family,  # type: ignore[arg-type]
+        flags=r.flags,
+        mtu=r.mtu,
+    )
+
+
 class AgentService:
     """grpc.AgentService; method names are the RPC names."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
-        self.sandbox = sandbox
+    def __init__(self, parts: AgentParts) -> None:
+        self.parts = parts
+        self.sandbox = parts.sandbox
 
     # sandbox
 
@@ -173,15 +225,209 @@ class AgentService:
         process.resize(req.row, req.column)
         return EMPTY
 
+    # guest
+
+    async def GetGuestDetails(
+        self, req: agent_pb2.GuestDetailsRequest, ctx: ServerContext
+    ) -> agent_pb2.GuestDetailsResponse:
+        details = self.parts.guest.details(list(DRIVERS), self.parts.supports_seccomp)
+        return agent_pb2.GuestDetailsResponse(
+            mem_block_size_bytes=details.mem_block_size if req.mem_block_size else 0,
+            support_mem_hotplug_probe=details.mem_hotplug_probe if req.mem_hotplug_probe else False,
+            agent_details=agent_pb2.AgentDetails(
+                version=details.version,
+                init_daemon=details.init_daemon,
+                device_handlers=[],
+                storage_handlers=details.storage_handlers,
+                supports_seccomp=details.supports_seccomp,
+                extra_features=["policy", "debug_console", "log_port", "copy_file_atomic"],
+            ),
+        )
+
+    async def OnlineCPUMem(self, req: agent_pb2.OnlineCPUMemRequest, ctx: ServerContext) -> Empty:
+        await self.parts.guest.online_cpu_mem(req.nb_cpus, req.cpu_only, req.wait)
+        return EMPTY
+
+    async def MemHotplugByProbe(
+        self, req: agent_pb2.MemHotplugByProbeRequest, ctx: ServerContext
+    ) -> Empty:
+        self.parts.guest.hotplug_by_probe(list(req.memHotplugProbeAddr))
+        return EMPTY
+
+    async def SetGuestDateTime(
+        self, req: agent_pb2.SetGuestDateTimeRequest, ctx: ServerContext
+    ) -> Empty:
+        self.parts.guest.set_date_time(req.Sec, req.Usec)
+        return EMPTY
+
+    async def ReseedRandomDev(
+        self, req: agent_pb2.ReseedRandomDevRequest, ctx: ServerContext
+    ) -> Empty:
+        self.parts.guest.reseed_random(req.data)
+        return EMPTY
+
+    async def AddSwap(self, req: agent_pb2.AddSwapRequest, ctx: ServerContext) -> Empty:
+        await self.parts.guest.add_swap_device(list(req.PCIPath))
+        return EMPTY
+
+    async def AddSwapPath(self, req: agent_pb2.AddSwapPathRequest, ctx: ServerContext) -> Empty:
+        await self.parts.guest.add_swap_path(req.path)
+        return EMPTY
+
+    async def CopyFile(self, req: agent_pb2.CopyFileRequest, ctx: ServerContext) -> Empty:
+        self.parts.files.copy(
+            CopyRequest(
+                path=req.path,
+                file_size=req.file_size,
+                file_mode=req.file_mode,
+                dir_mode=req.dir_mode,
+                uid=req.uid,
+                gid=req.gid,
+                offset=req.offset,
+                data=req.data,
+            )
+        )
+        return EMPTY
+
+    async def MemAgentMemcgSet(
+        self, req: agent_pb2.MemAgentMemcgConfig, ctx: ServerContext
+    ) -> Empty:
+        self.parts.memory.set_memcg(req)
+        return EMPTY
+
+    async def MemAgentCompactSet(
+        self, req: agent_pb2.MemAgentCompactConfig, ctx: ServerContext
+    ) -> Empty:
+        self.parts.memory.set_compact(req)
+        return EMPTY
+
+    async def GetDiagnosticData(
+        self, req: agent_pb2.GetDiagnosticDataRequest, ctx: ServerContext
+    ) -> agent_pb2.GetDiagnosticDataResponse:
+        data = await self.parts.diagnostics.data(req.log_type, req.container_id)
+        return agent_pb2.GetDiagnosticDataResponse(data=data)
+
+    # volumes
+
+    async def GetVolumeStats(
+        self, req: agent_pb2.VolumeStatsRequest, ctx: ServerContext
+    ) -> csi_pb2.VolumeStatsResponse:
+        stats = self.parts.volumes.stats(req.volume_guest_path)
+        return csi_pb2.VolumeStatsResponse(
+            usage=[
+                csi_pb2.VolumeUsage(
+                    total=stats.bytes_total,
+                    used=stats.bytes_used,
+                    available=stats.bytes_available,
+                    unit=csi_pb2.VolumeUsage.BYTES,
+                ),
+                csi_pb2.VolumeUsage(
+                    total=stats.inodes_total,
+                    used=stats.inodes_used,
+                    available=stats.inodes_available,
+                    unit=csi_pb2.VolumeUsage.INODES,
+                ),
+            ],
+            volume_condition=csi_pb2.VolumeCondition(abnormal=False, message="ok"),
+        )
+
+    async def ResizeVolume(self, req: agent_pb2.ResizeVolumeRequest, ctx: ServerContext) -> Empty:
+        await self.parts.volumes.resize(req.volume_guest_path, req.size)
+        return EMPTY
+
+    async def UpdateEphemeralMounts(
+        self, req: agent_pb2.UpdateEphemeralMountsRequest, ctx: ServerContext
+    ) -> Empty:
+        await self.sandbox.storages.update_ephemeral(_storages(list(req.storages)))
+        return EMPTY
+
+    async def RemoveStaleVirtiofsShareMounts(
+        self, req: agent_pb2.RemoveStaleVirtiofsShareMountsRequest, ctx: ServerContext
+    ) -> Empty:
+        await self.parts.volumes.remove_stale_shares()
+        return EMPTY
+
+    # network
+
+    def _network(self) -> network.Network:
+        return network.Network(self.sandbox.netns_path)
+
+    async def ListInterfaces(
+        self, req: agent_pb2.ListInterfacesRequest, ctx: ServerContext
+    ) -> agent_pb2.Interfaces:
+        found = await self._network().list_interfaces()
+        return agent_pb2.Interfaces(Interfaces=[_interface(i) for i in found])
+
+    async def UpdateInterface(
+        self, req: agent_pb2.UpdateInterfaceRequest, ctx: ServerContext
+    ) -> types_pb2.Interface:
+        i = req.interface
+        if not i.hwAddr and not i.name:
+            raise InvalidArgument("interface needs a hwAddr (or a name) to find the link")
+        wanted = network.Interface(
+            name=i.name,
+            device=i.device,
+            hw_addr=i.hwAddr,
+            mtu=i.mtu,
+            addresses=[network.Address(a.family, a.address, a.mask) for a in i.IPAddresses],
+        )
+        return _interface(await self._network().update_interface(wanted))
+
+    async def ListRoutes(
+        self, req: agent_pb2.ListRoutesRequest, ctx: ServerContext
+    ) -> agent_pb2.Routes:
+        return agent_pb2.Routes(Routes=[_route(r) for r in await self._network().list_routes()])
+
+    async def UpdateRoutes(
+        self, req: agent_pb2.UpdateRoutesRequest, ctx: ServerContext
+    ) -> agent_pb2.Routes:
+        wanted = [
+            network.Route(r.dest, r.gateway, r.device, r.source, r.scope, r.family, r.flags, r.mtu)
+            for r in req.routes.Routes
+        ]
+        routes = await self._network().update_routes(wanted)
+        return agent_pb2.Routes(Routes=[_route(r) for r in routes])
+
+    async def AddARPNeighbors(
+        self, req: agent_pb2.AddARPNeighborsRequest, ctx: ServerContext
+    ) -> Empty:
+        await self._network().add_neighbors(
+            network.Neighbor(n.toIPAddress.address, n.device, n.lladdr, n.state, n.flags)
+            for n in req.neighbors.ARPNeighbors
+        )
+        return EMPTY
+
+    async def GetIPTables(
+        self, req: agent_pb2.GetIPTablesRequest, ctx: ServerContext
+    ) -> agent_pb2.GetIPTablesResponse:
+        return agent_pb2.GetIPTablesResponse(data=await self._network().get_iptables(req.is_ipv6))
+
+    async def SetIPTables(
+        self, req: agent_pb2.SetIPTablesRequest, ctx: ServerContext
+    ) -> agent_pb2.SetIPTablesResponse:
+        output = await self._network().set_iptables(req.is_ipv6, req.data)
+        return agent_pb2.SetIPTablesResponse(data=output)
+
+    # metrics and policy
+
+    async def GetMetrics(
+        self, req: agent_pb2.GetMetricsRequest, ctx: ServerContext
+    ) -> agent_pb2.Metrics:
+        return agent_pb2.Metrics(metrics=self.parts.metrics.text())
+
+    async def SetPolicy(self, req: agent_pb2.SetPolicyRequest, ctx: ServerContext) -> Empty:
+        self.parts.policy.replace(req.policy, "SetPolicy")
+        return EMPTY
+
 
 def health_service() -> Service:
     return Service.from_descriptor(health_pb2.DESCRIPTOR.services_by_name["Health"], Health())
 
 
-def services(sandbox: Sandbox) -> list[Service]:
+def services(parts: AgentParts) -> list[Service]:
     return [
         health_service(),
         Service.from_descriptor(
-            agent_pb2.DESCRIPTOR.services_by_name["AgentService"], AgentService(sandbox)
+            agent_pb2.DESCRIPTOR.services_by_name["AgentService"], AgentService(parts)
         ),
     ]

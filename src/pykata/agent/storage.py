@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import tracing
-from .errors import FailedPrecondition, InvalidArgument, Unsupported
+from .command import run
+from .errors import InvalidArgument, NotFound, Unsupported
 
 log = logging.getLogger("pykata.agent.storage")
 
@@ -32,7 +33,7 @@ class StorageSpec:
     mount_point: str
 
 
-def _inside(root: Path, path: str, what: str) -> Path:
+def inside(root: Path, path: str, what: str) -> Path:
     """`path`, checked to stay inside `root` once symlinks are resolved."""
     if not os.path.isabs(path):
         raise InvalidArgument(f"{what} {path!r} must be an absolute path")
@@ -48,12 +49,7 @@ def _inside(root: Path, path: str, what: str) -> Path:
 
 
 async def _mount(*args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "mount", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await proc.communicate()
-    if proc.returncode:
-        raise FailedPrecondition(f"mount {' '.join(args)} failed: {err.decode().strip()}")
+    await run("mount", *args)
 
 
 async def _umount(path: Path) -> None:
@@ -73,7 +69,7 @@ class Storages:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._users: dict[Path, int] = {}
-        self._mounted: set[Path] = set()
+        self._mounted: dict[Path, str] = {}  # mount point -> driver
 
     def check(self, spec: StorageSpec) -> None:
         """Refuse a storage before anything is done (unknown driver, bad paths)."""
@@ -82,12 +78,12 @@ class Storages:
                 f"storage driver {spec.driver!r} (for {spec.mount_point}) is not supported; "
                 f"supported: {', '.join(DRIVERS)}"
             )
-        _inside(self.root, spec.mount_point, "storage mount_point")
+        inside(self.root, spec.mount_point, "storage mount_point")
         if spec.driver == "overlayfs":
             for option in spec.options:
                 key, _, value = option.partition("=")
                 if key in ("upperdir", "workdir"):
-                    _inside(self.root, value, f"overlay {key}")
+                    inside(self.root, value, f"overlay {key}")
 
     async def add(self, spec: StorageSpec) -> Path:
         attributes = {"driver": spec.driver, "mount_point": spec.mount_point}
@@ -97,7 +93,7 @@ class Storages:
     async def _add(self, spec: StorageSpec) -> Path:
         self.check(spec)
         self.root.mkdir(parents=True, exist_ok=True)
-        point = _inside(self.root, spec.mount_point, "storage mount_point")
+        point = inside(self.root, spec.mount_point, "storage mount_point")
         if point in self._users:
             self._users[point] += 1
             return point
@@ -112,7 +108,7 @@ class Storages:
             await _mount("--bind", spec.source, str(point))
             if "ro" in options:
                 await _mount("-o", "remount,bind,ro", str(point))
-            self._mounted.add(point)
+            self._mounted[point] = spec.driver
         elif spec.driver == "ephemeral":
             await _mount(
                 "-t",
@@ -121,7 +117,7 @@ class Storages:
                 spec.source or "tmpfs",
                 str(point),
             )
-            self._mounted.add(point)
+            self._mounted[point] = spec.driver
         else:  # overlayfs
             for option in options:
                 key, _, value = option.partition("=")
@@ -130,7 +126,7 @@ class Storages:
             await _mount(
                 "-t", "overlay", "-o", ",".join(options), spec.source or "overlay", str(point)
             )
-            self._mounted.add(point)
+            self._mounted[point] = spec.driver
         self._users[point] = 1
         log.info("storage mounted", extra={"driver": spec.driver, "mount_point": str(point)})
         return point
@@ -142,10 +138,28 @@ class Storages:
             return
         self._users.pop(point, None)
         if point in self._mounted:
-            self._mounted.discard(point)
+            del self._mounted[point]
             await _umount(point)
         with contextlib.suppress(OSError):
             point.rmdir()
+
+    async def update_ephemeral(self, specs: list[StorageSpec]) -> None:
+        """Remount mounted ephemeral storages with new options (a new size, say)."""
+        points = []
+        for spec in specs:
+            if spec.driver != "ephemeral":
+                raise InvalidArgument(
+                    f"UpdateEphemeralMounts: storage {spec.mount_point} has driver "
+                    f"{spec.driver!r}; only ephemeral storages can be updated"
+                )
+            point = inside(self.root, spec.mount_point, "storage mount_point")
+            if self._mounted.get(point) != "ephemeral":
+                raise NotFound(f"no ephemeral storage is mounted at {spec.mount_point}")
+            points.append(point)
+        for spec, point in zip(specs, points, strict=True):
+            options = [o for o in spec.options if not o.startswith("mode=")]
+            await _mount("-o", ",".join(["remount", *options]), str(point))
+            log.info("ephemeral storage updated", extra={"mount_point": str(point)})
 
     async def release_all(self) -> None:
         for point in list(self._users):

@@ -1,0 +1,241 @@
+"""The debug console and the log port: two more listening sockets of the agent.
+
+Debug console (`agent.debug_console`, off by default): every connection
+gets its own shell (bash, else sh) on a fresh pseudo-terminal, in its own
+session; the bytes of the connection are the terminal's. Closing the
+connection hangs the shell up; the shell exiting closes the connection.
+
+Log port (`agent.log_vport`): every connection receives the agent's log
+lines from then on, the same JSON lines as on stderr. A reader that falls
+more than LOG_BUFFER_LIMIT behind loses lines; it is told how many in a
+line of its own when it catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pty
+import shutil
+import signal
+import subprocess
+import threading
+
+from .. import transport
+from .errors import FailedPrecondition
+from .reaper import orphans, process_exit
+
+log = logging.getLogger("pykata.agent.console")
+
+SHELLS = ("/bin/bash", "/bin/sh")
+LOG_BUFFER_LIMIT = 1 << 20
+
+
+def find_shell() -> str | None:
+    return next((shell for shell in SHELLS if os.access(shell, os.X_OK)), None)
+
+
+class _ConsoleSession(asyncio.Protocol):
+    """One connection <-> one shell on a pty."""
+
+    def __init__(self, console: DebugConsole) -> None:
+        self.console = console
+        self.transport: asyncio.Transport | None = None
+        self.master = -1
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._pending = bytearray()  # input the terminal has not taken yet
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        listener = self.console.listener
+        if listener is not None and not listener.admits(transport):
+            log.warning("debug console: refused a peer of another user")
+            transport.close()
+            return
+        self.master, slave = pty.openpty()
+        os.set_blocking(self.master, False)
+        try:
+            # setsid --ctty: a session of its own with the pty as its controlling terminal
+            self.proc = subprocess.Popen(
+                ["setsid", "--ctty", self.console.shell, "-i"],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                close_fds=True,
+                env={"TERM": "xterm", "PATH": os.environ.get("PATH", os.defpath), "HOME": "/"},
+            )
+        finally:
+            os.close(slave)
+        orphans.kept.add(self.proc.pid)
+        log.info("debug console opened", extra={"pid": self.proc.pid})
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.master, self._from_terminal)
+        self.console.sessions.add(self)
+        self.waiter = loop.create_task(self._wait_shell())
+
+    def _from_terminal(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: every holder of the terminal's other side is gone
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.master)
+            return
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self._pending += data
+        self._to_terminal()
+
+    def _to_terminal(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                written = os.write(self.master, self._pending)
+                del self._pending[:written]
+        except BlockingIOError:
+            loop.add_writer(self.master, self._to_terminal)
+            return
+        except OSError:
+            self._pending.clear()
+        loop.remove_writer(self.master)
+
+    async def _wait_shell(self) -> None:
+        assert self.proc is not None
+        await process_exit(self.proc.pid)
+        status = self.proc.wait()
+        orphans.kept.discard(self.proc.pid)
+        # What the shell wrote last is still in the terminal: pass it on.
+        with contextlib.suppress(OSError):
+            while data := os.read(self.master, 65536):
+                assert self.transport is not None
+                self.transport.write(data)
+        log.info("debug console closed", extra={"pid": self.proc.pid, "status": status})
+        self._close_terminal()
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGHUP)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.console.sessions.discard(self)
+
+    def _close_terminal(self) -> None:
+        if self.master >= 0:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.master)
+            loop.remove_writer(self.master)
+            os.close(self.master)
+            self.master = -1
+
+
+class DebugConsole:
+    def __init__(self, shell: str) -> None:
+        self.shell = shell
+        self.listener: transport.Listener | None = None
+        self.sessions: set[_ConsoleSession] = set()
+
+    async def start(self, address: str) -> None:
+        self.listener = await transport.listen(address, lambda: _ConsoleSession(self))
+        log.warning(
+            "debug console listening: anyone who can connect gets a root shell",
+            extra={"address": address},
+        )
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+
+
+class _LogReader(asyncio.Protocol):
+    def __init__(self, port: LogPort) -> None:
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self.dropped = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        listener = self.port.listener
+        if listener is not None and not listener.admits(transport):
+            transport.close()
+            return
+        self.transport = transport
+        self.port.readers.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the log port only speaks
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.port.readers.discard(self)
+
+    def send(self, line: bytes) -> None:
+        assert self.transport is not None
+        if self.transport.get_write_buffer_size() > LOG_BUFFER_LIMIT:
+            self.dropped += 1
+            return
+        if self.dropped:
+            note = f'{{"msg": "log port reader too slow: {self.dropped} line(s) dropped"}}\n'
+            self.transport.write(note.encode())
+            self.dropped = 0
+        self.transport.write(line)
+
+
+class LogPort(logging.Handler):
+    """A logging handler that also serves every line to the log port's readers."""
+
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self.listener: transport.Listener | None = None
+        self.readers: set[_LogReader] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+
+    async def start(self, address: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self.listener = await transport.listen(address, lambda: _LogReader(self))
+        logging.getLogger("pykata").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.readers or self._loop is None:
+            return
+        line = (self.format(record) + "\n").encode()
+        if threading.get_ident() == self._loop_thread:
+            self._send(line)
+        else:  # e.g. the span exporter's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._loop.call_soon_threadsafe(self._send, line)
+
+    def _send(self, line: bytes) -> None:
+        for reader in list(self.readers):
+            reader.send(line)
+
+    def close(self) -> None:
+        logging.getLogger("pykata").removeHandler(self)
+        if self.listener is not None:
+            self.listener.close()
+        for reader in list(self.readers):
+            if reader.transport is not None:
+                reader.transport.close()
+        super().close()
+
+
+def shell_or_error() -> str:
+    shell = find_shell()
+    if shell is None:
+        raise FailedPrecondition(f"no shell for the debug console: none of {', '.join(SHELLS)}")
+    if shutil.which("setsid") is None:
+        raise FailedPrecondition("setsid (util-linux) is needed for the debug console")
+    return shell
