@@ -4,7 +4,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golang-go golang-github-containerd-ttrpc-dev \
-                golang-google-protobuf-dev iproute2
+                golang-google-protobuf-dev iproute2 \
+                iptables xfsprogs e2fsprogs
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test bench protos lint clean

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from typing import cast
 
 from .. import transport
 from .errors import FailedPrecondition
@@ -48,8 +49,7 @@ class _ConsoleSession(asyncio.Protocol):
         self._pending = bytearray()  # input the terminal has not taken yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         listener = self.console.listener
         if listener is not None and not listener.admits(transport):
             log.warning("debug console: refused a peer of another user")
@@ -65,6 +65,7 @@ class _ConsoleSession(asyncio.Protocol):
                 stdout=slave,
                 stderr=slave,
                 close_fds=True,
+                cwd="/",
                 env={"TERM": "xterm", "PATH": os.environ.get("PATH", os.defpath), "HOME": "/"},
             )
         finally:
@@ -121,11 +122,27 @@ class _ConsoleSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def eof_received(self) -> bool:
+        # The client will type no more: end the shell's input as a terminal user
+        # does, with Ctrl-D - again every half second, because one typed before the
+        # shell has set up its terminal is lost, and a running command may take one
+        # first. Meanwhile the shell's output still flows back.
+        self._end_of_input()
+        return True
+
+    def _end_of_input(self) -> None:
+        if self.master < 0 or self.proc is None or self.proc.poll() is not None:
+            return
+        self.data_received(b"\x04")
+        asyncio.get_running_loop().call_later(0.5, self._end_of_input)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGHUP)
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            # The shell's group once it has its own session; the shell itself even
+            # if the connection went before it got that far.
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(ProcessLookupError):
+                    kill(self.proc.pid, signal.SIGKILL)
         self.console.sessions.discard(self)
 
     def _close_terminal(self) -> None:
@@ -165,12 +182,11 @@ class _LogReader(asyncio.Protocol):
         self.dropped = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         listener = self.port.listener
         if listener is not None and not listener.admits(transport):
             transport.close()
             return
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.port.readers.add(self)
 
     def data_received(self, data: bytes) -> None:

@@ -128,7 +128,7 @@ class Metrics:
         ProcessCollector(namespace="kata_agent", registry=self.registry)
         self.registry.register(GuestCollector())
         self.scrapes = Counter(
-            "kata_agent_scrape_count", "Times GetMetrics was answered", registry=self.registry
+            "kata_agent_scrape", "Times GetMetrics was answered", registry=self.registry
         )
 
     def text(self) -> str:

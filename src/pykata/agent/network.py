@@ -3,19 +3,23 @@
 Everything acts inside the sandbox's network namespace: the agent's own when
 it owns the machine (a guest), else the one the sandbox's holder process
 made for it - stand-alone, the agent never touches the host's network.
+
+The netlink methods block (pyroute2's synchronous IPRoute; its asyncio API
+needs datagram endpoints uvloop does not offer): callers run them in a thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
+import os
 import socket
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .command import run
@@ -23,6 +27,9 @@ from .errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("pykata.agent.network")
 
+CLONE_NEWNET = 0x40000000
+NETLINK_ROUTE = 0
+_libc = ctypes.CDLL(None, use_errno=True)
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
@@ -91,22 +98,55 @@ def _error(exc: NetlinkError, what: str) -> FailedPrecondition:
     return FailedPrecondition(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}")
 
 
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def netlink_socket_in(netns_path: str) -> socket.socket:
+    """A NETLINK_ROUTE socket of the namespace at `netns_path`.
+
+    A socket belongs to the namespace it was made in, so this thread visits
+    the namespace just long enough to make it. (pyroute2's own way forks a
+    helper and later signals it by pid - not something to do in an agent
+    that reaps orphans.)
+    """
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        os.close(own)
+        raise FailedPrecondition(
+            f"the sandbox network {netns_path} is gone: {exc.strerror}"
+        ) from None
+    try:
+        _setns(target)
+        try:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+        finally:
+            _setns(own)
+    finally:
+        os.close(target)
+        os.close(own)
+
+
 class Network:
     def __init__(self, netns_path: str | None) -> None:
         #: The namespace's /proc/<pid>/ns/net; None: the agent's own.
         self.netns_path = netns_path
 
-    @asynccontextmanager
-    async def _ipr(self) -> AsyncIterator[AsyncIPRoute]:
-        async with AsyncIPRoute(netns=self.netns_path) as ipr:
-            yield ipr
+    def _ipr(self) -> IPRoute:
+        if self.netns_path is None:
+            return IPRoute()
+        return IPRoute(fileno=netlink_socket_in(self.netns_path).detach())
 
     # --- interfaces ---------------------------------------------------------------
 
-    async def list_interfaces(self) -> list[Interface]:
-        async with self._ipr() as ipr:
-            links = [link async for link in await ipr.link("dump")]
-            addrs = [addr async for addr in await ipr.addr("dump")]
+    def list_interfaces(self) -> list[Interface]:
+        with self._ipr() as ipr:
+            links = list(ipr.link("dump"))
+            addrs = list(ipr.addr("dump"))
         found = []
         for link in links:
             info = link.get("IFLA_LINKINFO")
@@ -131,39 +171,39 @@ class Network:
             )
         return found
 
-    async def update_interface(self, wanted: Interface) -> Interface:
+    def update_interface(self, wanted: Interface) -> Interface:
         """Name, MTU, addresses and up state of the link found by hwAddr (else by name)."""
         for address in wanted.addresses:
             _prefix(address)
-        async with self._ipr() as ipr:
-            index = await self._find_link(ipr, wanted)
+        with self._ipr() as ipr:
+            index = self._find_link(ipr, wanted)
             try:
-                await ipr.link("set", index=index, state="down")
+                ipr.link("set", index=index, state="down")
                 if wanted.name:
-                    await ipr.link("set", index=index, ifname=wanted.name)
+                    ipr.link("set", index=index, ifname=wanted.name)
                 if wanted.mtu:
-                    await ipr.link("set", index=index, mtu=wanted.mtu)
-                for old in [a async for a in await ipr.addr("dump", index=index)]:
+                    ipr.link("set", index=index, mtu=wanted.mtu)
+                for old in list(ipr.addr("dump", index=index)):
                     if old.get("address", "").startswith("fe80:"):
                         continue  # the kernel's link-local address stays
-                    await ipr.addr(
+                    ipr.addr(
                         "del", index=index, address=old.get("address"), prefixlen=old["prefixlen"]
                     )
                 for address in wanted.addresses:
-                    await ipr.addr(
+                    ipr.addr(
                         "add", index=index, address=address.address, prefixlen=_prefix(address)
                     )
-                await ipr.link("set", index=index, state="up")
+                ipr.link("set", index=index, state="up")
             except NetlinkError as exc:
                 raise _error(
                     exc, f"cannot update interface {wanted.name or wanted.hw_addr}"
                 ) from None
         log.info("interface updated", extra={"interface": wanted.name, "hwaddr": wanted.hw_addr})
-        current = await self.list_interfaces()
+        current = self.list_interfaces()
         return next(i for i in current if i.hw_addr == wanted.hw_addr or i.name == wanted.name)
 
-    async def _find_link(self, ipr: AsyncIPRoute, wanted: Interface) -> int:
-        links = [link async for link in await ipr.link("dump")]
+    def _find_link(self, ipr: IPRoute, wanted: Interface) -> int:
+        links = list(ipr.link("dump"))
         for link in links:
             if wanted.hw_addr and (link.get("address") or "").lower() == wanted.hw_addr.lower():
                 return int(link["index"])
@@ -176,10 +216,10 @@ class Network:
 
     # --- routes -------------------------------------------------------------------
 
-    async def list_routes(self) -> list[Route]:
-        async with self._ipr() as ipr:
-            names = {link["index"]: link.get("ifname") async for link in await ipr.link("dump")}
-            routes = [r async for r in await ipr.route("dump", table=RT_TABLE_MAIN)]
+    def list_routes(self) -> list[Route]:
+        with self._ipr() as ipr:
+            names = {link["index"]: link.get("ifname") for link in ipr.link("dump")}
+            routes = list(ipr.route("dump", table=RT_TABLE_MAIN))
         found = []
         for r in routes:
             if r["family"] not in (socket.AF_INET, socket.AF_INET6):
@@ -200,31 +240,31 @@ class Network:
             )
         return found
 
-    async def update_routes(self, routes: list[Route]) -> list[Route]:
+    def update_routes(self, routes: list[Route]) -> list[Route]:
         """Replace the main table's routes (but the kernel's own) with `routes`."""
         for route in routes:
             self._check_route(route)
-        async with self._ipr() as ipr:
-            indexes = {link.get("ifname"): link["index"] async for link in await ipr.link("dump")}
+        with self._ipr() as ipr:
+            indexes = {link.get("ifname"): link["index"] for link in ipr.link("dump")}
             for route in routes:
                 if route.device and route.device not in indexes:
                     raise NotFound(
                         f"route to {route.dest or 'default'}: no interface {route.device!r} "
                         f"in the sandbox; there are: {', '.join(sorted(indexes))}"
                     )
-            existing = [r async for r in await ipr.route("dump", table=RT_TABLE_MAIN)]
+            existing = list(ipr.route("dump", table=RT_TABLE_MAIN))
             for r in existing:
                 if r["proto"] == RTPROT_KERNEL or r["family"] not in FAMILIES.values():
                     continue
-                await ipr.route("del", **_route_key(r))
+                ipr.route("del", **_route_key(r))
             # Link routes first: a gateway must be reachable before a route uses it.
             for route in sorted(routes, key=lambda r: bool(r.gateway)):
                 try:
-                    await ipr.route("replace", **_route_args(route, indexes))
+                    ipr.route("replace", **_route_args(route, indexes))
                 except NetlinkError as exc:
                     raise _error(exc, f"cannot add route {route.dest or 'default'}") from None
         log.info("routes updated", extra={"routes": len(routes)})
-        return await self.list_routes()
+        return self.list_routes()
 
     @staticmethod
     def _check_route(route: Route) -> None:
@@ -244,9 +284,9 @@ class Network:
 
     # --- neighbours ---------------------------------------------------------------
 
-    async def add_neighbors(self, neighbors: Iterable[Neighbor]) -> None:
-        async with self._ipr() as ipr:
-            indexes = {link.get("ifname"): link["index"] async for link in await ipr.link("dump")}
+    def add_neighbors(self, neighbors: Iterable[Neighbor]) -> None:
+        with self._ipr() as ipr:
+            indexes = {link.get("ifname"): link["index"] for link in ipr.link("dump")}
             for n in neighbors:
                 _family(n.address, "ARP neighbour toIPAddress")
                 if n.device not in indexes:
@@ -259,7 +299,7 @@ class Network:
                 if n.flags:
                     args["flags"] = n.flags
                 try:
-                    await ipr.neigh("replace", **args)
+                    ipr.neigh("replace", **args)
                 except NetlinkError as exc:
                     raise _error(exc, f"cannot add ARP neighbour {n.address}") from None
 

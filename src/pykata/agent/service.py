@@ -7,6 +7,7 @@ Methods not defined here answer UNIMPLEMENTED, naming the method.
 
 from __future__ import annotations
 
+import asyncio
 import signal as signals
 from dataclasses import dataclass
 
@@ -355,7 +356,7 @@ class AgentService:
     async def ListInterfaces(
         self, req: agent_pb2.ListInterfacesRequest, ctx: ServerContext
     ) -> agent_pb2.Interfaces:
-        found = await self._network().list_interfaces()
+        found = await asyncio.to_thread(self._network().list_interfaces)
         return agent_pb2.Interfaces(Interfaces=[_interface(i) for i in found])
 
     async def UpdateInterface(
@@ -371,12 +372,13 @@ class AgentService:
             mtu=i.mtu,
             addresses=[network.Address(a.family, a.address, a.mask) for a in i.IPAddresses],
         )
-        return _interface(await self._network().update_interface(wanted))
+        return _interface(await asyncio.to_thread(self._network().update_interface, wanted))
 
     async def ListRoutes(
         self, req: agent_pb2.ListRoutesRequest, ctx: ServerContext
     ) -> agent_pb2.Routes:
-        return agent_pb2.Routes(Routes=[_route(r) for r in await self._network().list_routes()])
+        routes = await asyncio.to_thread(self._network().list_routes)
+        return agent_pb2.Routes(Routes=[_route(r) for r in routes])
 
     async def UpdateRoutes(
         self, req: agent_pb2.UpdateRoutesRequest, ctx: ServerContext
@@ -385,16 +387,17 @@ class AgentService:
             network.Route(r.dest, r.gateway, r.device, r.source, r.scope, r.family, r.flags, r.mtu)
             for r in req.routes.Routes
         ]
-        routes = await self._network().update_routes(wanted)
+        routes = await asyncio.to_thread(self._network().update_routes, wanted)
         return agent_pb2.Routes(Routes=[_route(r) for r in routes])
 
     async def AddARPNeighbors(
         self, req: agent_pb2.AddARPNeighborsRequest, ctx: ServerContext
     ) -> Empty:
-        await self._network().add_neighbors(
+        neighbors = [
             network.Neighbor(n.toIPAddress.address, n.device, n.lladdr, n.state, n.flags)
             for n in req.neighbors.ARPNeighbors
-        )
+        ]
+        await asyncio.to_thread(self._network().add_neighbors, neighbors)
         return EMPTY
 
     async def GetIPTables(

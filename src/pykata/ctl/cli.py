@@ -16,9 +16,11 @@ from ..transport import (
     HybridVsockAddress,
     TransportError,
     UnixAddress,
+    connect_blocking,
     parse_address,
 )
 from ..ttrpc import Client
+from . import console as console_mod
 from .autovalues import AutoValues
 from .examples import EXAMPLES
 from .repl import interact
@@ -107,6 +109,32 @@ def parser() -> argparse.ArgumentParser:
         help="text (readable) or json (one object per line)",
     )
     connect.add_argument("--vm", action="store_true", help="boot a VM for the agent")
+    console = sub.add_parser(
+        "console",
+        help="open the agent's debug console, or run one command in it",
+        description="Open the agent's debug console (agent.debug_console), interactively "
+        "or to run one command whose output and exit status become this tool's.",
+        epilog="examples:\n"
+        "  kata-agent-ctl console unix:///tmp/console.sock\n"
+        "  kata-agent-ctl console vsock://3:1026 -c 'cat /proc/meminfo'\n"
+        "  kata-agent-ctl console --hybrid-vsock unix:///run/vc/vm/ID/kata.hvsock -c dmesg",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    console.add_argument("server_address", metavar="ADDRESS", help="the console's address")
+    console.add_argument(
+        "--hybrid-vsock", action="store_true", help="ADDRESS is a VMM's hybrid vsock socket"
+    )
+    console.add_argument(
+        "--hybrid-vsock-port",
+        type=int,
+        default=console_mod.DEFAULT_PORT,
+        metavar="PORT",
+        help="the console's port behind the hybrid vsock socket (default %(default)s)",
+    )
+    console.add_argument(
+        "-c", "--command", dest="run", help="run this one command and exit with its status"
+    )
+    console.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
     sub.add_parser("generate-cid", help="print a new container id")
     sub.add_parser("generate-sid", help="print a new sandbox id")
     sub.add_parser("examples", help="print examples")
@@ -162,6 +190,26 @@ def connect(args: argparse.Namespace) -> int:
     return 1 if session.failures and not args.ignore_errors else 0
 
 
+def console(args: argparse.Namespace) -> int:
+    try:
+        sock = connect_blocking(address_of(args), timeout=args.timeout or 10.0)
+    except (AddressError, TransportError) as exc:
+        print(f"kata-agent-ctl: {exc}", file=sys.stderr)
+        return 1
+    with sock:
+        sock.settimeout(None)
+        if args.run is None:
+            console_mod.interactive(sock)
+            return 0
+        try:
+            output, status = console_mod.run_command(sock, args.run, args.timeout)
+        except (TimeoutError, ConnectionError) as exc:
+            print(f"kata-agent-ctl: {exc}", file=sys.stderr)
+            return 1
+    sys.stdout.buffer.write(output)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logsetup.setup(LEVELS[args.log_level], name="kata-agent-ctl", source="ctl")
@@ -171,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "examples":
         print(EXAMPLES, end="")
         return 0
+    if args.command == "console":
+        return console(args)
     return connect(args)
 
 
