@@ -152,3 +152,15 @@ def test_repeated_fields_match_element_by_element() -> None:
     assert policy.decide("ExecProcess", request("PATH=/bin", "TERM=xterm")).allowed
     assert not policy.decide("ExecProcess", request("PATH=/bin", "LD_PRELOAD=/x.so")).allowed
     assert policy.decide("CreateContainer", agent_pb2.CreateContainerRequest()).rule == "default"
+
+
+def test_the_documented_example_is_a_valid_policy() -> None:
+    docs = (Path(__file__).parent.parent / "docs/policy.md").read_text()
+    example = docs.split("```toml\n", 1)[1].split("```", 1)[0]
+    policy = Policy.parse(example, "docs/policy.md")
+    exec_ls = agent_pb2.ExecProcessRequest(process=oci_pb2.Process(Args=["ls"], Env=["PATH=/bin"]))
+    assert policy.decide("ExecProcess", exec_ls).allowed
+    preload = agent_pb2.ExecProcessRequest(
+        process=oci_pb2.Process(Args=["ls"], Env=["PATH=/bin", "LD_PRELOAD=/evil.so"])
+    )
+    assert policy.decide("ExecProcess", preload).rule == "exec: plain environment"
