@@ -33,6 +33,7 @@ from tests.peers import (  # noqa: E402
 )
 
 import containers as containers_bench  # noqa: E402
+import guest as guest_bench  # noqa: E402
 import tracing as tracing_bench  # noqa: E402
 
 AGENT = [sys.executable, "-m", "pykata.agent.cli"]
@@ -186,8 +187,11 @@ def measure(rounds: int) -> dict[str, object]:
     containers = [containers_bench.measure() for _ in range(rounds)]
     print("tracing", file=sys.stderr, flush=True)
     tracing = tracing_bench.measure()
+    print("guest", file=sys.stderr, flush=True)
+    guest = guest_bench.measure()
     return {
         "tracing": tracing,
+        "guest": guest,
         "containers": containers,
         "machine": (
             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -225,6 +229,7 @@ def report(r: dict[str, object]) -> str:
     exec_ratio = cmed("agent", "exec_ms") / cmed("bare", "exec_ms")
     stdout = cmed("agent", "stdout_mib_s")
     tr: dict[str, float] = r["tracing"]  # type: ignore[assignment]
+    g: dict[str, float] = r["guest"]  # type: ignore[assignment]
     spans_s = tr["forwarder_spans_per_s"]
     traced = tr["check_us_on"] / tr["check_us_off"]
     traced_cycle = tr["cycle_ms_on"] / tr["cycle_ms_off"]
@@ -343,6 +348,22 @@ span after the reply is written, which moved the median from ~180 to
 client is quicker than the span work. On RPCs that do real work the cost
 disappears: the container cycle row above.
 
+## Guest operations, network, policy
+
+| measure | result |
+|---|---:|
+| CopyFile, {guest_bench.COPY_BYTES >> 20} MiB in 1 MiB chunks into the shared directory (atomic: partial file, fsync, rename) | {g["copyfile_mib_s"]:.0f} MiB/s |
+| GetMetrics (agent and guest, Prometheus text), median of {guest_bench.CALLS} | {g["getmetrics_ms"]:.2f} ms |
+| ListInterfaces in the sandbox's network namespace, median of {guest_bench.CALLS} | {g["listinterfaces_ms"]:.2f} ms |
+| ListRoutes, median of {guest_bench.CALLS} | {g["listroutes_ms"]:.2f} ms |
+| Check with no policy | {g["check_us_no_policy"]:.0f} us |
+| Check with a ten-rule policy (rules for other RPCs) | {g["check_us_policy"]:.0f} us |
+
+The network RPCs open a netlink socket inside the sandbox's namespace for
+each call (a thread visits the namespace to create it) and run pyroute2 in
+a worker thread; about a millisecond each. A policy's rules are indexed by
+RPC name when it loads, so calls no rule names pay only the lookup.
+
 Start-up is the median of 10 runs, from spawning `kata-agent` to the first
 Check answered (the client retries connecting every 2 ms). RSS is VmRSS one
 second after the first connection.
@@ -354,7 +375,7 @@ two ratios that sit nearest their targets:
 - our server / Go server, sequential: {per_round_seq}
 - container cycle, agent / bare runtime: {per_round_cycle}
 
-Across the full runs made on 2026-11-23 these medians ranged 0.64-0.75x
+Across the full runs of earlier sessions these medians ranged 0.64-0.75x
 and 1.09-1.37x: whether a target is met in one run depends on the machine's
 other load as much as on the code.
 
@@ -376,6 +397,7 @@ one coalesced write, which is where Python keeps up best.
     .venv/bin/python bench/run.py --rounds 5 --output BENCHMARKS.md
     .venv/bin/python bench/containers.py   # the container part alone, JSON
     .venv/bin/python bench/tracing.py      # the tracing part alone, JSON
+    .venv/bin/python bench/guest.py        # guest, network and policy, JSON
 """
 
 

@@ -73,9 +73,11 @@ class Rule:
     when: tuple[Condition, ...] = ()
     unless: tuple[Condition, ...] = ()
 
-    def applies(self, method: str, request: Message) -> bool:
-        if not any(fnmatch.fnmatchcase(method, m) for m in self.methods):
-            return False
+    def names(self, method: str) -> bool:
+        return any(fnmatch.fnmatchcase(method, m) for m in self.methods)
+
+    def applies(self, request: Message) -> bool:
+        """Whether the rule decides this request (of a method it names)."""
         if not all(c.holds(request) for c in self.when):
             return False
         return not (self.unless and all(c.holds(request) for c in self.unless))
@@ -92,6 +94,11 @@ class Policy:
     default: str = "allow"
     rules: list[Rule] = field(default_factory=list)
     source: str = "built-in allow-all"
+    #: RPC name -> the rules naming it, in order (wildcards resolved once, at load).
+    by_method: dict[str, list[Rule]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_method = {rpc: [r for r in self.rules if r.names(rpc)] for rpc in REQUESTS}
 
     @classmethod
     def parse(cls, text: str, source: str) -> Policy:
@@ -112,15 +119,15 @@ class Policy:
         return cls(default, rules, source)
 
     def decide(self, method: str, request: Message) -> Decision:
-        for rule in self.rules:
-            if rule.applies(method, request):
+        for rule in self.by_method.get(method, ()):
+            if rule.applies(request):
                 return Decision(rule.decision == "allow", rule.name)
         return Decision(self.default == "allow", "default")
 
     def check(self, method: str, request: Message) -> None:
         """Let the call through, or raise PermissionDenied naming the rule."""
-        if not self.rules and self.default == "allow":
-            return  # allow-all: nothing to decide or log
+        if self.default == "allow" and not self.by_method.get(method):
+            return  # no rule for this method and allowed by default: nothing to log
         decision = self.decide(method, request)
         if decision.allowed:
             log.debug("policy allows", extra={"method": method, "rule": decision.rule})
