@@ -132,6 +132,9 @@ def measure() -> dict[str, Any]:
                     stop(proc)
     results["check_us_no_policy"] = statistics.median(checks[False])
     results["check_us_policy"] = statistics.median(checks[True])
+    results["check_policy_ratio_per_round"] = [
+        on / off for off, on in zip(checks[False], checks[True], strict=True)
+    ]
     return results
 
 

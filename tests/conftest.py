@@ -9,12 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from pykata.ttrpc import Client
+from pykata.api import agent_pb2
+from pykata.ttrpc import Client, Stub
 
 from .peers import build_go_peer, wait_for_socket
 
@@ -118,3 +119,17 @@ def run_container_agent(tmp: Path, runtime: str = "auto", **kw: object) -> Itera
     env.update(kw.pop("env", {}))  # type: ignore[arg-type]
     with run_agent(f"unix://{tmp}/agent.sock", tmp=tmp, env=env, **kw) as agent:  # type: ignore[arg-type]
         yield agent
+
+
+@pytest.fixture
+def container_agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    """An agent able to run containers, its run dir in tmp_path/run."""
+    with run_container_agent(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def api(container_agent: AgentProcess) -> AsyncIterator[Stub]:
+    """A Stub for grpc.AgentService on container_agent (test modules may override)."""
+    async with await Client.connect(container_agent.address) as client:
+        yield Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from pykata.api import health_pb2
 from pykata.ttrpc import Client
 
-from .conftest import run_agent
+from .conftest import AgentProcess, run_agent
 from .peers import wait_for_socket
 
 CTL = [sys.executable, "-m", "pykata.ctl.cli"]
@@ -29,6 +30,18 @@ def ctl_console(address: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CTL, "console", address, *args], capture_output=True, text=True, timeout=30
     )
+
+
+@contextlib.contextmanager
+def console_agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, str]]:
+    """An agent serving its debug console on a unix socket: (agent, console address)."""
+    console = f"unix://{tmp_path}/console.sock"
+    env = {"KATA_AGENT_DEBUG_CONSOLE_ADDR": console}
+    with run_agent(
+        f"unix://{tmp_path}/agent.sock", tmp=tmp_path, env=env, cmdline="agent.debug_console"
+    ) as agent:
+        wait_for_socket(f"{tmp_path}/console.sock", proc=agent.proc)
+        yield agent, console
 
 
 def children(agent_pid: int) -> list[str]:
@@ -42,12 +55,7 @@ def children(agent_pid: int) -> list[str]:
 
 
 async def test_console_runs_one_command_with_output_and_status(tmp_path: Path) -> None:
-    console = f"unix://{tmp_path}/console.sock"
-    env = {"KATA_AGENT_DEBUG_CONSOLE_ADDR": console}
-    with run_agent(
-        f"unix://{tmp_path}/agent.sock", tmp=tmp_path, env=env, cmdline="agent.debug_console"
-    ) as agent:
-        wait_for_socket(f"{tmp_path}/console.sock", proc=agent.proc)
+    with console_agent(tmp_path) as (agent, console):
         assert os.stat(f"{tmp_path}/console.sock").st_mode & 0o777 == 0o600
         done = ctl_console(console, "-c", "echo out; echo err >&2; exit 7")
         assert done.returncode == 7
@@ -78,12 +86,7 @@ def read_until(fd: int, wanted: bytes, timeout: float = 15) -> bytes:
 
 
 def test_console_interactive_through_a_terminal(tmp_path: Path) -> None:
-    console = f"unix://{tmp_path}/console.sock"
-    env = {"KATA_AGENT_DEBUG_CONSOLE_ADDR": console}
-    with run_agent(
-        f"unix://{tmp_path}/agent.sock", tmp=tmp_path, env=env, cmdline="agent.debug_console"
-    ) as agent:
-        wait_for_socket(f"{tmp_path}/console.sock", proc=agent.proc)
+    with console_agent(tmp_path) as (_agent, console):
         fd, terminal = pty.openpty()
         ctl = subprocess.Popen(
             [*CTL, "console", console], stdin=terminal, stdout=terminal, stderr=terminal
@@ -103,12 +106,7 @@ def test_console_interactive_through_a_terminal(tmp_path: Path) -> None:
 
 
 def test_console_reads_a_pipe_to_its_end(tmp_path: Path) -> None:
-    console = f"unix://{tmp_path}/console.sock"
-    env = {"KATA_AGENT_DEBUG_CONSOLE_ADDR": console}
-    with run_agent(
-        f"unix://{tmp_path}/agent.sock", tmp=tmp_path, env=env, cmdline="agent.debug_console"
-    ) as agent:
-        wait_for_socket(f"{tmp_path}/console.sock", proc=agent.proc)
+    with console_agent(tmp_path) as (_agent, console):
         done = subprocess.run(
             [*CTL, "console", console],
             input="echo piped-$((1+1))\n",

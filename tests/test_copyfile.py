@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pykata.api import agent_pb2, health_pb2
-from pykata.ttrpc import Client, Code, Stub, TtrpcError
-
-from .conftest import AgentProcess, run_container_agent
+from pykata.ttrpc import Code, TtrpcError
 
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    with run_container_agent(tmp_path) as running:
-        yield running
-
-
-@pytest.fixture
-async def api(agent: AgentProcess) -> AsyncIterator[Any]:
-    async with await Client.connect(agent.address) as client:
-        yield Stub(client, AGENT)
 
 
 def copy(path: Path | str, data: bytes, **fields: Any) -> agent_pb2.CopyFileRequest:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,10 @@ from pykata import __version__
 from pykata.api import agent_pb2
 from pykata.ttrpc import Client, Code, Stub, TtrpcError
 
-from .conftest import AgentProcess, run_container_agent
+from .conftest import run_container_agent
 from .containers import spec
 
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    with run_container_agent(tmp_path) as running:
-        yield running
-
-
-@pytest.fixture
-async def api(agent: AgentProcess) -> AsyncIterator[Any]:
-    async with await Client.connect(agent.address) as client:
-        yield Stub(client, AGENT)
 
 
 async def test_guest_details_are_the_machines(api: Any) -> None:

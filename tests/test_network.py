@@ -13,16 +13,16 @@ import json
 import os
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pykata.api import agent_pb2, types_pb2
-from pykata.ttrpc import Client, Code, Stub, TtrpcError
+from pykata.ttrpc import Code, TtrpcError
 
-from .conftest import AgentProcess, run_container_agent
+from .conftest import AgentProcess
 from .containers import spec
 from .test_containers import read_all
 
@@ -82,27 +82,17 @@ def web_server(address: str) -> Iterator[int]:
         server.shutdown()
 
 
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    with run_container_agent(tmp_path) as running:
-        yield running
-
-
-@pytest.fixture
-async def api(agent: AgentProcess) -> AsyncIterator[Any]:
-    async with await Client.connect(agent.address) as client:
-        yield Stub(client, AGENT)
-
-
 async def test_network_needs_a_sandbox_on_a_host(api: Any) -> None:
     with pytest.raises(TtrpcError) as exc:
         await api.ListInterfaces(agent_pb2.ListInterfacesRequest())
     assert exc.value.code == Code.FAILED_PRECONDITION and "CreateSandbox" in exc.value.message
 
 
-async def test_configure_the_sandbox_network(api: Any, agent: AgentProcess, rootfs: Path) -> None:
+async def test_configure_the_sandbox_network(
+    api: Any, container_agent: AgentProcess, rootfs: Path
+) -> None:
     await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="net"))
-    holder = sandbox_holder(agent)
+    holder = sandbox_holder(container_agent)
     host_rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     with veth_into(holder) as guest_end:
         listed = await api.ListInterfaces(agent_pb2.ListInterfacesRequest())
@@ -186,7 +176,7 @@ async def test_configure_the_sandbox_network(api: Any, agent: AgentProcess, root
         await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="web"))
 
 
-async def test_bad_network_requests(api: Any, agent: AgentProcess) -> None:
+async def test_bad_network_requests(api: Any, container_agent: AgentProcess) -> None:
     await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="bad"))
     cases = [
         (

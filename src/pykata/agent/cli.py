@@ -30,7 +30,6 @@ from .diagnostics import Diagnostics, RecentLogs
 from .errors import AgentError
 from .guest import Guest
 from .memagent import MemAgent
-from .metrics import Metrics
 from .policy import Enforcer
 from .runtime import OciRuntime
 from .sandbox import Sandbox
@@ -102,7 +101,6 @@ def agent_parts(
         files=SharedFiles(run_dir / "shared"),
         volumes=Volumes(run_dir, run_dir / "shared"),
         memory=MemAgent(guest),
-        metrics=Metrics(),
         policy=Enforcer.from_file(config.policy_file),
         diagnostics=Diagnostics(sandbox, recent),
         supports_seccomp=runtime.supports_seccomp(),

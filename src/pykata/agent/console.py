@@ -47,6 +47,7 @@ class _ConsoleSession(asyncio.Protocol):
         self.master = -1
         self.proc: subprocess.Popen[bytes] | None = None
         self._pending = bytearray()  # input the terminal has not taken yet
+        self.waiter: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -91,6 +92,8 @@ class _ConsoleSession(asyncio.Protocol):
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        if self.master < 0:
+            return  # the shell is gone; the connection is closing
         self._pending += data
         self._to_terminal()
 

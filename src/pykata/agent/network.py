@@ -19,9 +19,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from .command import run
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -94,7 +91,13 @@ def _prefix(address: Address) -> int:
     return length
 
 
-def _error(exc: NetlinkError, what: str) -> FailedPrecondition:
+def _netlink_error() -> type[Exception]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError  # type: ignore[no-any-return]
+
+
+def _error(exc: Exception, what: str) -> FailedPrecondition:
     return FailedPrecondition(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}")
 
 
@@ -136,7 +139,9 @@ class Network:
         #: The namespace's /proc/<pid>/ns/net; None: the agent's own.
         self.netns_path = netns_path
 
-    def _ipr(self) -> IPRoute:
+    def _ipr(self) -> Any:
+        from pyroute2 import IPRoute  # on first use: pyroute2 takes ~75 ms to import
+
         if self.netns_path is None:
             return IPRoute()
         return IPRoute(fileno=netlink_socket_in(self.netns_path).detach())
@@ -194,7 +199,7 @@ class Network:
                         "add", index=index, address=address.address, prefixlen=_prefix(address)
                     )
                 ipr.link("set", index=index, state="up")
-            except NetlinkError as exc:
+            except _netlink_error() as exc:
                 raise _error(
                     exc, f"cannot update interface {wanted.name or wanted.hw_addr}"
                 ) from None
@@ -202,7 +207,7 @@ class Network:
         current = self.list_interfaces()
         return next(i for i in current if i.hw_addr == wanted.hw_addr or i.name == wanted.name)
 
-    def _find_link(self, ipr: IPRoute, wanted: Interface) -> int:
+    def _find_link(self, ipr: Any, wanted: Interface) -> int:
         links = list(ipr.link("dump"))
         for link in links:
             if wanted.hw_addr and (link.get("address") or "").lower() == wanted.hw_addr.lower():
@@ -261,7 +266,7 @@ class Network:
             for route in sorted(routes, key=lambda r: bool(r.gateway)):
                 try:
                     ipr.route("replace", **_route_args(route, indexes))
-                except NetlinkError as exc:
+                except _netlink_error() as exc:
                     raise _error(exc, f"cannot add route {route.dest or 'default'}") from None
         log.info("routes updated", extra={"routes": len(routes)})
         return self.list_routes()
@@ -300,7 +305,7 @@ class Network:
                     args["flags"] = n.flags
                 try:
                     ipr.neigh("replace", **args)
-                except NetlinkError as exc:
+                except _netlink_error() as exc:
                     raise _error(exc, f"cannot add ARP neighbour {n.address}") from None
 
     # --- iptables -----------------------------------------------------------------

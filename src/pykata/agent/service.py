@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal as signals
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from google.protobuf.empty_pb2 import Empty
 
@@ -22,11 +23,13 @@ from .diagnostics import Diagnostics
 from .errors import InvalidArgument, Unsupported
 from .guest import Guest
 from .memagent import MemAgent
-from .metrics import Metrics
 from .policy import Enforcer
 from .sandbox import Sandbox, SandboxSettings
 from .storage import DRIVERS, StorageSpec
 from .volumes import Volumes
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 #: The agent API version reported by Health/Version (upstream's value).
 API_VERSION = "0.0.1"
@@ -60,10 +63,11 @@ class AgentParts:
     files: SharedFiles
     volumes: Volumes
     memory: MemAgent
-    metrics: Metrics
     policy: Enforcer
     diagnostics: Diagnostics
     supports_seccomp: bool = False
+    #: Made on the first GetMetrics (prometheus_client takes ~20 ms to import).
+    metrics: Metrics | None = None
 
 
 def _interface(i: network.Interface) -> types_pb2.Interface:
@@ -416,6 +420,10 @@ class AgentService:
     async def GetMetrics(
         self, req: agent_pb2.GetMetricsRequest, ctx: ServerContext
     ) -> agent_pb2.Metrics:
+        if self.parts.metrics is None:
+            from .metrics import Metrics
+
+            self.parts.metrics = Metrics()
         return agent_pb2.Metrics(metrics=self.parts.metrics.text())
 
     async def SetPolicy(self, req: agent_pb2.SetPolicyRequest, ctx: ServerContext) -> Empty:
