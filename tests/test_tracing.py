@@ -264,6 +264,7 @@ async def test_agent_keeps_spans_while_the_forwarder_is_away(tmp_path: Path) -> 
                     health_pb2.CheckRequest(),
                     health_pb2.HealthCheckResponse,
                 )
+            time.sleep(0.6)  # past the exporter's 200 ms schedule: it tries, and finds none
             with forwarder(address, "--output", str(out)):
                 for _ in range(5):
                     await client.call(
