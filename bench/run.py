@@ -332,7 +332,6 @@ its own mount namespace, as the agent is. Medians over the rounds.
 | Check on / off per round ({tracing_bench.ROUNDS} rounds, off and on alternating) | {per_round_traced} |
 | median container create+start+wait+remove, tracing off (median of {tracing_bench.CYCLES}) | {tr["cycle_ms_off"]:.2f} ms |
 | the same, tracing on (4 RPC spans and 3 runtime spans per cycle) | {tr["cycle_ms_on"]:.2f} ms |
-
 | the agent's CPU per Check (user + system, from /proc), tracing off / on | {tr["check_cpu_us_off"]:.0f} us / {tr["check_cpu_us_on"]:.0f} us |
 
 How to read the Check rows: the latency ratio is what the runtime feels,
@@ -402,6 +401,7 @@ one coalesced write, which is where Python keeps up best.
     .venv/bin/python bench/containers.py   # the container part alone, JSON
     .venv/bin/python bench/tracing.py      # the tracing part alone, JSON
     .venv/bin/python bench/guest.py        # guest, network and policy, JSON
+    .venv/bin/python bench/run.py --report-only   # rewrite this file from bench/results.json
 """
 
 
@@ -413,6 +413,11 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite --output from the results in --json, measuring nothing",
+    )
+    parser.add_argument(
         "--py-client", nargs=3, metavar=("SOCKET", "CALLS", "CONCURRENCY"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -422,8 +427,11 @@ def main() -> None:
         path, calls, conc = args.py_client
         print(uvloop.run(_py_client(path, int(calls), int(conc))))
         return
-    results = measure(args.rounds)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.report_only:
+        results = json.loads(Path(args.json).read_text())
+    else:
+        results = measure(args.rounds)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     Path(args.output).write_text(report(results))
     print(report(results))
 

@@ -39,6 +39,11 @@ async def test_copies_a_file_creating_parents(api: Any, tmp_path: Path) -> None:
     assert stat.S_IMODE(parent.st_mode) == 0o750 and parent.st_uid == 65534
     # no partial file left behind
     assert os.listdir(target.parent) == ["hosts"]
+    # the requested modes exactly, whatever the agent's umask
+    wide = tmp_path / "run/shared/containers/c2/tmp/f"
+    await api.CopyFile(copy(wide, b"x", dir_mode=0o777, file_mode=stat.S_IFREG | 0o666))
+    assert stat.S_IMODE(wide.parent.stat().st_mode) == 0o777
+    assert stat.S_IMODE(wide.stat().st_mode) == 0o666
 
 
 async def test_chunks_appear_only_when_complete(api: Any, tmp_path: Path) -> None:

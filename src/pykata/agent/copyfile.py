@@ -67,9 +67,10 @@ class SharedFiles:
         fd = os.open(self.root, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             for name in parts[:-1]:
+                created = False
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, req.dir_mode & 0o7777 or 0o755, dir_fd=fd)
-                    os.chown(name, req.uid, req.gid, dir_fd=fd, follow_symlinks=False)
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                    created = True
                 try:
                     child = os.open(name, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
                 except OSError as exc:
@@ -79,6 +80,9 @@ class SharedFiles:
                     ) from None
                 os.close(fd)
                 fd = child
+                if created:  # the requested mode exactly, whatever the umask
+                    os.fchmod(fd, stat.S_IMODE(req.dir_mode) or 0o755)
+                    os.fchown(fd, req.uid, req.gid)
             yield fd
         finally:
             os.close(fd)
