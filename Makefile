@@ -5,10 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golang-go golang-github-containerd-ttrpc-dev \
                 golang-google-protobuf-dev iproute2 \
-                iptables xfsprogs e2fsprogs
+                iptables xfsprogs e2fsprogs lttng-tools liblttng-ust1 python3-lttngust \
+                babeltrace2 python3-bt2
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench protos lint clean
+.PHONY: setup demo test bench protos lint clean clean-traces
 
 setup: $(STAMP)
 
@@ -50,3 +51,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Traces recorded by kata-container-trace (and nothing else).
+TRACES_DIR ?= lttng-traces
+clean-traces:
+	rm -rf -- $(TRACES_DIR)

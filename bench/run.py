@@ -33,6 +33,7 @@ from tests.peers import (  # noqa: E402
 )
 
 import containers as containers_bench  # noqa: E402
+import containertrace as containertrace_bench  # noqa: E402
 import guest as guest_bench  # noqa: E402
 import tracing as tracing_bench  # noqa: E402
 
@@ -189,7 +190,10 @@ def measure(rounds: int) -> dict[str, object]:
     tracing = tracing_bench.measure()
     print("guest", file=sys.stderr, flush=True)
     guest = guest_bench.measure()
+    print("container tracing", file=sys.stderr, flush=True)
+    lttng = containertrace_bench.measure()
     return {
+        "containertrace": lttng,
         "tracing": tracing,
         "guest": guest,
         "containers": containers,
@@ -230,6 +234,7 @@ def report(r: dict[str, object]) -> str:
     stdout = cmed("agent", "stdout_mib_s")
     tr: dict[str, float] = r["tracing"]  # type: ignore[assignment]
     g: dict[str, Any] = r["guest"]  # type: ignore[assignment]
+    lt: dict[str, Any] = r["containertrace"]  # type: ignore[assignment]
     spans_s = tr["forwarder_spans_per_s"]
     traced = tr["check_us_on"] / tr["check_us_off"]
     traced_cycle = tr["cycle_ms_on"] / tr["cycle_ms_off"]
@@ -367,6 +372,15 @@ each call (a thread visits the namespace to create it) and run pyroute2 in
 a worker thread; about a millisecond each. A policy's rules are indexed by
 RPC name when it loads, so calls no rule names pay only the lookup.
 
+## Container tracing (LTTng)
+
+| measure | result |
+|---|---:|
+| `kata-container-trace record --count {lt["count"]} --command '{lt["command"]}'`, wall time (agent start, 6 wrapper probes, session, container, copy) | {lt["record_s"]:.1f} s |
+| events recorded (all wrappers kept: the libc wrapper's malloc/free dominate) | {lt["events"]:,} |
+| trace size | {lt["trace_mb"]:.1f} MB |
+| reading it back with babeltrace2's Python bindings (summary) | {lt["read_events_per_s"]:,.0f} events/s |
+
 Start-up is the median of 10 runs, from spawning `kata-agent` to the first
 Check answered (the client retries connecting every 2 ms). RSS is VmRSS one
 second after the first connection.
@@ -401,6 +415,7 @@ one coalesced write, which is where Python keeps up best.
     .venv/bin/python bench/containers.py   # the container part alone, JSON
     .venv/bin/python bench/tracing.py      # the tracing part alone, JSON
     .venv/bin/python bench/guest.py        # guest, network and policy, JSON
+    .venv/bin/python bench/containertrace.py  # LTTng recording, JSON
     .venv/bin/python bench/run.py --report-only   # rewrite this file from bench/results.json
 """
 

@@ -22,7 +22,7 @@ from ..transport import AddressError, TransportError
 from ..ttrpc import Server, ServerContext
 from ..ttrpc.server import CallHook
 from . import config as configmod
-from . import reaper
+from . import lttng, reaper
 from . import runtime as runtime_mod
 from .console import DebugConsole, LogPort, shell_or_error
 from .copyfile import SharedFiles
@@ -38,6 +38,7 @@ from .tracing import Tracing
 from .volumes import Volumes
 
 log = logging.getLogger("pykata.agent")
+LTTNG_ENV = "KATA_AGENT_LTTNG"
 
 EPILOG = """\
 configuration (lowest precedence first):
@@ -57,6 +58,7 @@ environment:
   KATA_AGENT_DEBUG_CONSOLE_ADDR  debug console address, when agent.debug_console is on
                            (default vsock://-1:<agent.debug_console_vport>)
   KATA_AGENT_LOG_ADDR      serve log lines here too (default vsock://-1:<agent.log_vport>)
+  KATA_AGENT_LTTNG         true: log records also as LTTng events (python3-lttngust)
 
 examples:
   # stand-alone on a development host, talking to it with kata-agent-ctl
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logsetup.setup(config.logging_level, name="kata-agent", source="agent")
     log.info("announce", extra={"version": __version__, "config": config.announce_fields()})
+    if configmod.parse_bool(os.environ.get(LTTNG_ENV, "false")):
+        lttng.load_python_agent()
     try:
         reaper.become_subreaper()
     except OSError as exc:

@@ -1,0 +1,1 @@
+"""kata-container-trace: LTTng traces of container runs through the agent."""

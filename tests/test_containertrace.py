@@ -1,0 +1,124 @@
+"""kata-container-trace: real LTTng sessions around real container runs.
+
+Userspace only: these machines cannot load LTTng's kernel modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pykata.containertrace import ctf, session
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACE = [sys.executable, "-m", "pykata.containertrace.cli"]
+
+
+def wait_until(condition: object, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_record_a_container_run(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            *TRACE,
+            "record",
+            "--name",
+            f"t{os.getpid()}",
+            "--count",
+            "3",
+            "--command",
+            "ls /",
+            "--output-dir",
+            str(tmp_path / "traces"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kernel tracing unavailable" in done.stderr  # said once, then userspace only
+    assert f"t{os.getpid()}" not in session.sessions()  # nothing left recording
+    trace = tmp_path / "traces" / f"t{os.getpid()}"
+    owners = json.loads((trace / ctf.CONTAINERS_FILE).read_text())
+    (container_id,) = owners
+    events = list(ctf.events(trace))
+    in_container = [e for e in events if e.pid_ns == owners[container_id]]
+    # the container ran `ls` three times, each a traced process of its own
+    assert len({e.vpid for e in in_container if e.procname == "ls"}) == 3
+    # and the agent's own log records arrived through LTTng's Python agent
+    agent = [e for e in events if e.name == "lttng_python:event"]
+    messages = {e.fields["msg"] for e in agent}
+    assert "container created" in messages and "container removed" in messages
+    assert all(e.fields["logger_name"].startswith("pykata") for e in agent)
+    summary = ctf.summarise(trace)
+    assert summary.by_container[container_id] == len(in_container)
+    assert f"per container:\n  {container_id}" in summary.text()
+
+    chrome = tmp_path / "trace.json"
+    converted = subprocess.run(
+        [*TRACE, "chrome", str(trace), "-o", str(chrome)], capture_output=True, text=True
+    )
+    assert converted.returncode == 0, converted.stderr
+    trace_events = json.loads(chrome.read_text())["traceEvents"]
+    assert len([e for e in trace_events if e["ph"] == "i"]) == len(events)
+    labels = {e["args"]["name"]: e["pid"] for e in trace_events if e["ph"] == "M"}
+    assert f"ls [{container_id}]" in labels
+    # the agent's spans of the same run share the timeline: the container's processes
+    # run after its StartContainer span began and before its RemoveContainer did
+    spans = {
+        e["name"]: e
+        for e in trace_events
+        if e["ph"] == "X" and e["args"].get("container_id") == container_id
+    }
+    container_rows = {pid for name, pid in labels.items() if name.endswith(f"[{container_id}]")}
+    ts = [e["ts"] for e in trace_events if e["ph"] == "i" and e["pid"] in container_rows]
+    assert spans["StartContainer"]["ts"] < min(ts) and max(ts) < spans["RemoveContainer"]["ts"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_no_session_is_left_behind(tmp_path: Path, sig: int) -> None:
+    name = f"cut{os.getpid()}{int(sig)}"
+    recorder = subprocess.Popen(
+        [*TRACE, "record", "--name", name, "--command", "sleep 30", "--output-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert wait_until(lambda: name in session.sessions()), "the session never started"
+        recorder.send_signal(sig)
+        status = recorder.wait(60)
+        # whatever ended the recorder - Ctrl-C, or a kill it could not catch -
+        # the session goes (the guard process destroys it in the second case)
+        assert wait_until(lambda: name not in session.sessions(), timeout=15)
+        if sig == signal.SIGINT:
+            assert status == 130 and "interrupted" in recorder.stderr.read()  # type: ignore[union-attr]
+        assert not (tmp_path / name).exists()
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+
+
+def test_clean_traces_removes_traces_and_nothing_else(tmp_path: Path) -> None:
+    traces = tmp_path / "lttng-traces"
+    (traces / "kata-1" / "ust").mkdir(parents=True)
+    (tmp_path / "keep.txt").write_text("mine")
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "clean-traces", f"TRACES_DIR={traces}"], check=True
+    )
+    assert not traces.exists() and (tmp_path / "keep.txt").read_text() == "mine"
