@@ -30,29 +30,47 @@ def wait_until(condition: object, timeout: float = 20) -> bool:
     return False
 
 
-def test_record_a_container_run(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            *TRACE,
-            "record",
-            "--name",
-            f"t{os.getpid()}",
-            "--count",
-            "3",
-            "--command",
-            "ls /",
-            "--output-dir",
-            str(tmp_path / "traces"),
-        ],
+def helpers() -> list[str]:
+    """Command lines of running recorder helpers (they live in its work directory)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "/kata-container-trace-" in text:
+            found.append(text)
+    return found
+
+
+def record(
+    out: Path, name: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TRACE, "record", "--name", name, "--output-dir", str(out), *args],
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=tmp_path,
+        cwd=out.parent,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_record_a_container_run(tmp_path: Path) -> None:
+    done = record(
+        tmp_path / "traces",
+        f"t{os.getpid()}",
+        *("--count", "3", "--command", "ls /"),
+        env={"SUDO_UID": "65534", "SUDO_GID": "65534"},  # as if run through sudo
     )
     assert done.returncode == 0, done.stderr
     assert "kernel tracing unavailable" in done.stderr  # said once, then userspace only
     assert f"t{os.getpid()}" not in session.sessions()  # nothing left recording
     trace = tmp_path / "traces" / f"t{os.getpid()}"
+    # the trace belongs to whoever ran sudo, every file of it
+    assert {(f.stat().st_uid, f.stat().st_gid) for f in [trace, *trace.rglob("*")]} == {
+        (65534, 65534)
+    }
     owners = json.loads((trace / ctf.CONTAINERS_FILE).read_text())
     (container_id,) = owners
     events = list(ctf.events(trace))
@@ -106,12 +124,26 @@ def test_no_session_is_left_behind(tmp_path: Path, sig: int) -> None:
         # whatever ended the recorder - Ctrl-C, or a kill it could not catch -
         # the session goes (the guard process destroys it in the second case)
         assert wait_until(lambda: name not in session.sessions(), timeout=15)
+        # and so do its agent and forwarder (and with the agent, the container)
+        assert wait_until(lambda: not helpers(), timeout=15), helpers()
         if sig == signal.SIGINT:
             assert status == 130 and "interrupted" in recorder.stderr.read()  # type: ignore[union-attr]
         assert not (tmp_path / name).exists()
     finally:
         if recorder.poll() is None:
             recorder.kill()
+
+
+def test_failing_container_and_failing_runtime(tmp_path: Path) -> None:
+    failing = record(tmp_path, f"f{os.getpid()}", "--command", "ls /nonexistent")
+    # a command that fails is still traced, and its status said
+    assert failing.returncode == 0, failing.stderr
+    assert "container exit status 2" in failing.stdout
+    assert (tmp_path / f"f{os.getpid()}" / ctf.CONTAINERS_FILE).exists()
+    broken = record(tmp_path, f"b{os.getpid()}", "--runtime", "/no/such/runtime")
+    assert broken.returncode == 1 and "/no/such/runtime" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    assert not {f"f{os.getpid()}", f"b{os.getpid()}"} & set(session.sessions())
 
 
 def test_clean_traces_removes_traces_and_nothing_else(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from types import FrameType
 
 from .. import __version__, traceview
 from .. import log as logsetup
+from ..ttrpc import TtrpcError
 from . import ctf, session
 from .workload import Workload, record_workload
 
@@ -99,10 +100,14 @@ def record(args: argparse.Namespace) -> int:
         recording = session.recording(name, output, kernel=why_not is None)
         spans = Path(tmp) / ctf.SPANS_FILE
         try:
-            status = record_workload(workload, recording, spans)
+            with session.Guard(name) as guard:
+                status = record_workload(workload, recording, spans, guard)
         except KeyboardInterrupt:
             print(f"kata-container-trace: interrupted; session {name} destroyed", file=sys.stderr)
             return 130
+        except (TtrpcError, RuntimeError) as exc:
+            print(f"kata-container-trace: {exc}; session {name} destroyed", file=sys.stderr)
+            return 1
         (output / ctf.CONTAINERS_FILE).write_text(json.dumps(workload.containers) + "\n")
         if spans.exists():
             shutil.copy(spans, output / ctf.SPANS_FILE)

@@ -1,6 +1,6 @@
 """An LTTng session that is always destroyed: by us, or by a guard process
 when we die before we can (a killed recorder must not leave a session
-filling memory and disk).
+filling memory and disk, nor its helper processes running).
 """
 
 from __future__ import annotations
@@ -62,18 +62,40 @@ def kernel_tracing() -> str | None:
     return None
 
 
+class Guard:
+    """A process that cleans up if we die without doing so (see guard.py)."""
+
+    def __init__(self, session: str) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pykata.containertrace.guard", session],
+            stdin=subprocess.PIPE,
+            text=True,
+            cwd="/",  # `-m` puts the working directory on sys.path
+            start_new_session=True,  # a Ctrl-C to our group must not stop it first
+        )
+
+    def watch(self, pid: int) -> None:
+        """A helper process to stop should we die."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(f"pid {pid}\n")
+        self._proc.stdin.flush()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Reached whenever we unwind: our own clean-up has run, the guard may go.
+        assert self._proc.stdin is not None
+        self._proc.stdin.write("clean\n")
+        self._proc.stdin.close()
+        self._proc.wait()
+
+
 @contextlib.contextmanager
 def recording(name: str, output: Path, *, kernel: bool) -> Iterator[None]:
     """Record userspace events (and kernel ones if `kernel`) into `output`."""
     ensure_session_daemon()
     lttng("create", name, f"--output={output}")
-    # From here on the session exists: the guard destroys it if we die.
-    guard = subprocess.Popen(
-        [sys.executable, "-m", "pykata.containertrace.guard", name],
-        stdin=subprocess.PIPE,
-        cwd="/",  # `-m` puts the working directory on sys.path
-        start_new_session=True,  # a Ctrl-C to our group must not stop it first
-    )
     try:
         lttng("enable-event", "--session", name, "--userspace", "--all")
         lttng("enable-event", "--session", name, "--python", AGENT_LOGGER)
@@ -88,6 +110,3 @@ def recording(name: str, output: Path, *, kernel: bool) -> Iterator[None]:
             lttng("stop", name)
         with contextlib.suppress(LttngError):
             lttng("destroy", name)
-        assert guard.stdin is not None
-        guard.stdin.close()  # the guard finds no session and leaves
-        guard.wait()

@@ -29,6 +29,7 @@ from typing import Any
 from ..api import agent_pb2
 from ..ctl.spec import default_config, to_spec
 from ..ttrpc import Client, Stub
+from .session import Guard
 
 log = logging.getLogger("pykata.containertrace")
 
@@ -91,7 +92,9 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def _process(command: list[str], work: Path, log_name: str, env: dict[str, str]) -> Iterator[None]:
+def _process(
+    command: list[str], work: Path, log_name: str, env: dict[str, str], guard: Guard
+) -> Iterator[subprocess.Popen[bytes]]:
     """A helper process for the run: dies with us, stopped gracefully at the end."""
     with open(work / log_name, "wb") as log_file:
         proc = subprocess.Popen(
@@ -101,8 +104,9 @@ def _process(command: list[str], work: Path, log_name: str, env: dict[str, str])
             cwd=work,  # `-m` puts the working directory on sys.path: ours, not the caller's
             preexec_fn=_die_with_parent,  # a killed recorder takes it (and the containers)
         )
+    guard.watch(proc.pid)  # PDEATHSIG does not survive the forwarder's drop to nobody
     try:
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -112,16 +116,17 @@ def _process(command: list[str], work: Path, log_name: str, env: dict[str, str])
             proc.wait()
 
 
-def _wait_for(path: Path, what: str, log_file: Path) -> None:
+def _wait_for(path: Path, what: str, log_file: Path, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
     while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start: see {log_file}")
+        if proc.poll() is not None or time.monotonic() > deadline:
+            last = log_file.read_text(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"{what} did not start: {last[0] if last else 'no output'}")
         time.sleep(0.02)
 
 
 @contextlib.contextmanager
-def agent_process(work: Path, runtime: str, spans: Path) -> Iterator[str]:
+def agent_process(work: Path, runtime: str, spans: Path, guard: Guard) -> Iterator[str]:
     """Our agent, stand-alone: log records to LTTng too, spans through a forwarder to `spans`."""
     (work / "cmdline").write_text("")
     forwarder = [sys.executable, "-m", "pykata.forwarder.cli", "-l", "warn"]
@@ -130,8 +135,9 @@ def agent_process(work: Path, runtime: str, spans: Path) -> Iterator[str]:
         work,
         "forwarder.log",
         {},
-    ):
-        _wait_for(work / "trace.sock", "kata-trace-forwarder", work / "forwarder.log")
+        guard,
+    ) as fwd:
+        _wait_for(work / "trace.sock", "kata-trace-forwarder", work / "forwarder.log", fwd)
         address = f"unix://{work}/agent.sock"
         env = {
             "KATA_AGENT_SERVER_ADDR": address,
@@ -143,8 +149,8 @@ def agent_process(work: Path, runtime: str, spans: Path) -> Iterator[str]:
             "KATA_AGENT_TRACE_ADDR": f"unix://{work}/trace.sock",
         }
         agent = [sys.executable, "-m", "pykata.agent.cli", "--kernel-cmdline", f"{work}/cmdline"]
-        with _process(agent, work, "agent.log", env):
-            _wait_for(work / "agent.sock", "the agent", work / "agent.log")
+        with _process(agent, work, "agent.log", env, guard) as proc:
+            _wait_for(work / "agent.sock", "the agent", work / "agent.log", proc)
             yield address
 
 
@@ -207,11 +213,11 @@ async def run(
 
 
 def record_workload(
-    workload: Workload, recording: AbstractContextManager[None], spans: Path
+    workload: Workload, recording: AbstractContextManager[None], spans: Path, guard: Guard
 ) -> int:
     """Run the workload, recording; the agent's spans go to `spans` (OTLP JSON lines)."""
     with tempfile.TemporaryDirectory(prefix="kata-container-trace-") as tmp:
         work = Path(tmp)
         rootfs = _rootfs(work / "rootfs")
-        with agent_process(work, workload.runtime, spans) as address:
+        with agent_process(work, workload.runtime, spans, guard) as address:
             return asyncio.run(run(workload, address, rootfs, recording))
