@@ -232,7 +232,7 @@ def report(r: dict[str, object]) -> str:
     )
     exec_ratio = cmed("agent", "exec_ms") / cmed("bare", "exec_ms")
     stdout = cmed("agent", "stdout_mib_s")
-    tr: dict[str, float] = r["tracing"]  # type: ignore[assignment]
+    tr: dict[str, Any] = r["tracing"]  # type: ignore[assignment]
     g: dict[str, Any] = r["guest"]  # type: ignore[assignment]
     lt: dict[str, Any] = r["containertrace"]  # type: ignore[assignment]
     spans_s = tr["forwarder_spans_per_s"]
@@ -337,6 +337,7 @@ its own mount namespace, as the agent is. Medians over the rounds.
 | Check on / off per round ({tracing_bench.ROUNDS} rounds, off and on alternating) | {per_round_traced} |
 | median container create+start+wait+remove, tracing off (median of {tracing_bench.CYCLES}) | {tr["cycle_ms_off"]:.2f} ms |
 | the same, tracing on (4 RPC spans and 3 runtime spans per cycle) | {tr["cycle_ms_on"]:.2f} ms |
+| container cycle on / off per round | {", ".join(f"{x:.2f}x" for x in tr.get("cycle_ratio_per_round", []))} |
 | the agent's CPU per Check (user + system, from /proc), tracing off / on | {tr["check_cpu_us_off"]:.0f} us / {tr["check_cpu_us_on"]:.0f} us |
 
 How to read the Check rows: the latency ratio is what the runtime feels,
