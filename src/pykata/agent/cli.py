@@ -22,7 +22,7 @@ from ..transport import AddressError, TransportError
 from ..ttrpc import Server, ServerContext
 from ..ttrpc.server import CallHook
 from . import config as configmod
-from . import lttng, reaper
+from . import init, lttng, reaper
 from . import runtime as runtime_mod
 from .console import DebugConsole, LogPort, shell_or_error
 from .copyfile import SharedFiles
@@ -211,6 +211,20 @@ def run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.getpid() != 1:
+        return agent_main(argv, as_init=False)
+    # PID 1 of a guest (or of a PID namespace): an init's duties, and never a plain exit.
+    try:
+        init.mount_proc()
+    except OSError as exc:
+        print(f"kata-agent: {exc}", file=sys.stderr)
+    try:
+        return agent_main(argv, as_init=True)
+    finally:
+        init.power_off()
+
+
+def agent_main(argv: list[str] | None, *, as_init: bool) -> int:
     started = time.monotonic()
     args = parse_args(argv)
     try:
@@ -220,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logsetup.setup(config.logging_level, name="kata-agent", source="agent")
     log.info("announce", extra={"version": __version__, "config": config.announce_fields()})
+    if as_init:
+        try:
+            init.setup(config.unified_cgroup_hierarchy)
+        except OSError as exc:
+            log.error("init mounts incomplete: %s", exc)
     if configmod.parse_bool(os.environ.get(LTTNG_ENV, "false")):
         lttng.load_python_agent()
     try:
@@ -228,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("cannot become the child subreaper (%s): exit statuses may be lost", exc)
     try:
         # Before any thread exists: unshare() refuses threaded processes.
-        if os.getpid() != 1 and os.geteuid() == 0:
+        if not as_init and os.geteuid() == 0:
             runtime_mod.enter_private_mount_namespace()
         runtime_binary = runtime_mod.choose(config.oci_runtime)
         log.info("OCI runtime", extra={"runtime": runtime_binary})

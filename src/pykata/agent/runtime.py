@@ -145,7 +145,13 @@ class OciRuntime:
                     stderr=stderr if stderr is not None else output,
                 )
                 started = time.monotonic()
-                await process_exit(proc.pid)
+                try:
+                    await process_exit(proc.pid)
+                except BaseException:
+                    # Cancelled (shutdown, a deadline): no runtime process outlives its call.
+                    proc.kill()
+                    proc.wait()
+                    raise
                 returncode = proc.wait()
                 log.debug(
                     "runtime",
