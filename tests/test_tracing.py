@@ -251,37 +251,26 @@ async def test_agent_spans_end_to_end(tmp_path: Path, rootfs: Path) -> None:
     assert by_name["WaitProcess"]["parent"] == root["id"]
 
 
+async def calls(client: Client, method: str, count: int) -> None:
+    """`count` Health calls (Check or Version), one after another."""
+    reply = {"Check": health_pb2.HealthCheckResponse, "Version": health_pb2.VersionCheckResponse}
+    for _ in range(count):
+        await client.call("grpc.Health", method, health_pb2.CheckRequest(), reply[method])
+
+
 async def test_agent_keeps_spans_while_the_forwarder_is_away(tmp_path: Path) -> None:
     out = tmp_path / "spans.jsonl"
     address = f"unix://{tmp_path}/fwd.sock"
     env = {"KATA_AGENT_TRACING": "true", "KATA_AGENT_TRACE_ADDR": address}
     with run_container_agent(tmp_path, env=env) as agent:
         async with await Client.connect(agent.address) as client:
-            for _ in range(5):  # no forwarder yet
-                await client.call(
-                    "grpc.Health",
-                    "Check",
-                    health_pb2.CheckRequest(),
-                    health_pb2.HealthCheckResponse,
-                )
+            await calls(client, "Check", 5)  # no forwarder yet
             time.sleep(0.6)  # past the exporter's 200 ms schedule: it tries, and finds none
             with forwarder(address, "--output", str(out)):
-                for _ in range(5):
-                    await client.call(
-                        "grpc.Health",
-                        "Version",
-                        health_pb2.CheckRequest(),
-                        health_pb2.VersionCheckResponse,
-                    )
+                await calls(client, "Version", 5)
                 time.sleep(1.0)
             # the forwarder restarts; spans made meanwhile wait in the agent
-            for _ in range(3):
-                await client.call(
-                    "grpc.Health",
-                    "Check",
-                    health_pb2.CheckRequest(),
-                    health_pb2.HealthCheckResponse,
-                )
+            await calls(client, "Check", 3)
             with forwarder(address, "--output", str(out)):
                 assert agent.stop() == 0
     names = [s["name"] for s in read_file_spans(out)]

@@ -105,7 +105,6 @@ def agent_parts(
         memory=MemAgent(guest),
         policy=Enforcer.from_file(config.policy_file),
         diagnostics=Diagnostics(sandbox, recent),
-        supports_seccomp=runtime.supports_seccomp(),
     )
 
 

@@ -27,15 +27,18 @@ LOG_TYPES = ("agent", "dmesg", "mounts", "container")
 
 
 class RecentLogs(logging.Handler):
-    """Keeps the agent's last log lines for GetDiagnosticData."""
+    """Keeps the agent's last log records; formats them only when asked."""
 
     def __init__(self, formatter: logging.Formatter, lines: int = RECENT_LINES) -> None:
         super().__init__()
         self.setFormatter(formatter)
-        self.lines: collections.deque[str] = collections.deque(maxlen=lines)
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=lines)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
+        self.records.append(record)
+
+    def text(self) -> str:
+        return "".join(self.format(record) + "\n" for record in list(self.records))
 
 
 class Diagnostics:
@@ -45,7 +48,7 @@ class Diagnostics:
 
     async def data(self, log_type: str, container_id: str) -> str:
         if log_type == "agent":
-            return "\n".join(self.recent.lines if self.recent else ()) + "\n"
+            return self.recent.text() if self.recent else ""
         if log_type == "dmesg":
             return (await run("dmesg")).decode(errors="replace")
         if log_type == "mounts":

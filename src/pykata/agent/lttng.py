@@ -10,9 +10,8 @@ records every agent log line as an `lttng_python:event`.
 from __future__ import annotations
 
 import logging
-import sys
 
-SYSTEM_PACKAGES = "/usr/lib/python3/dist-packages"
+from .. import debian
 
 log = logging.getLogger("pykata.agent.lttng")
 
@@ -20,15 +19,10 @@ log = logging.getLogger("pykata.agent.lttng")
 def load_python_agent() -> bool:
     """Load LTTng's Python agent; False (and one log line) when it cannot be."""
     try:
-        import lttngust
-    except ImportError:
-        if SYSTEM_PACKAGES not in sys.path:
-            sys.path.append(SYSTEM_PACKAGES)  # appended: our own packages keep precedence
-        try:
-            import lttngust  # noqa: F401
-        except ImportError as exc:
-            log.warning("LTTng Python agent not loaded (%s): no LTTng events from the agent", exc)
-            return False
+        debian.import_module("lttngust")  # registers with the session daemon on import
+    except ImportError as exc:
+        log.warning("LTTng Python agent not loaded (%s): no LTTng events from the agent", exc)
+        return False
     logging.getLogger("pykata").propagate = True  # lttngust's handler sits on the root logger
     log.info("LTTng Python agent loaded")
     return True

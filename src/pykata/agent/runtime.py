@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -218,6 +219,7 @@ class OciRuntime:
         # A file, not stdin: crun opens /dev/stdin, which fails on a socket.
         await self._run("update", "--resources", str(resources_file), container_id)
 
+    @functools.cached_property  # asked on GetGuestDetails, once: not at start-up
     def supports_seccomp(self) -> bool:
         """Whether the runtime was built with seccomp (crun: +SECCOMP, runc: libseccomp)."""
         try:

@@ -65,7 +65,6 @@ class AgentParts:
     memory: MemAgent
     policy: Enforcer
     diagnostics: Diagnostics
-    supports_seccomp: bool = False
     #: Made on the first GetMetrics (prometheus_client takes ~20 ms to import).
     metrics: Metrics | None = None
 
@@ -235,7 +234,8 @@ class AgentService:
     async def GetGuestDetails(
         self, req: agent_pb2.GuestDetailsRequest, ctx: ServerContext
     ) -> agent_pb2.GuestDetailsResponse:
-        details = self.parts.guest.details(list(DRIVERS), self.parts.supports_seccomp)
+        seccomp = self.sandbox.runtime.supports_seccomp
+        details = self.parts.guest.details(list(DRIVERS), seccomp)
         return agent_pb2.GuestDetailsResponse(
             mem_block_size_bytes=details.mem_block_size if req.mem_block_size else 0,
             support_mem_hotplug_probe=details.mem_hotplug_probe if req.mem_hotplug_probe else False,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import collections
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SYSTEM_PACKAGES = "/usr/lib/python3/dist-packages"
+from .. import debian
+
 CONTAINERS_FILE = "containers.json"
 SPANS_FILE = "spans.jsonl"  # the agent's OpenTelemetry spans of the same run
 FIRST_ROW = 100  # Chrome "pid"s of LTTng processes (the agent's spans use 1)
@@ -33,13 +33,7 @@ class Event:
 
 
 def _bt2() -> Any:
-    try:
-        import bt2
-    except ImportError:
-        if SYSTEM_PACKAGES not in sys.path:
-            sys.path.append(SYSTEM_PACKAGES)  # Debian's python3-bt2
-        import bt2
-    return bt2
+    return debian.import_module("bt2")
 
 
 def _plain(value: Any) -> Any:
