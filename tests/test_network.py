@@ -31,11 +31,13 @@ HOST_IP, SANDBOX_IP = "10.123.0.1", "10.123.0.2"
 
 
 def sandbox_holder(agent: AgentProcess) -> int:
-    """The pid of the process holding the sandbox's namespaces (`sleep infinity`)."""
-    children = Path(f"/proc/{agent.proc.pid}/task/{agent.proc.pid}/children").read_text().split()
-    for pid in children:
-        if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"infinity"]:
-            return int(pid)
+    """The pid of the process holding the sandbox's namespaces: the agent's child
+    in another network namespace (its command line may still be the shell's)."""
+    pid = agent.proc.pid
+    own = os.readlink(f"/proc/{pid}/ns/net")
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        if os.readlink(f"/proc/{child}/ns/net") != own:
+            return int(child)
     raise AssertionError("no sandbox holder process")
 
 
