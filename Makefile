@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golang-go golang-github-containerd-ttrpc-dev \
                 golang-google-protobuf-dev iproute2 \
                 iptables xfsprogs e2fsprogs lttng-tools liblttng-ust1 python3-lttngust \
-                babeltrace2 python3-bt2
+                babeltrace2 python3-bt2 qemu-system-x86 debootstrap cpio
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench protos lint clean clean-traces
+.PHONY: setup demo test bench protos lint clean clean-traces guest-image clean-guest
 
 setup: $(STAMP)
 
@@ -40,14 +40,23 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy
 
-test: setup lint
-	$(VENV)/bin/pytest -q
+# The guest VM's image (kernel, initramfs, root disk with the agent), cached in
+# GUEST_DIR and rebuilt only when its inputs change (docs/vm.md).
+GUEST_DIR ?= $(HOME)/.cache/pykata/guest
+guest-image: setup
+	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/kata-guest-image
+
+clean-guest:
+	rm -rf -- $(GUEST_DIR)
+
+test: setup lint guest-image
+	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/pytest -q
 
 demo: setup
 	$(PY) scripts/demo.py
 
-bench: setup
-	$(PY) bench/run.py --output BENCHMARKS.md
+bench: setup guest-image
+	PYKATA_GUEST_DIR=$(GUEST_DIR) $(PY) bench/run.py --output BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

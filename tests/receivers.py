@@ -3,8 +3,13 @@ gRPC TraceService/Export and HTTP POST /v1/traces. They keep every request."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import signal
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -12,6 +17,10 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from pykata.otlp import span_count
+
+from .peers import wait_for_socket
+
+FORWARDER = [sys.executable, "-m", "pykata.forwarder.cli"]
 
 
 class Received:
@@ -104,3 +113,20 @@ class HttpReceiver:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def forwarder(listen: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [*FORWARDER, "--listen", listen, "-l", "debug", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_socket(listen.removeprefix("unix://"), proc=proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)

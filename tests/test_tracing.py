@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +24,8 @@ from pykata.ttrpc import Client, Stub, TtrpcError
 from .conftest import run_container_agent
 from .containers import spec
 from .peers import wait_for_socket
-from .receivers import GrpcReceiver, HttpReceiver
+from .receivers import FORWARDER, GrpcReceiver, HttpReceiver, forwarder
 
-FORWARDER = [sys.executable, "-m", "pykata.forwarder.cli"]
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
@@ -47,23 +44,6 @@ def test_records_survive_any_split(payloads: list[bytes], step: int) -> None:
 def test_hostile_record_length_is_refused() -> None:
     with pytest.raises(RecordError, match="not a span stream"):
         RecordDecoder().feed(HEADER.pack(1 << 60))
-
-
-@contextlib.contextmanager
-def forwarder(listen: str, *args: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [*FORWARDER, "--listen", listen, "-l", "debug", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for_socket(listen.removeprefix("unix://"), proc=proc)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
 
 
 def some_spans(count: int = 3) -> bytes:

@@ -9,6 +9,9 @@ Address forms (as the Kata agent, runtime and agent-ctl spell them):
                          line exchange "CONNECT PORT\\n" -> "OK N\\n" (connect);
                          listening binds the unix socket PATH_PORT, where the
                          VMM delivers guest connections to that host port.
+    serial://NAME        (pykata extension, in a guest) the virtio-serial port
+                         called NAME, or serial:///dev/vportNpM; one host client
+                         at a time (virtio_serial.py)
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-FORMS = "vsock://CID:PORT, unix:///PATH, unix://@NAME, hvsock:///PATH:PORT"
+FORMS = "vsock://CID:PORT, unix:///PATH, unix://@NAME, hvsock:///PATH:PORT, serial://NAME"
 #: The longest reply a VMM gives to CONNECT ("OK <u32>\n" with room to spare).
 _HANDSHAKE_LIMIT = 64
 
@@ -68,7 +72,17 @@ class HybridVsockAddress:
         return f"{self.uds_path}_{self.port}"
 
 
-Address = VsockAddress | UnixAddress | AbstractAddress | HybridVsockAddress
+@dataclass(frozen=True)
+class SerialAddress:
+    """A virtio-serial port in a guest, by name (or by device path)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"serial://{self.name}"
+
+
+Address = VsockAddress | UnixAddress | AbstractAddress | HybridVsockAddress | SerialAddress
 
 
 class AddressError(ValueError):
@@ -117,6 +131,10 @@ def parse_address(text: str) -> Address:
         if not colon or not path.startswith("/"):
             raise _bad(text, "expected hvsock:///PATH:PORT with an absolute PATH")
         return HybridVsockAddress(path, _port(text, port_text))
+    if scheme == "serial":
+        if not rest or (not rest.startswith("/") and not re.fullmatch(r"[\w.-]+", rest)):
+            raise _bad(text, "expected serial://PORT-NAME or serial:///dev/vportNpM")
+        return SerialAddress(rest)
     raise _bad(text, f"unsupported scheme {scheme!r}")
 
 
@@ -163,6 +181,7 @@ def _bound_socket(address: Address) -> socket.socket:
         if isinstance(address, AbstractAddress):
             sock.bind("\0" + address.name)
             return sock
+        assert not isinstance(address, SerialAddress)  # served by virtio_serial, not bound
         path = address.listen_path if isinstance(address, HybridVsockAddress) else address.path
         _remove_stale_socket(path)
         # Owner-only from the moment the file exists: no window where others may connect.
@@ -195,10 +214,18 @@ def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, int, int] |
     return pid, uid, gid
 
 
+class Serving(Protocol):
+    """What a listener stops: an asyncio.Server, or a virtio-serial port server."""
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
 class Listener:
     """A listening socket serving `protocol_factory` connections, with cleanup."""
 
-    def __init__(self, address: Address, server: asyncio.Server) -> None:
+    def __init__(self, address: Address, server: Serving) -> None:
         self.address = address
         self._server = server
         self._path = _socket_path(address)
@@ -232,8 +259,18 @@ async def listen(
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     *,
     backlog: int = 128,
+    ttrpc: bool = False,
 ) -> Listener:
+    """Serve `address`. `ttrpc`: the bytes are ttRPC frames, which lets a serial
+    port tell one client from the next (virtio_serial.ClientBoundaries)."""
     address = as_address(address)
+    if isinstance(address, SerialAddress):
+        from .virtio_serial import PortServer
+
+        try:
+            return Listener(address, PortServer(address, protocol_factory, ttrpc=ttrpc))
+        except OSError as exc:
+            raise TransportError(f"cannot serve on {address}: {exc}") from exc
     loop = asyncio.get_running_loop()
     try:
         sock = _bound_socket(address)
@@ -276,6 +313,8 @@ def _check_handshake(address: HybridVsockAddress, reply: bytes | bytearray) -> N
 
 
 def _connect_socket(address: Address) -> tuple[socket.socket, tuple[int, int] | str]:
+    if isinstance(address, SerialAddress):
+        raise TransportError(f"{address} is a guest's port: serve on it, or open it for writing")
     if isinstance(address, VsockAddress):
         cid = socket.VMADDR_CID_ANY if address.cid == -1 else address.cid
         return socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM), (cid, address.port)

@@ -238,6 +238,11 @@ def agent_main(argv: list[str] | None, *, as_init: bool) -> int:
             init.setup(config.unified_cgroup_hierarchy)
         except OSError as exc:
             log.error("init mounts incomplete: %s", exc)
+        channels = [config.server_addr, config.console_address, config.log_port_address]
+        if config.tracing:
+            channels.append(config.trace_addr)
+        init.load_modules(init.modules_for([a for a in channels if a]))
+        init.soft_ctrl_alt_del()
     if configmod.parse_bool(os.environ.get(LTTNG_ENV, "false")):
         lttng.load_python_agent()
     try:

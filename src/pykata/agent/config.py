@@ -179,6 +179,8 @@ _OPTIONS: dict[str, tuple[str, _Parser | None, Callable[[Any], bool] | None]] = 
     "systemd.unified_cgroup_hierarchy": ("unified_cgroup_hierarchy", None, None),
     "agent.owns_machine": ("owns_machine", None, None),
     "agent.policy_file": ("policy_file", lambda _o, v: v, None),
+    "agent.trace_addr": ("trace_addr", lambda _o, v: v, None),
+    "agent.debug_console_addr": ("debug_console_addr", lambda _o, v: v, None),
 }
 CONFIG_FILE_OPTION = "agent.config_file"
 

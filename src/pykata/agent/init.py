@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 from .volumes import mounts
@@ -20,6 +21,7 @@ log = logging.getLogger("pykata.agent.init")
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 RB_POWER_OFF = 0x4321FEDC
+RB_DISABLE_CAD = 0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 #: (source, target, fstype, flags, options), in mounting order.
@@ -85,6 +87,42 @@ def v1_hierarchies() -> list[list[str]]:
         if enabled == "1":
             groups.setdefault(int(hierarchy) or -len(groups) - 1, []).append(name)
     return list(groups.values())
+
+
+#: Kernel modules each address form needs in a guest (the rest are built in).
+TRANSPORT_MODULES = {"serial": "virtio_console", "vsock": "vmw_vsock_virtio_transport"}
+
+
+def modules_for(addresses: list[str]) -> list[str]:
+    """The modules the agent's channels need, in first-needed order."""
+    wanted: list[str] = []
+    for address in addresses:
+        module = TRANSPORT_MODULES.get(address.partition("://")[0])
+        if module and module not in wanted:
+            wanted.append(module)
+    return wanted
+
+
+def load_modules(names: list[str]) -> list[str]:
+    """modprobe each; the ones that failed (logged) are returned."""
+    failed = []
+    for name in names:
+        result = subprocess.run(["modprobe", name], capture_output=True, text=True)
+        if result.returncode:
+            log.error("modprobe %s failed: %s", name, result.stderr.strip())
+            failed.append(name)
+    log.info("kernel modules", extra={"loaded": [n for n in names if n not in failed]})
+    return failed
+
+
+def soft_ctrl_alt_del() -> None:
+    """Ctrl-Alt-Del becomes SIGINT to us (a clean shutdown) instead of an instant reboot.
+
+    This is how the host asks the guest to stop (QMP send-key). Refused in a
+    child PID namespace, where there is no keyboard to press anyway.
+    """
+    if _libc.reboot(RB_DISABLE_CAD):
+        log.debug("Ctrl-Alt-Del left as it was: %s", os.strerror(ctypes.get_errno()))
 
 
 def power_off() -> None:

@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .. import __version__, transport
+from .. import __version__, transport, virtio_serial
 from ..otlp import encode_record
 from ..ttrpc import ServerContext
 
@@ -43,6 +43,14 @@ log = logging.getLogger("pykata.agent.tracing")
 tracer = trace.get_tracer("pykata.agent")
 _propagator = TraceContextTextMapPropagator()
 ID_FIELDS = ("container_id", "exec_id", "sandbox_id")
+
+
+def _open(address: str) -> socket.socket | virtio_serial.PortWriter:
+    """A connection to the forwarder: a socket, or in a guest without vsock a serial port."""
+    parsed = transport.as_address(address)
+    if isinstance(parsed, transport.SerialAddress):
+        return virtio_serial.PortWriter(parsed)
+    return transport.connect_blocking(parsed, timeout=1.0)
 
 
 class ForwarderExporter(SpanExporter):
@@ -54,7 +62,7 @@ class ForwarderExporter(SpanExporter):
         self.dropped_spans = 0
         self._buffer: collections.deque[tuple[bytes, int]] = collections.deque()
         self._buffered_spans = 0
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | virtio_serial.PortWriter | None = None
         self._reported_absent = False
         self._lock = threading.Lock()
 
@@ -78,8 +86,8 @@ class ForwarderExporter(SpanExporter):
         while self._buffer:
             if self._sock is None:
                 try:
-                    self._sock = transport.connect_blocking(self.address, timeout=1.0)
-                except transport.TransportError as exc:
+                    self._sock = _open(self.address)
+                except (transport.TransportError, virtio_serial.PortError) as exc:
                     if not self._reported_absent:
                         log.warning(
                             "trace forwarder unreachable (%s): spans are kept and "

@@ -65,7 +65,7 @@ def _rootfs(path: Path) -> Path:
 
 
 def _spec(rootfs: Path, script: str, preload: list[str]) -> Any:
-    config = default_config(rootfs, ["/bin/sh", "-c", script])
+    config = default_config(str(rootfs.resolve()), ["/bin/sh", "-c", script])
     config["root"]["readonly"] = True
     config["process"]["env"] = [
         "PATH=/usr/bin:/bin:/usr/sbin:/sbin",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import CommandError, Method
-from .spec import from_bundle
+from .spec import default_config, from_bundle, to_spec
 
 
 def overlay(base: Any, given: Any) -> None:
@@ -59,6 +59,8 @@ PROCESS_CALLS = {
 @dataclass
 class AutoValues:
     bundle_dir: Path | None = None
+    #: A rootfs path in the agent's machine (a guest image's own), used without a bundle.
+    guest_rootfs: str | None = None
     sandbox_id: str = ""
     container_id: str = ""
     exec_id: str = ""
@@ -96,14 +98,22 @@ class AutoValues:
             now = time.time()
             request.Sec, request.Usec = int(now), int(now % 1 * 1e6)
 
+    def base_spec(self) -> Any:
+        """The spec containers start from: the bundle's, or the guest rootfs' default; None."""
+        if self.bundle_dir is not None:
+            return from_bundle(self.bundle_dir)
+        if self.guest_rootfs is not None:
+            return to_spec(default_config(self.guest_rootfs))
+        return None
+
     def _fill_create(self, request: Any) -> None:
         if not request.container_id:
             request.container_id = new_id()
         if not request.exec_id:
             request.exec_id = request.container_id
-        if self.bundle_dir is not None:
+        spec = self.base_spec()
+        if spec is not None:
             # The bundle's spec, with whatever OCI fields the command gave on top.
-            spec = from_bundle(self.bundle_dir)
             overlay(spec, request.OCI)
             request.OCI.CopyFrom(spec)
         elif not request.HasField("OCI"):

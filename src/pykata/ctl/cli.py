@@ -20,7 +20,10 @@ from ..transport import (
     parse_address,
 )
 from ..ttrpc import Client
+from ..vm.image import GUEST_ROOTFS, ImageError
+from ..vm.qemu import VmError
 from . import console as console_mod
+from . import vm as vm_mod
 from .autovalues import AutoValues
 from .examples import EXAMPLES
 from .repl import interact
@@ -51,9 +54,8 @@ def parser() -> argparse.ArgumentParser:
     )
     connect.add_argument(
         "--server-address",
-        required=True,
         metavar="ADDRESS",
-        help="vsock://CID:PORT, unix:///PATH, unix://@NAME, hvsock:///PATH:PORT",
+        help="vsock://CID:PORT, unix:///PATH, unix://@NAME, hvsock:///PATH:PORT (not with --vm)",
     )
     connect.add_argument(
         "--hybrid-vsock",
@@ -72,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="OCI bundle (or rootfs) used for CreateContainer and run",
+    )
+    connect.add_argument(
+        "--guest-rootfs",
+        metavar="PATH",
+        help="without --bundle-dir: a rootfs on the agent's machine for CreateContainer and "
+        f"run (with --vm: the guest image's {GUEST_ROOTFS})",
     )
     connect.add_argument(
         "-c",
@@ -108,7 +116,14 @@ def parser() -> argparse.ArgumentParser:
         default="text",
         help="text (readable) or json (one object per line)",
     )
-    connect.add_argument("--vm", action="store_true", help="boot a VM for the agent")
+    connect.add_argument(
+        "--vm",
+        choices=["qemu"],
+        metavar="HYPERVISOR",
+        help="boot a guest VM with the agent (qemu), run the commands, stop it",
+    )
+    vm_mod.add_vm_options(connect)
+    vm_mod.add_parser(sub)
     console = sub.add_parser(
         "console",
         help="open the agent's debug console, or run one command in it",
@@ -157,24 +172,42 @@ async def _connect(args: argparse.Namespace) -> Client:
 
 
 def connect(args: argparse.Namespace) -> int:
-    if args.vm:
-        print(
-            "kata-agent-ctl: --vm (booting a VM) is not supported yet; start the agent "
-            "yourself and give its --server-address",
-            file=sys.stderr,
-        )
-        return 2
     if not args.cmd and not args.interactive:
         print("kata-agent-ctl: nothing to do: give -c COMMAND or --interactive", file=sys.stderr)
         return 2
+    if bool(args.vm) == bool(args.server_address):
+        print(
+            "kata-agent-ctl: give either --server-address (a running agent) or --vm qemu "
+            "(boot one)",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.vm:
+        return run_commands(args)
+    try:
+        with vm_mod.booted(args) as vm:
+            args.server_address, args.hybrid_vsock = vm.agent_address, False
+            if not args.bundle_dir and not args.guest_rootfs:
+                args.guest_rootfs = GUEST_ROOTFS  # the guest image's own busybox rootfs
+            return run_commands(args)
+    except (ImageError, VmError) as exc:
+        print(f"kata-agent-ctl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_commands(args: argparse.Namespace) -> int:
     loop = asyncio.new_event_loop()
     try:
         client = loop.run_until_complete(_connect(args))
     except (AddressError, TransportError) as exc:
         print(f"kata-agent-ctl: {exc}", file=sys.stderr)
         return 1
-    auto = None if args.no_auto_values else AutoValues(bundle_dir=args.bundle_dir)
-    session = Session(client, auto, output=args.output, timeout=args.timeout)
+    auto = AutoValues(bundle_dir=args.bundle_dir, guest_rootfs=args.guest_rootfs)
+    session = Session(
+        client, None if args.no_auto_values else auto, output=args.output, timeout=args.timeout
+    )
     try:
         for command in args.cmd:
             ok = loop.run_until_complete(session.execute(command))
@@ -221,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "console":
         return console(args)
+    if args.command == "vm":
+        return vm_mod.run(args)
     return connect(args)
 
 

@@ -39,7 +39,10 @@ def run_command(sock: socket.socket, command: str, timeout: float | None) -> tup
     sock.sendall(script.encode())
     received = bytearray()
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:  # until the shell exits and the agent closes the connection
+    # The echoed script shows "%d", never digits: only the real end line matches.
+    finished = re.compile(rf"{marker}-END:\d+\r?\n".encode())
+    # Until the end line - or the connection's end (a serial port never closes).
+    while not finished.search(received):
         if deadline is not None:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
         try:

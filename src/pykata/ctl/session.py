@@ -19,7 +19,6 @@ from ..api import agent_pb2
 from ..ttrpc import Client, Code, TtrpcError
 from .api import METHODS, CommandError, Method, build_request, describe
 from .autovalues import AutoValues, new_id
-from .spec import from_bundle
 
 log = logging.getLogger("pykata.ctl")
 
@@ -213,11 +212,11 @@ class Session:
         return "\n".join(lines)
 
     async def run(self, args: list[str]) -> bool:
-        if self.auto is None or self.auto.bundle_dir is None:
+        spec = self.auto.base_spec() if self.auto is not None else None
+        if self.auto is None or spec is None:
             raise CommandError("run needs --bundle-dir (a bundle or a rootfs directory)")
         if not args:
             raise CommandError("run needs a command: run /bin/echo hello")
-        spec = from_bundle(self.auto.bundle_dir)
         del spec.Process.Args[:]
         spec.Process.Args.extend(args)
         spec.Process.Terminal = False  # output goes to stdout and stderr, separately

@@ -20,8 +20,9 @@ CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 
 
 def default_config(
-    rootfs: Path, args: list[str] | None = None, terminal: bool = False
+    rootfs: str, args: list[str] | None = None, terminal: bool = False
 ) -> dict[str, Any]:
+    """A shell (or `args`) in `rootfs`, an absolute path on the agent's machine."""
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -36,7 +37,7 @@ def default_config(
             "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
             "noNewPrivileges": True,
         },
-        "root": {"path": str(rootfs.resolve()), "readonly": False},
+        "root": {"path": rootfs, "readonly": False},
         "hostname": "kata",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -90,9 +91,9 @@ def from_bundle(bundle: Path) -> oci_pb2.Spec:
         root = Path(config.get("root", {}).get("path", "rootfs"))
         config.setdefault("root", {})["path"] = str((bundle / root).resolve())
     elif (bundle / "rootfs").is_dir():
-        config = default_config(bundle / "rootfs")
+        config = default_config(str((bundle / "rootfs").resolve()))
     elif (bundle / "bin").is_dir():  # the directory is itself a rootfs
-        config = default_config(bundle)
+        config = default_config(str(bundle.resolve()))
     else:
         raise CommandError(f"{bundle} has neither config.json nor a rootfs directory")
     return to_spec(config)

@@ -354,7 +354,9 @@ class Server:
     async def start(self, address: str | Address) -> Listener:
         """Listen on `address`; may be called again for more addresses."""
         holder: list[Listener] = []
-        listener = await transport_mod.listen(address, lambda: _Connection(self, holder[0]))
+        listener = await transport_mod.listen(
+            address, lambda: _Connection(self, holder[0]), ttrpc=True
+        )
         holder.append(listener)
         self._listeners.append(listener)
         return listener

@@ -1,0 +1,141 @@
+"""Booting a guest for kata-agent-ctl: `connect --vm qemu` and the `vm` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from ..vm import image as image_mod
+from ..vm import qemu
+from ..vm.image import GUEST_ROOTFS
+
+EPILOG = """\
+The guest image comes from `make guest-image` (kata-guest-image); the agent
+serves on a virtio-serial port that QEMU exposes as a unix socket (see
+docs/vm.md). KVM is used when it works here, else software emulation (TCG).
+
+examples:
+  kata-agent-ctl vm
+  kata-agent-ctl vm --debug-console --run-dir /tmp/guest
+  kata-agent-ctl vm --trace-socket /tmp/forwarder.sock --cpus 2
+"""
+
+
+def add_vm_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("guest VM (with --vm qemu, or the vm command)")
+    group.add_argument(
+        "--guest-dir",
+        type=Path,
+        metavar="DIR",
+        help="where `make guest-image` put the image (default ~/.cache/pykata/guest)",
+    )
+    group.add_argument(
+        "--accel",
+        choices=["auto", "kvm", "tcg"],
+        default="auto",
+        help="auto (KVM if it works here, else TCG), kvm or tcg",
+    )
+    group.add_argument("--cpus", type=int, default=1, help="guest CPUs (default 1)")
+    group.add_argument("--memory", type=int, default=512, metavar="MIB", help="default 512")
+    group.add_argument(
+        "--kernel-params", default="", metavar="PARAMS", help="more guest kernel command line"
+    )
+    group.add_argument(
+        "--trace-socket",
+        metavar="PATH",
+        help="turn on agent tracing; its spans go to a forwarder listening on this unix socket",
+    )
+    group.add_argument(
+        "--debug-console", action="store_true", help="give the guest a debug console"
+    )
+    group.add_argument(
+        "--boot-timeout", type=float, default=180.0, metavar="SECONDS", help="default 180"
+    )
+
+
+def vm_options(args: argparse.Namespace, run_dir: Path | None = None) -> qemu.VmOptions:
+    return qemu.VmOptions(
+        image=image_mod.current(args.guest_dir),
+        accel=args.accel,
+        memory_mib=args.memory,
+        cpus=args.cpus,
+        kernel_params=args.kernel_params,
+        trace_socket=args.trace_socket,
+        debug_console=args.debug_console,
+        run_dir=run_dir,
+        boot_timeout=args.boot_timeout,
+    )
+
+
+def _say(text: str) -> None:
+    print(f"kata-agent-ctl: {text}", file=sys.stderr, flush=True)
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM takes the same clean way out as Ctrl-C: the guest is stopped.
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def booted(args: argparse.Namespace, run_dir: Path | None = None) -> Iterator[qemu.Vm]:
+    """A guest whose agent answers, stopped when the block ends (whatever happens)."""
+    options = vm_options(args, run_dir)
+    _say(f"booting the guest ({options.image.directory.name}) ...")
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with qemu.launched(options) as vm:
+            _say(f"guest up in {vm.ready_after:.1f}s; accel {vm.accel_reason}")
+            try:
+                yield vm
+            finally:
+                _say(f"guest stopped: {qemu.stop(vm)}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The vm command: keep a guest up for interactive work until Ctrl-C."""
+    try:
+        with booted(args, args.run_dir) as vm:
+            print(f"agent:         {vm.agent_address}")
+            print(
+                f"  kata-agent-ctl connect --server-address {vm.agent_address} "
+                f"--guest-rootfs {GUEST_ROOTFS} -c 'run /bin/uname -a'"
+            )
+            if args.debug_console:
+                print(f"debug console: kata-agent-ctl console {vm.console_address}")
+            print(f"guest console: {vm.console_log}")
+            print("Ctrl-C (or SIGTERM) stops the guest.", flush=True)
+            while vm.process.poll() is None:
+                time.sleep(0.5)
+            _say(f"QEMU exited ({vm.process.returncode})")
+            return 0 if vm.process.returncode == 0 else 1
+    except KeyboardInterrupt:
+        return 0
+    except (image_mod.ImageError, qemu.VmError) as exc:
+        _say(str(exc))
+        return 1
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    vm = sub.add_parser(
+        "vm",
+        help="boot a guest with the agent and keep it up for interactive work",
+        description="Boot a guest VM whose init is the agent, print how to reach it, and "
+        "keep it running until Ctrl-C.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_vm_options(vm)
+    vm.add_argument(
+        "--run-dir",
+        type=Path,
+        metavar="DIR",
+        help="put the sockets and console log here (default: a new temporary directory)",
+    )

@@ -1,0 +1,270 @@
+"""virtio-serial ports: the agent's channel where the host has no vhost-vsock.
+
+This is a pykata extension. QEMU gives the guest a named port
+(`-device virtserialport,name=agent.channel.0,chardev=...`) and exposes it on
+the host as a unix socket (`-chardev socket,server=on,...`); the guest sees
+/dev/vportNpM, whose name is in /sys/class/virtio-ports/vportNpM/name.
+
+A port is one byte stream with no connections. The host's client comes and
+goes and the guest learns of it only as end-of-file on read (nothing to read
+and no host connected); poll() cannot wait for a host to connect (it reports
+a hang-up at once), so while no one is connected the port is read every
+HOST_POLL seconds. Each host session - first bytes to end-of-file - becomes
+one connection of the ttRPC server, bridged through a socketpair so the
+server needs nothing special. The guest may miss a client's departure when
+the next one follows quickly; ClientBoundaries finds the change in the bytes.
+One client at a time: QEMU accepts the next only when the current has gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .ttrpc.frame import HEADER, HEADER_SIZE, MessageType
+
+if TYPE_CHECKING:
+    from .transport import SerialAddress
+
+PORTS = Path("/sys/class/virtio-ports")
+HOST_POLL = 0.05
+_CHUNK = 1 << 16
+
+
+class PortError(ConnectionError):
+    """No such port, or the host side is not connected."""
+
+
+def find_port(name: str, timeout: float = 0.0) -> str:
+    """The device of the port called `name` (a path is taken as it is)."""
+    if name.startswith("/"):
+        return name
+    deadline = time.monotonic() + timeout
+    while True:
+        for entry in sorted(PORTS.glob("*")) if PORTS.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if (entry / "name").read_text().strip() == name:
+                    return f"/dev/{entry.name}"
+        if time.monotonic() >= deadline:
+            raise PortError(
+                f"no virtio-serial port named {name!r} (is the virtio_console module loaded "
+                "and the port given to the VM?)"
+            )
+        time.sleep(0.05)
+
+
+def _settle(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, _settle, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _read(fd: int) -> bytes:
+    """The next bytes from the port; b"" when no host is connected."""
+    while True:
+        try:
+            return os.read(fd, _CHUNK)
+        except BlockingIOError:
+            await _readable(fd)
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            # Write readiness is no use here (a missing host reads as ready):
+            # the reader notices a departed host and cancels us.
+            await asyncio.sleep(0.002)
+
+
+#: A run of bytes from the host, and whether a new client starts with it.
+Piece = tuple[bool, bytes]
+
+
+class ClientBoundaries:
+    """Finds where a new ttRPC client starts in the bytes from a port's host side (sans-IO).
+
+    The guest often cannot see one client leave and the next arrive (both
+    happen between two reads), but the bytes tell: ttRPC clients number their
+    streams from 1, so a request on stream 1 after other requests is a new
+    client's first. Bytes of a header not yet complete are held back, so a
+    cut never falls inside a frame.
+    """
+
+    def __init__(self) -> None:
+        self._held = b""
+        self._body_left = 0
+        self._requests = 0
+
+    def feed(self, data: bytes) -> list[Piece]:
+        data = self._held + data
+        pieces: list[Piece] = []
+        start = offset = 0
+        new_client = False
+        while offset < len(data):
+            if self._body_left:
+                step = min(self._body_left, len(data) - offset)
+                offset += step
+                self._body_left -= step
+                continue
+            if len(data) - offset < HEADER_SIZE:
+                break
+            length, stream_id, type_, _ = HEADER.unpack_from(data, offset)
+            if type_ == MessageType.REQUEST:
+                if stream_id == 1 and self._requests:
+                    if offset > start:
+                        pieces.append((new_client, data[start:offset]))
+                    start, new_client = offset, True
+                self._requests += 1
+            offset += HEADER_SIZE
+            self._body_left = length
+        self._held = data[offset:]
+        if offset > start:
+            pieces.append((new_client, data[start:offset]))
+        return pieces
+
+
+class PortServer:
+    """Serves one port: each host client becomes a connection of `protocol_factory`."""
+
+    def __init__(
+        self,
+        address: SerialAddress,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        ttrpc: bool = False,
+    ) -> None:
+        self.address = address
+        self._factory = protocol_factory
+        self._ttrpc = ttrpc
+        self._fd = os.open(
+            find_port(address.name, timeout=5.0), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC
+        )
+        self._boundaries = self._new_boundaries()
+        self._task = asyncio.ensure_future(self._serve())
+
+    async def _serve(self) -> None:
+        pieces: list[Piece] = []
+        while True:
+            pieces = await self._session(pieces or await self._wait_for_host())
+
+    async def _from_host(self) -> list[Piece] | None:
+        """What the host sent next; None when it has gone."""
+        data = await _read(self._fd)
+        if not data:
+            self._boundaries = self._new_boundaries()
+            return None
+        return self._boundaries.feed(data) if self._boundaries else [(False, data)]
+
+    def _new_boundaries(self) -> ClientBoundaries | None:
+        # Other streams (the debug console) have no frames to tell clients apart by.
+        return ClientBoundaries() if self._ttrpc else None
+
+    async def _wait_for_host(self) -> list[Piece]:
+        while True:
+            pieces = await self._from_host()
+            if pieces:
+                return pieces
+            if pieces is None:
+                await asyncio.sleep(HOST_POLL)
+
+    async def _session(self, pieces: list[Piece]) -> list[Piece]:
+        """One client's connection; what belongs to the next client, if one came."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        try:
+            await loop.connect_accepted_socket(self._factory, theirs)
+            to_server = asyncio.ensure_future(self._host_to_server(ours, pieces))
+            to_host = asyncio.ensure_future(self._server_to_host(ours))
+            await asyncio.wait({to_server, to_host}, return_when=asyncio.FIRST_COMPLETED)
+            to_host.cancel()
+            if not to_server.done():
+                to_server.cancel()
+                return []
+            return to_server.result()
+        finally:
+            ours.close()
+
+    async def _host_to_server(self, sock: socket.socket, pieces: list[Piece]) -> list[Piece]:
+        loop = asyncio.get_running_loop()
+        first = True
+        while True:
+            for index, (new_client, chunk) in enumerate(pieces):
+                if new_client and not first:
+                    return pieces[index:]
+                first = False
+                await loop.sock_sendall(sock, chunk)
+            got = await self._from_host()
+            if got is None:
+                return []
+            pieces = got
+
+    async def _server_to_host(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while data := await loop.sock_recv(sock, _CHUNK):
+            await _write_all(self._fd, data)
+
+    def close(self) -> None:
+        self._task.cancel()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class PortWriter:
+    """A port opened for writing whole records (span export), blocking, with a timeout."""
+
+    def __init__(self, address: SerialAddress, timeout: float = 1.0) -> None:
+        self.timeout = timeout
+        path = find_port(address.name)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise PortError(f"cannot open {path}: {exc.strerror}") from exc
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise PortError(f"writing to the port failed: {exc.strerror}") from exc
+            events = poller.poll(self.timeout * 1000)
+            if not events:
+                raise PortError(errno.ETIMEDOUT, "the port's host side does not read")
+            if events[0][1] & select.POLLHUP:
+                raise PortError(errno.ENOTCONN, "no one is connected to the port's host side")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

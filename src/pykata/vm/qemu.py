@@ -1,0 +1,395 @@
+"""A guest VM under QEMU with the agent as its init, driven from the host.
+
+    with launched(VmOptions(image=current())) as vm:
+        ...  # vm.agent_address answers ttRPC; vm.console_log has the guest's output
+
+Channel: the agent serves on a virtio-serial port that QEMU exposes as the
+unix socket `agent.sock` in the VM's run directory (our extension: the hosts
+here have no /dev/vhost-vsock; see pykata.virtio_serial). Spans leave the
+guest on a second port, `trace.channel.0`, which QEMU connects to a
+forwarder's unix socket; a third port carries the debug console when asked.
+
+Acceleration: KVM when /dev/kvm opens and the guest kernel prints within
+KVM_PROBE_SECONDS; otherwise software emulation (TCG). On these machines KVM
+enters the guest but the kernel stalls, so the verdict is remembered per host
+boot (`kvm.json` in the image cache) instead of being paid on every launch.
+
+Whatever happens, no QEMU is left behind: QEMU gets SIGKILL when the
+launching process dies (PR_SET_PDEATHSIG), and leaving `launched` stops it -
+gracefully (Ctrl-Alt-Del: the agent, as init, turns it into a shutdown and
+powers off), else by force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..api import health_pb2
+from ..transport import TransportError
+from ..ttrpc import Client, TtrpcError
+from .image import GuestImage
+
+QEMU = "qemu-system-x86_64"
+AGENT_PORT = "agent.channel.0"
+TRACE_PORT = "trace.channel.0"
+CONSOLE_PORT = "console.channel.0"
+KVM_PROBE_SECONDS = 4.0
+#: The kernel's first line on the serial console: proof the guest runs.
+KERNEL_BANNER = b"Linux version"
+PR_SET_PDEATHSIG = 1
+
+
+class VmError(RuntimeError):
+    """The VM could not be started or did not come up; the message says why."""
+
+
+@dataclass
+class VmOptions:
+    image: GuestImage
+    #: "auto" (KVM if it works here, else TCG), "kvm" or "tcg".
+    accel: str = "auto"
+    memory_mib: int = 512
+    cpus: int = 1
+    #: Extra kernel command line (agent.* options, maxcpus=...).
+    kernel_params: str = ""
+    #: A forwarder's unix socket: the agent traces and its spans go there.
+    trace_socket: str | None = None
+    debug_console: bool = False
+    #: Where the sockets and console log go (default: a new temporary directory).
+    run_dir: Path | None = None
+    boot_timeout: float = 120.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Vm:
+    """A running guest."""
+
+    process: subprocess.Popen[bytes]
+    run_dir: Path
+    accel: str
+    #: Why this acceleration (one line, for the user).
+    accel_reason: str
+    launched_at: float
+    #: Seconds from launch to the agent's first answered Check.
+    ready_after: float = 0.0
+
+    @property
+    def agent_address(self) -> str:
+        return f"unix://{self.run_dir / 'agent.sock'}"
+
+    @property
+    def console_address(self) -> str:
+        return f"unix://{self.run_dir / 'console.sock'}"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    def console_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+# --- acceleration ---------------------------------------------------------------
+
+
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _kvm_verdict_file(image: GuestImage) -> Path:
+    return image.directory.parent / "kvm.json"
+
+
+def remembered_kvm_verdict(image: GuestImage) -> str | None:
+    """Why KVM failed on this host boot, if a probe found so; None if not known."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        verdict = json.loads(_kvm_verdict_file(image).read_text())
+        if verdict["boot_id"] == _boot_id():
+            return str(verdict["failure"]) if verdict["failure"] else None
+    return None
+
+
+def remember_kvm_verdict(image: GuestImage, failure: str) -> None:
+    with contextlib.suppress(OSError):
+        _kvm_verdict_file(image).write_text(
+            json.dumps({"boot_id": _boot_id(), "failure": failure}) + "\n"
+        )
+
+
+def kvm_unusable() -> str | None:
+    """Why KVM cannot even be tried; None if /dev/kvm opens."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"/dev/kvm: {exc.strerror}"
+    os.close(fd)
+    return None
+
+
+# --- the QEMU command line --------------------------------------------------------
+
+
+def kernel_command_line(options: VmOptions) -> str:
+    params = [
+        "console=ttyS0",
+        "panic=-1",
+        "quiet",
+        f"agent.server_addr=serial://{AGENT_PORT}",
+    ]
+    if options.trace_socket:
+        params += ["agent.trace", f"agent.trace_addr=serial://{TRACE_PORT}"]
+    if options.debug_console:
+        params += ["agent.debug_console", f"agent.debug_console_addr=serial://{CONSOLE_PORT}"]
+    if options.kernel_params:
+        params.append(options.kernel_params)
+    return " ".join(params)
+
+
+def _server_socket(name: str, path: Path) -> str:
+    """A chardev: a unix socket QEMU listens on (one client at a time)."""
+    return f"socket,id={name},path={path},server=on,wait=off"
+
+
+def _port(name: str, chardev: str) -> list[str]:
+    return ["-chardev", chardev, "-device", f"virtserialport,chardev={name},name={name}"]
+
+
+def qemu_command(options: VmOptions, run_dir: Path, accel: str) -> list[str]:
+    image = options.image
+    command = [
+        QEMU,
+        "-name", "pykata-guest",
+        "-machine", f"pc,accel={accel}",
+        "-cpu", "max" if accel == "tcg" else "host",
+        "-m", str(options.memory_mib),
+        "-smp", str(options.cpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.initramfs),
+        "-append", kernel_command_line(options),
+        # snapshot: the guest's writes go to a temporary overlay; the image stays as built.
+        "-drive", f"file={image.root_disk},format=raw,if=virtio,snapshot=on",
+        "-serial", f"file:{run_dir / 'console.log'}",
+        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+        "-device", "virtio-serial-pci",
+        *_port(AGENT_PORT, _server_socket(AGENT_PORT, run_dir / "agent.sock")),
+    ]  # fmt: skip
+    if options.trace_socket:
+        # QEMU connects to the forwarder, and again (each second) if it was not there yet.
+        command += _port(
+            TRACE_PORT, f"socket,id={TRACE_PORT},path={options.trace_socket},reconnect=1"
+        )
+    if options.debug_console:
+        command += _port(CONSOLE_PORT, _server_socket(CONSOLE_PORT, run_dir / "console.sock"))
+    return command + options.extra_args
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _start(options: VmOptions, run_dir: Path, accel: str) -> subprocess.Popen[bytes]:
+    if shutil.which(QEMU) is None:
+        raise VmError(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    for name in ("console.log", "agent.sock", "qmp.sock", "console.sock"):
+        (run_dir / name).unlink(missing_ok=True)
+    return subprocess.Popen(
+        qemu_command(options, run_dir, accel),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(run_dir / "qemu.stderr", "wb"),
+        preexec_fn=_die_with_parent,
+        start_new_session=True,  # a Ctrl-C at the terminal is ours to handle, not QEMU's
+    )
+
+
+def _kernel_started(process: subprocess.Popen[bytes], log: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError):
+            if KERNEL_BANNER in log.read_bytes():
+                return True
+        time.sleep(0.1)
+    return False
+
+
+# --- readiness and shutdown -------------------------------------------------------
+
+
+async def _check(address: str, socket_path: Path, timeout: float) -> None:
+    while not socket_path.exists():  # QEMU makes it a moment after it starts
+        await asyncio.sleep(0.02)
+    client = await Client.connect(address, timeout=timeout)
+    try:
+        await client.call(
+            "grpc.Health", "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse,
+            timeout=timeout,
+        )  # fmt: skip
+    finally:
+        await client.close()
+
+
+def wait_for_agent(vm: Vm, timeout: float) -> None:
+    """Until the agent answers Check; VmError (with the console's last lines) if it does not.
+
+    One connection and one Check: QEMU holds the request until the guest opens the
+    port, so there is nothing to retry - only QEMU's death to watch for.
+    """
+
+    async def watch() -> None:
+        check = asyncio.ensure_future(_check(vm.agent_address, vm.run_dir / "agent.sock", timeout))
+        while not check.done():
+            if vm.process.poll() is not None:
+                check.cancel()
+                raise VmError(
+                    f"QEMU exited ({vm.process.returncode}) before the agent answered"
+                    f"{_stderr_tail(vm)}\nguest console:\n{vm.console_tail()}"
+                )
+            await asyncio.wait({check}, timeout=0.2)
+        await check
+
+    try:
+        asyncio.run(asyncio.wait_for(watch(), timeout))
+    except (TtrpcError, TransportError, TimeoutError) as exc:
+        raise VmError(
+            f"the agent did not answer Check within {timeout:.0f}s ({exc})\n"
+            f"guest console:\n{vm.console_tail()}"
+        ) from exc
+    vm.ready_after = time.monotonic() - vm.launched_at
+
+
+def _stderr_tail(vm: Vm) -> str:
+    with contextlib.suppress(OSError):
+        text = (vm.run_dir / "qemu.stderr").read_text(errors="replace").strip()
+        if text:
+            return ": " + text.splitlines()[-1]
+    return ""
+
+
+def qmp(vm: Vm, command: str, arguments: dict[str, object] | None = None) -> None:
+    """One QMP command (the QEMU monitor protocol: JSON lines on a unix socket)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(vm.qmp_socket))
+        replies = sock.makefile("rb")
+        replies.readline()  # the greeting
+        requests: list[dict[str, object]] = [
+            {"execute": "qmp_capabilities"},
+            {"execute": command, **({"arguments": arguments} if arguments else {})},
+        ]
+        for request in requests:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            while True:  # skip asynchronous events until the reply
+                reply = json.loads(replies.readline() or b"{}")
+                if "event" not in reply:
+                    break
+            if "error" in reply:
+                raise VmError(f"QMP {request['execute']}: {reply['error'].get('desc')}")
+
+
+def stop(vm: Vm, grace: float = 20.0) -> str:
+    """Stop the VM: 'powered off' (the agent shut down cleanly) or how it was forced."""
+    if vm.process.poll() is not None:
+        return "already stopped"
+    try:
+        # Ctrl-Alt-Del reaches the agent (init) as SIGINT: it stops and powers off.
+        keys = [{"type": "qcode", "data": key} for key in ("ctrl", "alt", "delete")]
+        qmp(vm, "send-key", {"keys": keys})
+        vm.process.wait(grace)
+        return "powered off"
+    except (OSError, VmError, ValueError, subprocess.TimeoutExpired):
+        pass
+    with contextlib.suppress(OSError, VmError, ValueError):
+        qmp(vm, "quit")
+    try:
+        vm.process.wait(5)
+        return "quit (the guest did not power off in time)"
+    except subprocess.TimeoutExpired:
+        vm.process.kill()
+        vm.process.wait()
+        return "killed"
+
+
+# --- launching --------------------------------------------------------------------
+
+
+def choose_accel(options: VmOptions) -> tuple[list[str], str]:
+    """Accelerators to try in order, and why."""
+    if options.accel == "tcg":
+        return ["tcg"], "tcg (asked for)"
+    if options.accel == "kvm":
+        return ["kvm"], "kvm (asked for)"
+    unusable = kvm_unusable() or remembered_kvm_verdict(options.image)
+    if unusable:
+        return ["tcg"], f"tcg (software emulation; KVM unusable here: {unusable})"
+    return ["kvm", "tcg"], "kvm"
+
+
+def boot(options: VmOptions, run_dir: Path) -> Vm:
+    """Start QEMU (probing KVM when it may work) and wait until the agent answers."""
+    accels, reason = choose_accel(options)
+    for accel in accels:
+        started = time.monotonic()
+        process = _start(options, run_dir, accel)
+        vm = Vm(process, run_dir, accel, reason, started)
+        probing = accel == "kvm" and len(accels) > 1
+        if probing and not _kernel_started(process, vm.console_log, KVM_PROBE_SECONDS):
+            failure = f"the guest kernel printed nothing within {KVM_PROBE_SECONDS:.0f}s"
+            stop_now(vm)
+            remember_kvm_verdict(options.image, failure)
+            reason = f"tcg (software emulation; KVM unusable here: {failure})"
+            continue
+        try:
+            wait_for_agent(vm, options.boot_timeout)
+        except BaseException:
+            stop_now(vm)
+            raise
+        return vm
+    raise AssertionError("unreachable: TCG is always tried last")
+
+
+def stop_now(vm: Vm) -> None:
+    if vm.process.poll() is None:
+        vm.process.kill()
+    vm.process.wait()
+
+
+@contextlib.contextmanager
+def launched(options: VmOptions) -> Iterator[Vm]:
+    """A booted guest whose agent answers; stopped (and its run directory gone) on exit."""
+    own_dir = options.run_dir is None
+    run_dir = Path(tempfile.mkdtemp(prefix="pykata-vm-")) if own_dir else options.run_dir
+    assert run_dir is not None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # the agent's socket: as private as the agent's own would be
+    try:
+        vm = boot(options, run_dir)
+        try:
+            yield vm
+        finally:
+            stop(vm)
+    finally:
+        if own_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,235 @@
+"""A real guest: the agent as init of a QEMU VM (software emulation), driven from the host.
+
+Slow (a boot is 10-20 s under TCG): one guest serves most tests. It boots with
+two CPUs of which one is offline (maxcpus=1), a debug console, and tracing to a
+host forwarder, so each test can act through the agent and look through the
+console. Nothing here is mocked: the image is the one `make guest-image` builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from pykata.api import agent_pb2
+from pykata.ttrpc import Client, Stub
+from pykata.vm import image as image_mod
+from pykata.vm import qemu
+
+from .receivers import GrpcReceiver, forwarder
+
+pytestmark = pytest.mark.slow
+CTL = [sys.executable, "-m", "pykata.ctl.cli"]
+AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> image_mod.GuestImage:
+    return image_mod.build(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[GrpcReceiver]:
+    with GrpcReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def vm(guest_image: image_mod.GuestImage, receiver: GrpcReceiver) -> Iterator[qemu.Vm]:
+    with tempfile.TemporaryDirectory(prefix="pykata-test-vm-") as tmp:
+        trace_socket = f"{tmp}/trace.sock"
+        with forwarder(f"unix://{trace_socket}", "--otlp-endpoint", receiver.endpoint):
+            options = qemu.VmOptions(
+                image=guest_image,
+                accel="tcg",
+                cpus=2,
+                kernel_params="maxcpus=1",
+                trace_socket=trace_socket,
+                debug_console=True,
+                run_dir=Path(tmp) / "vm",
+            )
+            with qemu.launched(options) as vm:
+                yield vm
+                assert qemu.stop(vm) == "powered off", vm.console_tail()
+
+
+@pytest.fixture
+async def api(vm: qemu.Vm) -> AsyncIterator[Stub]:
+    client = await Client.connect(vm.agent_address)
+    try:
+        yield Stub(client, AGENT)
+    finally:
+        await client.close()
+
+
+def ctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CTL, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def in_guest(vm: qemu.Vm, command: str) -> str:
+    """A command's output through the agent's debug console (the guest's own view)."""
+    done = ctl("console", vm.console_address, "-c", command, "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_agent_is_init_and_mounted_what_an_init_mounts(vm: qemu.Vm) -> None:
+    assert in_guest(vm, "cat /proc/1/comm") in ("python3", "kata-agent")
+    mounts = in_guest(vm, "cat /proc/mounts")
+    for point in ("/sys", "/dev", "/dev/pts", "/run", "/sys/fs/cgroup/memory"):
+        assert f" {point} " in mounts, mounts
+    # The agent loaded the serial channel's driver itself (the initramfs only has the disk's).
+    assert "virtio_console" in in_guest(vm, "cat /proc/modules")
+
+
+async def test_guest_details_are_the_guests(vm: qemu.Vm, api: Stub) -> None:
+    details = await api.GetGuestDetails(
+        agent_pb2.GuestDetailsRequest(mem_block_size=True, mem_hotplug_probe=True)
+    )
+    assert details.agent_details.init_daemon
+    block = in_guest(vm, "cat /sys/devices/system/memory/block_size_bytes")
+    assert details.mem_block_size_bytes == int(block, 16)
+    probe = in_guest(vm, "test -e /sys/devices/system/memory/probe && echo yes || echo no")
+    assert details.support_mem_hotplug_probe == (probe == "yes")
+
+
+def test_container_lifecycle_through_ctl(vm: qemu.Vm) -> None:
+    done = ctl(
+        "connect", "--server-address", vm.agent_address,
+        "--guest-rootfs", image_mod.GUEST_ROOTFS,
+        "-c", "CreateSandbox",
+        "-c", "run /bin/sh -c 'echo hello from $(uname -r); cat /proc/self/cgroup >&2; exit 3'",
+        "-c", "DestroySandbox",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    release = in_guest(vm, "uname -r")
+    assert f"hello from {release}" in done.stdout
+    assert "exit code 3" in done.stdout
+    # crun put the container in cgroups of the hierarchies the agent mounted.
+    assert ":memory:/" in done.stderr
+
+
+async def test_set_guest_date_time_sets_the_guest_clock(vm: qemu.Vm, api: Stub) -> None:
+    target = int(time.time()) + 86400 * 365
+    await api.SetGuestDateTime(agent_pb2.SetGuestDateTimeRequest(Sec=target, Usec=0))
+    try:
+        guest_now = int(in_guest(vm, "date +%s"))
+        assert target <= guest_now < target + 60
+    finally:
+        now = time.time()
+        await api.SetGuestDateTime(
+            agent_pb2.SetGuestDateTimeRequest(Sec=int(now), Usec=int(now % 1 * 1e6))
+        )
+    assert abs(int(in_guest(vm, "date +%s")) - time.time()) < 60
+
+
+async def test_online_cpu_mem_brings_the_offline_cpu_up(vm: qemu.Vm, api: Stub) -> None:
+    assert in_guest(vm, "cat /sys/devices/system/cpu/online") == "0"
+    await api.OnlineCPUMem(agent_pb2.OnlineCPUMemRequest(wait=True, nb_cpus=1))
+    assert in_guest(vm, "cat /sys/devices/system/cpu/online") == "0-1"
+
+
+async def test_spans_reach_the_host_forwarder(vm: qemu.Vm, receiver: GrpcReceiver) -> None:
+    client = await Client.connect(vm.agent_address)
+    try:
+        await Stub(client, AGENT).ListInterfaces(agent_pb2.ListInterfacesRequest())
+    finally:
+        await client.close()
+    deadline = time.monotonic() + 60
+    names: set[str] = set()
+    while not any("ListInterfaces" in name for name in names) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        names = {span.name for span in receiver.received.spans()}
+    assert any("ListInterfaces" in name for name in names), names
+
+
+def test_a_second_client_right_after_the_first_is_served(vm: qemu.Vm) -> None:
+    # Each ctl run is a new ttRPC client numbering its streams from 1 again.
+    for _ in range(3):
+        done = ctl("connect", "--server-address", vm.agent_address, "-c", "Check")
+        assert done.returncode == 0 and "SERVING" in done.stdout, done.stdout + done.stderr
+
+
+def qemu_processes(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and marker.encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_ctl_vm_option_boots_runs_and_stops(guest_image: image_mod.GuestImage) -> None:
+    env = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pykata-ctl-vm-")}
+    done = subprocess.run(
+        [*CTL, "connect", "--vm", "qemu", "-c", "Check", "-c", "run /bin/echo inside"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "inside" in done.stdout and "exit code 0" in done.stdout
+    accel_lines = [line for line in done.stderr.splitlines() if " accel " in line]
+    assert len(accel_lines) == 1, done.stderr
+    assert "guest stopped: powered off" in done.stderr
+    assert qemu_processes(env["TMPDIR"]) == []
+
+
+def test_killed_ctl_leaves_no_qemu(guest_image: image_mod.GuestImage) -> None:
+    tmp = tempfile.mkdtemp(prefix="pykata-ctl-kill-")
+    proc = subprocess.Popen(
+        [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{tmp}/vm"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not qemu_processes(tmp) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_processes(tmp), "QEMU never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while qemu_processes(tmp) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_processes(tmp) == []
+
+
+def test_vm_command_prints_how_to_reach_the_guest_and_stops_on_sigterm(
+    guest_image: image_mod.GuestImage,
+) -> None:
+    tmp = tempfile.mkdtemp(prefix="pykata-vm-cmd-")
+    proc = subprocess.Popen(
+        [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{tmp}/vm"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("agent:"), first + (proc.stderr.read() if proc.stderr else "")
+        address = first.split()[1]
+        done = ctl("connect", "--server-address", address, "-c", "Check")
+        assert "SERVING" in done.stdout, done.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "guest stopped: powered off" in err
+    assert qemu_processes(tmp) == []
+
+
+def test_manifest_says_what_the_image_holds(guest_image: image_mod.GuestImage) -> None:
+    manifest = guest_image.manifest
+    assert manifest["kernel_release"] and manifest["container_rootfs"] == image_mod.GUEST_ROOTFS
+    assert any(str(r).startswith("protobuf==") for r in manifest["python_requirements"])
+    assert json.loads((guest_image.directory / "manifest.json").read_text()) == manifest
