@@ -36,6 +36,7 @@ import containers as containers_bench  # noqa: E402
 import containertrace as containertrace_bench  # noqa: E402
 import guest as guest_bench  # noqa: E402
 import tracing as tracing_bench  # noqa: E402
+import vm as vm_bench  # noqa: E402
 
 AGENT = [sys.executable, "-m", "pykata.agent.cli"]
 SEQUENTIAL_CALLS = 20_000
@@ -192,7 +193,10 @@ def measure(rounds: int) -> dict[str, object]:
     guest = guest_bench.measure()
     print("container tracing", file=sys.stderr, flush=True)
     lttng = containertrace_bench.measure()
+    print("guest VM", file=sys.stderr, flush=True)
+    vm = vm_bench.measure()
     return {
+        "vm": vm,
         "containertrace": lttng,
         "tracing": tracing,
         "guest": guest,
@@ -235,6 +239,8 @@ def report(r: dict[str, object]) -> str:
     tr: dict[str, Any] = r["tracing"]  # type: ignore[assignment]
     g: dict[str, Any] = r["guest"]  # type: ignore[assignment]
     lt: dict[str, Any] = r["containertrace"]  # type: ignore[assignment]
+    vm: dict[str, Any] = r["vm"]  # type: ignore[assignment]
+    boots = ", ".join(f"{x:.1f}" for x in vm["launch_to_check_s"])
     spans_s = tr["forwarder_spans_per_s"]
     traced = tr["check_us_on"] / tr["check_us_off"]
     traced_cycle = tr["cycle_ms_on"] / tr["cycle_ms_off"]
@@ -382,6 +388,26 @@ RPC name when it loads, so calls no rule names pay only the lookup.
 | trace size | {lt["trace_mb"]:.1f} MB |
 | reading it back with babeltrace2's Python bindings (summary) | {lt["read_events_per_s"]:,.0f} events/s |
 
+## Guest VM (QEMU, software emulation)
+
+| measure | result |
+|---|---:|
+| launch to the first answered Check, `qemu-system-x86_64` under TCG, median of {len(vm["launch_to_check_s"])} boots ({boots} s) | {vm["launch_to_check_median_s"]:.1f} s |
+| of which the guest was up (kernel, initramfs, agent start), by its /proc/uptime | {vm["guest_uptime_at_ready_s"]:.1f} s |
+| of which the agent itself, from its start to serving (its own log) | {vm["agent_startup_ms"]:.0f} ms |
+| the same launch with `--accel auto` ({vm["auto"]["reason"]}) | {vm["auto"]["total_s"]:.1f} s |
+| the agent's memory in the guest (VmRSS of PID 1) | {vm["agent_rss_mb"]:.1f} MB |
+| the whole guest's memory in use (MemTotal - MemAvailable, 512 MiB VM) | {vm["guest_mem_used_mb"]:.0f} MB |
+| Check over the virtio-serial channel, median of {vm_bench.CHECKS} sequential calls | {vm["check_ms"]:.2f} ms |
+| clean shutdown (Ctrl-Alt-Del, the agent powers off), each boot | {", ".join(f"{how} in {s:.2f} s" for how, s in vm["stop_s"])} |
+| guest image, the image part rebuilt (root disk, initramfs; base and kernel cached) | {vm["image_build_s"]:.1f} s |
+| guest image, nothing changed (cache check) | {vm["cached_build_s"]:.1f} s |
+| kernel / initramfs / root disk (allocated of apparent) | {vm["kernel_mb"]:.0f} MB / {vm["initramfs_mb"]:.1f} MB / {vm["root_disk_used_mb"]:.0f} of {vm["root_disk_mb"]:.0f} MB |
+
+The first build also runs debootstrap (43 s here, once per package list) and
+downloads the kernel package (2 s). KVM is probed once per host boot; on
+these machines the guest kernel stalls under KVM, so every boot is emulated.
+
 Start-up is the median of 10 runs, from spawning `kata-agent` to the first
 Check answered (the client retries connecting every 2 ms). RSS is VmRSS one
 second after the first connection.
@@ -417,6 +443,7 @@ one coalesced write, which is where Python keeps up best.
     .venv/bin/python bench/tracing.py      # the tracing part alone, JSON
     .venv/bin/python bench/guest.py        # guest, network and policy, JSON
     .venv/bin/python bench/containertrace.py  # LTTng recording, JSON
+    .venv/bin/python bench/vm.py           # the guest VM, JSON
     .venv/bin/python bench/run.py --report-only   # rewrite this file from bench/results.json
 """
 
