@@ -188,8 +188,11 @@ def test_other_subcommands() -> None:
     assert re.fullmatch(r"[0-9a-f]{32}\n", ctl("generate-sid").stdout)
     examples = ctl("examples").stdout
     assert "--hybrid-vsock" in examples and "vsock://" in examples and "unix://@" in examples
-    vm = ctl("connect", "--server-address", "unix:///x", "--vm", "-c", "Check")
-    assert vm.returncode == 2 and "not supported yet" in vm.stderr
+    both = ctl("connect", "--server-address", "unix:///x", "--vm", "qemu", "-c", "Check")
+    assert both.returncode == 2 and "either --server-address" in both.stderr
+    no_image = ctl("connect", "--vm", "qemu", "--guest-dir", "/nonexistent", "-c", "Check")
+    assert no_image.returncode == 1
+    assert "no guest image in /nonexistent: build one with `make guest-image`" in no_image.stderr
 
 
 class Terminal:
