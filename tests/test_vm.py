@@ -26,6 +26,7 @@ from pykata.ttrpc import Client, Stub
 from pykata.vm import image as image_mod
 from pykata.vm import qemu
 
+from .containers import build_rootfs
 from .receivers import GrpcReceiver, forwarder
 
 pytestmark = pytest.mark.slow
@@ -160,7 +161,8 @@ def test_a_second_client_right_after_the_first_is_served(vm: qemu.Vm) -> None:
         assert done.returncode == 0 and "SERVING" in done.stdout, done.stdout + done.stderr
 
 
-def qemu_processes(marker: str) -> list[int]:
+def processes_with(*words: str) -> list[int]:
+    """Processes whose command line holds every word."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -168,23 +170,36 @@ def qemu_processes(marker: str) -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"qemu-system" in cmdline and marker.encode() in cmdline:
+            if all(word.encode() in cmdline for word in words):
                 pids.append(int(entry.name))
     return pids
 
 
-def test_ctl_vm_option_boots_runs_and_stops(guest_image: image_mod.GuestImage) -> None:
+def qemu_processes(marker: str) -> list[int]:
+    return processes_with("qemu-system", marker)
+
+
+def test_ctl_vm_option_boots_shares_the_bundle_runs_and_stops(
+    guest_image: image_mod.GuestImage, tmp_path: Path
+) -> None:
+    rootfs = build_rootfs(tmp_path / "bundle" / "rootfs")
+    (rootfs / "marker").write_text("from the host\n")
     env = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pykata-ctl-vm-")}
     done = subprocess.run(
-        [*CTL, "connect", "--vm", "qemu", "-c", "Check", "-c", "run /bin/echo inside"],
+        [*CTL, "connect", "--vm", "qemu", "--bundle-dir", str(tmp_path / "bundle"),
+         "-c", "Check", "-c", "run /bin/cat /marker",
+         "-c", "run /bin/sh -c 'echo from the guest > /written'"],
         capture_output=True, text=True, timeout=240, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "inside" in done.stdout and "exit code 0" in done.stdout
+    # The bundle reached the guest over virtio-fs, both ways.
+    assert "from the host" in done.stdout and "exit code 0" in done.stdout
+    assert (rootfs / "written").read_text() == "from the guest\n"
     accel_lines = [line for line in done.stderr.splitlines() if " accel " in line]
     assert len(accel_lines) == 1, done.stderr
     assert "guest stopped: powered off" in done.stderr
     assert qemu_processes(env["TMPDIR"]) == []
+    assert processes_with("virtiofsd", env["TMPDIR"]) == []
 
 
 def test_killed_ctl_leaves_no_qemu(guest_image: image_mod.GuestImage) -> None:
@@ -233,3 +248,19 @@ def test_manifest_says_what_the_image_holds(guest_image: image_mod.GuestImage) -
     assert manifest["kernel_release"] and manifest["container_rootfs"] == image_mod.GUEST_ROOTFS
     assert any(str(r).startswith("protobuf==") for r in manifest["python_requirements"])
     assert json.loads((guest_image.directory / "manifest.json").read_text()) == manifest
+
+
+def test_a_guest_whose_agent_cannot_start_is_reported_with_its_console(
+    guest_image: image_mod.GuestImage,
+) -> None:
+    tmp = tempfile.mkdtemp(prefix="pykata-ctl-bad-")
+    done = subprocess.run(
+        [*CTL, "connect", "--vm", "qemu", "--accel", "tcg", "--kernel-params", "agent.log=loud",
+         "-c", "Check"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": tmp},
+    )  # fmt: skip
+    assert done.returncode == 1
+    # The agent refused its option and, as init, powered off; the user sees why.
+    assert "QEMU exited (0) before the agent answered" in done.stderr
+    assert "agent.log: invalid log level 'loud'" in done.stderr
+    assert qemu_processes(tmp) == []

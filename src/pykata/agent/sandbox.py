@@ -68,7 +68,7 @@ class Sandbox:
         self.settings: SandboxSettings | None = None
         self.containers: dict[str, Container] = {}
         self._holder: asyncio.subprocess.Process | None = None
-        self.storages = Storages(run_dir)
+        self.storages = Storages(run_dir, owns_machine)
         self.oom = OomEvents()
         self._storage_points: list[Path] = []
         self._instance = f"agent-{os.getpid()}"

@@ -1,4 +1,5 @@
-"""Storages: filesystems the runtime asks the agent to provide (local, bind, tmpfs, overlay).
+"""Storages: filesystems the runtime asks the agent to provide (local, bind, tmpfs,
+overlay, and in a guest virtio-fs: a host directory shared by the VMM).
 
 Every mount point must lie inside the agent's run directory, after
 resolving symlinks: a request cannot make the agent mount over anything
@@ -21,7 +22,7 @@ from .errors import InvalidArgument, NotFound, Unsupported
 
 log = logging.getLogger("pykata.agent.storage")
 
-DRIVERS = ("local", "bind", "ephemeral", "overlayfs")
+DRIVERS = ("local", "bind", "ephemeral", "overlayfs", "virtio-fs")
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,10 @@ async def _umount(path: Path) -> None:
 
 
 class Storages:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owns_machine: bool = False) -> None:
         self.root = root
+        #: May load kernel modules (virtio-fs); only in a machine of our own.
+        self.owns_machine = owns_machine
         self._users: dict[Path, int] = {}
         self._mounted: dict[Path, str] = {}  # mount point -> driver
 
@@ -117,6 +120,14 @@ class Storages:
                 spec.source or "tmpfs",
                 str(point),
             )
+            self._mounted[point] = spec.driver
+        elif spec.driver == "virtio-fs":  # source: the VMM's tag for the shared directory
+            if self.owns_machine:
+                await run("modprobe", "virtiofs")
+            await _mount(
+                "-t", "virtiofs", *(["-o", ",".join(options)] if options else []),
+                spec.source, str(point),
+            )  # fmt: skip
             self._mounted[point] = spec.driver
         else:  # overlayfs
             for option in options:

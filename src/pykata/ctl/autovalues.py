@@ -17,9 +17,11 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..api import agent_pb2
+from ..vm.qemu import SHARE_TAG
 from .api import CommandError, Method
 from .spec import default_config, from_bundle, to_spec
 
@@ -61,6 +63,8 @@ class AutoValues:
     bundle_dir: Path | None = None
     #: A rootfs path in the agent's machine (a guest image's own), used without a bundle.
     guest_rootfs: str | None = None
+    #: Where the guest sees `bundle_dir` (shared over virtio-fs), if it is shared.
+    guest_bundle: str | None = None
     sandbox_id: str = ""
     container_id: str = ""
     exec_id: str = ""
@@ -101,10 +105,35 @@ class AutoValues:
     def base_spec(self) -> Any:
         """The spec containers start from: the bundle's, or the guest rootfs' default; None."""
         if self.bundle_dir is not None:
-            return from_bundle(self.bundle_dir)
+            spec = from_bundle(self.bundle_dir)
+            if self.guest_bundle is not None:
+                spec.Root.Path = self._in_guest(spec.Root.Path)
+            return spec
         if self.guest_rootfs is not None:
             return to_spec(default_config(self.guest_rootfs))
         return None
+
+    def _in_guest(self, host_path: str) -> str:
+        assert self.bundle_dir is not None and self.guest_bundle is not None
+        try:
+            relative = Path(host_path).relative_to(self.bundle_dir.resolve())
+        except ValueError:
+            raise CommandError(
+                f"the bundle's rootfs {host_path} is outside --bundle-dir {self.bundle_dir}: "
+                "only that directory is shared with the guest"
+            ) from None
+        return str(PurePosixPath(self.guest_bundle) / relative)
+
+    def storages(self) -> list[agent_pb2.Storage]:
+        """What a container needs mounted first: the shared bundle, if there is one."""
+        if self.guest_bundle is None:
+            return []
+        return [
+            agent_pb2.Storage(
+                driver="virtio-fs", source=SHARE_TAG, fstype="virtiofs",
+                mount_point=self.guest_bundle,
+            )
+        ]  # fmt: skip
 
     def _fill_create(self, request: Any) -> None:
         if not request.container_id:
@@ -121,6 +150,8 @@ class AutoValues:
                 "CreateContainer needs an OCI spec: give --bundle-dir (a bundle, or a "
                 "rootfs), or OCI fields (json://, OCI.Root.Path=...)"
             )
+        if not request.storages:
+            request.storages.extend(self.storages())
         self.container_id = request.container_id
         self.exec_id = ""
         self.created.append(self.container_id)

@@ -21,7 +21,7 @@ from ..transport import (
 )
 from ..ttrpc import Client
 from ..vm.image import GUEST_ROOTFS, ImageError
-from ..vm.qemu import VmError
+from ..vm.qemu import GUEST_SHARE, VmError
 from . import console as console_mod
 from . import vm as vm_mod
 from .autovalues import AutoValues
@@ -184,12 +184,14 @@ def connect(args: argparse.Namespace) -> int:
         return 2
     if not args.vm:
         return run_commands(args)
+    # A bundle is shared with the guest (virtio-fs); without one, the image's busybox rootfs.
+    shared = args.bundle_dir.resolve() if args.bundle_dir else None
     try:
-        with vm_mod.booted(args) as vm:
+        with vm_mod.booted(args, shared_dir=shared) as vm:
             args.server_address, args.hybrid_vsock = vm.agent_address, False
-            if not args.bundle_dir and not args.guest_rootfs:
-                args.guest_rootfs = GUEST_ROOTFS  # the guest image's own busybox rootfs
-            return run_commands(args)
+            if shared is None and not args.guest_rootfs:
+                args.guest_rootfs = GUEST_ROOTFS
+            return run_commands(args, shared_bundle=shared is not None)
     except (ImageError, VmError) as exc:
         print(f"kata-agent-ctl: {exc}", file=sys.stderr)
         return 1
@@ -197,14 +199,18 @@ def connect(args: argparse.Namespace) -> int:
         return 130
 
 
-def run_commands(args: argparse.Namespace) -> int:
+def run_commands(args: argparse.Namespace, *, shared_bundle: bool = False) -> int:
     loop = asyncio.new_event_loop()
     try:
         client = loop.run_until_complete(_connect(args))
     except (AddressError, TransportError) as exc:
         print(f"kata-agent-ctl: {exc}", file=sys.stderr)
         return 1
-    auto = AutoValues(bundle_dir=args.bundle_dir, guest_rootfs=args.guest_rootfs)
+    auto = AutoValues(
+        bundle_dir=args.bundle_dir,
+        guest_rootfs=args.guest_rootfs,
+        guest_bundle=GUEST_SHARE if shared_bundle else None,
+    )
     session = Session(
         client, None if args.no_auto_values else auto, output=args.output, timeout=args.timeout
     )

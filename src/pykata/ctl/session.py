@@ -221,7 +221,9 @@ class Session:
         spec.Process.Args.extend(args)
         spec.Process.Terminal = False  # output goes to stdout and stderr, separately
         cid = new_id()
-        create = agent_pb2.CreateContainerRequest(container_id=cid, exec_id=cid, OCI=spec)
+        create = agent_pb2.CreateContainerRequest(
+            container_id=cid, exec_id=cid, OCI=spec, storages=self.auto.storages()
+        )
         outcome = await self.call(METHODS["CreateContainer"], [], create)
         if outcome.code != Code.OK:
             return self._report(outcome)

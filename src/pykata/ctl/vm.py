@@ -41,6 +41,12 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (KVM if it works here, else TCG), kvm or tcg",
     )
+    group.add_argument(
+        "--channel",
+        choices=["auto", "vsock", "serial"],
+        default="auto",
+        help="auto (vsock if the host has /dev/vhost-vsock, else virtio-serial ports)",
+    )
     group.add_argument("--cpus", type=int, default=1, help="guest CPUs (default 1)")
     group.add_argument("--memory", type=int, default=512, metavar="MIB", help="default 512")
     group.add_argument(
@@ -59,10 +65,14 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def vm_options(args: argparse.Namespace, run_dir: Path | None = None) -> qemu.VmOptions:
+def vm_options(
+    args: argparse.Namespace, run_dir: Path | None = None, shared_dir: Path | None = None
+) -> qemu.VmOptions:
     return qemu.VmOptions(
+        shared_dir=shared_dir,
         image=image_mod.current(args.guest_dir),
         accel=args.accel,
+        channel=args.channel,
         memory_mib=args.memory,
         cpus=args.cpus,
         kernel_params=args.kernel_params,
@@ -83,14 +93,19 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def booted(args: argparse.Namespace, run_dir: Path | None = None) -> Iterator[qemu.Vm]:
+def booted(
+    args: argparse.Namespace, run_dir: Path | None = None, shared_dir: Path | None = None
+) -> Iterator[qemu.Vm]:
     """A guest whose agent answers, stopped when the block ends (whatever happens)."""
-    options = vm_options(args, run_dir)
+    options = vm_options(args, run_dir, shared_dir)
     _say(f"booting the guest ({options.image.directory.name}) ...")
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with qemu.launched(options) as vm:
-            _say(f"guest up in {vm.ready_after:.1f}s; accel {vm.accel_reason}")
+            _say(
+                f"guest up in {vm.ready_after:.1f}s; accel {vm.accel_reason}; "
+                f"channel {vm.channel.kind}"
+            )
             try:
                 yield vm
             finally:

@@ -27,6 +27,8 @@ import contextlib
 import ctypes
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -50,6 +52,13 @@ KVM_PROBE_SECONDS = 4.0
 #: The kernel's first line on the serial console: proof the guest runs.
 KERNEL_BANNER = b"Linux version"
 PR_SET_PDEATHSIG = 1
+VHOST_VSOCK = "/dev/vhost-vsock"
+#: The shared directory's tag, as Kata names it; the agent mounts it at GUEST_SHARE.
+SHARE_TAG = "kataShared"
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+GUEST_SHARE = "/run/kata-containers/shared/containers"
+AGENT_VSOCK_PORT = 1024
+CONSOLE_VSOCK_PORT = 1026
 
 
 class VmError(RuntimeError):
@@ -65,9 +74,14 @@ class VmOptions:
     cpus: int = 1
     #: Extra kernel command line (agent.* options, maxcpus=...).
     kernel_params: str = ""
-    #: A forwarder's unix socket: the agent traces and its spans go there.
+    #: "auto" (vsock when the host has /dev/vhost-vsock, else serial), "vsock" or "serial".
+    channel: str = "auto"
+    #: Serial channel: a forwarder's unix socket; the agent traces and its spans go there.
+    #: (With vsock, trace with kernel_params "agent.trace": spans go to vsock port 10240.)
     trace_socket: str | None = None
     debug_console: bool = False
+    #: A host directory shared with the guest over virtio-fs (tag SHARE_TAG), e.g. a bundle.
+    shared_dir: Path | None = None
     #: Where the sockets and console log go (default: a new temporary directory).
     run_dir: Path | None = None
     boot_timeout: float = 120.0
@@ -80,20 +94,23 @@ class Vm:
 
     process: subprocess.Popen[bytes]
     run_dir: Path
+    channel: Channel
     accel: str
     #: Why this acceleration (one line, for the user).
     accel_reason: str
     launched_at: float
+    #: Processes QEMU needs (virtiofsd): ended with it.
+    helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     #: Seconds from launch to the agent's first answered Check.
     ready_after: float = 0.0
 
     @property
     def agent_address(self) -> str:
-        return f"unix://{self.run_dir / 'agent.sock'}"
+        return self.channel.agent_address(self.run_dir)
 
     @property
     def console_address(self) -> str:
-        return f"unix://{self.run_dir / 'console.sock'}"
+        return self.channel.console_address(self.run_dir)
 
     @property
     def console_log(self) -> Path:
@@ -108,6 +125,8 @@ class Vm:
             text = self.console_log.read_text(errors="replace")
         except OSError:
             return ""
+        # Without the firmware's terminal escapes: this is read in error messages.
+        text = re.sub(r"\x1b(\[[0-9;?]*[A-Za-z]|c)", "", text)
         return "\n".join(text.splitlines()[-lines:])
 
 
@@ -151,22 +170,6 @@ def kvm_unusable() -> str | None:
 # --- the QEMU command line --------------------------------------------------------
 
 
-def kernel_command_line(options: VmOptions) -> str:
-    params = [
-        "console=ttyS0",
-        "panic=-1",
-        "quiet",
-        f"agent.server_addr=serial://{AGENT_PORT}",
-    ]
-    if options.trace_socket:
-        params += ["agent.trace", f"agent.trace_addr=serial://{TRACE_PORT}"]
-    if options.debug_console:
-        params += ["agent.debug_console", f"agent.debug_console_addr=serial://{CONSOLE_PORT}"]
-    if options.kernel_params:
-        params.append(options.kernel_params)
-    return " ".join(params)
-
-
 def _server_socket(name: str, path: Path) -> str:
     """A chardev: a unix socket QEMU listens on (one client at a time)."""
     return f"socket,id={name},path={path},server=on,wait=off"
@@ -176,7 +179,73 @@ def _port(name: str, chardev: str) -> list[str]:
     return ["-chardev", chardev, "-device", f"virtserialport,chardev={name},name={name}"]
 
 
-def qemu_command(options: VmOptions, run_dir: Path, accel: str) -> list[str]:
+@dataclass(frozen=True)
+class Channel:
+    """How host and agent talk: vsock (standard), or virtio-serial ports (our extension)."""
+
+    kind: str
+    #: The guest's vsock CID (vsock only).
+    cid: int = 0
+
+    @classmethod
+    def choose(cls, requested: str) -> Channel:
+        if requested == "auto":
+            requested = "vsock" if os.access(VHOST_VSOCK, os.R_OK | os.W_OK) else "serial"
+        if requested not in ("vsock", "serial"):
+            raise VmError(f"unknown channel {requested!r}: auto, vsock or serial")
+        # A random CID: QEMU refuses one in use, and two guests rarely draw the same.
+        return cls(requested, secrets.randbelow(0xFFFF_FFF0) + 3 if requested == "vsock" else 0)
+
+    def agent_address(self, run_dir: Path) -> str:
+        if self.kind == "vsock":
+            return f"vsock://{self.cid}:{AGENT_VSOCK_PORT}"
+        return f"unix://{run_dir / 'agent.sock'}"
+
+    def console_address(self, run_dir: Path) -> str:
+        if self.kind == "vsock":
+            return f"vsock://{self.cid}:{CONSOLE_VSOCK_PORT}"
+        return f"unix://{run_dir / 'console.sock'}"
+
+    def kernel_params(self, options: VmOptions) -> list[str]:
+        if self.kind == "vsock":  # the agent's defaults are vsock's: port 1024, spans to 10240
+            console = [f"agent.debug_console_vport={CONSOLE_VSOCK_PORT}"]
+            return ["agent.debug_console", *console] if options.debug_console else []
+        params = [f"agent.server_addr=serial://{AGENT_PORT}"]
+        if options.trace_socket:
+            params += ["agent.trace", f"agent.trace_addr=serial://{TRACE_PORT}"]
+        if options.debug_console:
+            params += ["agent.debug_console", f"agent.debug_console_addr=serial://{CONSOLE_PORT}"]
+        return params
+
+    def qemu_args(self, options: VmOptions, run_dir: Path) -> list[str]:
+        if self.kind == "vsock":
+            if options.trace_socket:
+                raise VmError(
+                    "with the vsock channel the agent's spans go to the host's vsock port "
+                    "10240: run kata-trace-forwarder with its defaults and pass "
+                    "--kernel-params agent.trace instead of --trace-socket"
+                )
+            return ["-device", f"vhost-vsock-pci,guest-cid={self.cid}"]
+        args = ["-device", "virtio-serial-pci"]
+        args += _port(AGENT_PORT, _server_socket(AGENT_PORT, run_dir / "agent.sock"))
+        if options.trace_socket:
+            # QEMU connects to the forwarder, and again (each second) if it was not there yet.
+            args += _port(
+                TRACE_PORT, f"socket,id={TRACE_PORT},path={options.trace_socket},reconnect=1"
+            )
+        if options.debug_console:
+            args += _port(CONSOLE_PORT, _server_socket(CONSOLE_PORT, run_dir / "console.sock"))
+        return args
+
+
+def kernel_command_line(options: VmOptions, channel: Channel) -> str:
+    params = ["console=ttyS0", "panic=-1", "quiet", *channel.kernel_params(options)]
+    if options.kernel_params:
+        params.append(options.kernel_params)
+    return " ".join(params)
+
+
+def qemu_command(options: VmOptions, run_dir: Path, accel: str, channel: Channel) -> list[str]:
     image = options.image
     command = [
         QEMU,
@@ -188,21 +257,21 @@ def qemu_command(options: VmOptions, run_dir: Path, accel: str) -> list[str]:
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(image.kernel),
         "-initrd", str(image.initramfs),
-        "-append", kernel_command_line(options),
+        "-append", kernel_command_line(options, channel),
         # snapshot: the guest's writes go to a temporary overlay; the image stays as built.
         "-drive", f"file={image.root_disk},format=raw,if=virtio,snapshot=on",
         "-serial", f"file:{run_dir / 'console.log'}",
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
-        "-device", "virtio-serial-pci",
-        *_port(AGENT_PORT, _server_socket(AGENT_PORT, run_dir / "agent.sock")),
+        *channel.qemu_args(options, run_dir),
     ]  # fmt: skip
-    if options.trace_socket:
-        # QEMU connects to the forwarder, and again (each second) if it was not there yet.
-        command += _port(
-            TRACE_PORT, f"socket,id={TRACE_PORT},path={options.trace_socket},reconnect=1"
-        )
-    if options.debug_console:
-        command += _port(CONSOLE_PORT, _server_socket(CONSOLE_PORT, run_dir / "console.sock"))
+    if options.shared_dir is not None:
+        # virtio-fs: virtiofsd serves the directory; guest memory must be shareable with it.
+        command += [
+            "-object", f"memory-backend-memfd,id=mem,size={options.memory_mib}M,share=on",
+            "-numa", "node,memdev=mem",
+            "-chardev", f"socket,id=virtiofs,path={run_dir / 'virtiofsd.sock'}",
+            "-device", f"vhost-user-fs-pci,chardev=virtiofs,tag={SHARE_TAG}",
+        ]  # fmt: skip
     return command + options.extra_args
 
 
@@ -210,19 +279,62 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _start(options: VmOptions, run_dir: Path, accel: str) -> subprocess.Popen[bytes]:
+def _spawn(command: list[str], stderr: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(stderr, "wb"),
+        preexec_fn=_die_with_parent,
+        start_new_session=True,  # a Ctrl-C at the terminal is ours to handle, not theirs
+    )
+
+
+def _start_virtiofsd(shared_dir: Path, run_dir: Path) -> subprocess.Popen[bytes]:
+    """virtiofsd serving `shared_dir`, once its socket is there for QEMU to connect to."""
+    if not os.access(VIRTIOFSD, os.X_OK):
+        raise VmError(f"{VIRTIOFSD} is missing (it comes with qemu-system-common)")
+    if not shared_dir.is_dir():
+        raise VmError(f"cannot share {shared_dir} with the guest: not a directory")
+    socket_path = run_dir / "virtiofsd.sock"
+    socket_path.unlink(missing_ok=True)
+    command = [VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={shared_dir}",
+               "-o", "cache=auto"]  # fmt: skip
+    daemon = _spawn(command, run_dir / "virtiofsd.stderr")
+    deadline = time.monotonic() + 10
+    while not socket_path.exists():
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            daemon.kill()
+            detail = (run_dir / "virtiofsd.stderr").read_text(errors="replace").strip()
+            raise VmError(f"virtiofsd did not start: {detail[-500:] or 'no socket after 10s'}")
+        time.sleep(0.02)
+    return daemon
+
+
+def _start(
+    options: VmOptions, run_dir: Path, accel: str, channel: Channel
+) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
+    """QEMU, and the helpers it needs (virtiofsd)."""
     if shutil.which(QEMU) is None:
         raise VmError(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
     for name in ("console.log", "agent.sock", "qmp.sock", "console.sock"):
         (run_dir / name).unlink(missing_ok=True)
-    return subprocess.Popen(
-        qemu_command(options, run_dir, accel),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=open(run_dir / "qemu.stderr", "wb"),
-        preexec_fn=_die_with_parent,
-        start_new_session=True,  # a Ctrl-C at the terminal is ours to handle, not QEMU's
-    )
+    helpers = []
+    if options.shared_dir is not None:
+        helpers.append(_start_virtiofsd(options.shared_dir, run_dir))
+    try:
+        command = qemu_command(options, run_dir, accel, channel)
+        return _spawn(command, run_dir / "qemu.stderr"), helpers
+    except BaseException:
+        _end(helpers)
+        raise
+
+
+def _end(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def _kernel_started(process: subprocess.Popen[bytes], log: Path, timeout: float) -> bool:
@@ -238,10 +350,19 @@ def _kernel_started(process: subprocess.Popen[bytes], log: Path, timeout: float)
 # --- readiness and shutdown -------------------------------------------------------
 
 
-async def _check(address: str, socket_path: Path, timeout: float) -> None:
-    while not socket_path.exists():  # QEMU makes it a moment after it starts
-        await asyncio.sleep(0.02)
-    client = await Client.connect(address, timeout=timeout)
+async def _check(vm: Vm, timeout: float) -> None:
+    """One Check over one connection; for vsock, connecting again until the agent listens."""
+    socket_path = vm.run_dir / "agent.sock"
+    while vm.channel.kind == "serial" and not socket_path.exists():
+        await asyncio.sleep(0.02)  # QEMU makes it a moment after it starts
+    while True:
+        try:
+            client = await Client.connect(vm.agent_address, timeout=timeout)
+            break
+        except TransportError:
+            if vm.channel.kind == "serial":
+                raise
+            await asyncio.sleep(0.1)  # vsock: refused until the guest's agent listens
     try:
         await client.call(
             "grpc.Health", "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse,
@@ -259,20 +380,23 @@ def wait_for_agent(vm: Vm, timeout: float) -> None:
     """
 
     async def watch() -> None:
-        check = asyncio.ensure_future(_check(vm.agent_address, vm.run_dir / "agent.sock", timeout))
-        while not check.done():
-            if vm.process.poll() is not None:
-                check.cancel()
-                raise VmError(
-                    f"QEMU exited ({vm.process.returncode}) before the agent answered"
-                    f"{_stderr_tail(vm)}\nguest console:\n{vm.console_tail()}"
-                )
+        check = asyncio.ensure_future(_check(vm, timeout))
+        while not check.done() and vm.process.poll() is None:
             await asyncio.wait({check}, timeout=0.2)
+        if not check.done():
+            check.cancel()
         await check
 
     try:
         asyncio.run(asyncio.wait_for(watch(), timeout))
-    except (TtrpcError, TransportError, TimeoutError) as exc:
+    except (TtrpcError, TransportError, TimeoutError, asyncio.CancelledError) as exc:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            vm.process.wait(2)  # a lost connection is most often QEMU going away
+        if vm.process.returncode is not None:
+            raise VmError(
+                f"QEMU exited ({vm.process.returncode}) before the agent answered"
+                f"{_stderr_tail(vm)}\nguest console:\n{vm.console_tail()}"
+            ) from None
         raise VmError(
             f"the agent did not answer Check within {timeout:.0f}s ({exc})\n"
             f"guest console:\n{vm.console_tail()}"
@@ -311,6 +435,13 @@ def qmp(vm: Vm, command: str, arguments: dict[str, object] | None = None) -> Non
 
 def stop(vm: Vm, grace: float = 20.0) -> str:
     """Stop the VM: 'powered off' (the agent shut down cleanly) or how it was forced."""
+    try:
+        return _stop_qemu(vm, grace)
+    finally:
+        _end(vm.helpers)
+
+
+def _stop_qemu(vm: Vm, grace: float) -> str:
     if vm.process.poll() is not None:
         return "already stopped"
     try:
@@ -350,10 +481,11 @@ def choose_accel(options: VmOptions) -> tuple[list[str], str]:
 def boot(options: VmOptions, run_dir: Path) -> Vm:
     """Start QEMU (probing KVM when it may work) and wait until the agent answers."""
     accels, reason = choose_accel(options)
+    channel = Channel.choose(options.channel)
     for accel in accels:
         started = time.monotonic()
-        process = _start(options, run_dir, accel)
-        vm = Vm(process, run_dir, accel, reason, started)
+        process, helpers = _start(options, run_dir, accel, channel)
+        vm = Vm(process, run_dir, channel, accel, reason, started, helpers)
         probing = accel == "kvm" and len(accels) > 1
         if probing and not _kernel_started(process, vm.console_log, KVM_PROBE_SECONDS):
             failure = f"the guest kernel printed nothing within {KVM_PROBE_SECONDS:.0f}s"
@@ -371,9 +503,7 @@ def boot(options: VmOptions, run_dir: Path) -> Vm:
 
 
 def stop_now(vm: Vm) -> None:
-    if vm.process.poll() is None:
-        vm.process.kill()
-    vm.process.wait()
+    _end([vm.process, *vm.helpers])
 
 
 @contextlib.contextmanager
