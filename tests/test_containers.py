@@ -311,10 +311,10 @@ async def test_errors_name_the_problem(api: Any, rootfs: Path) -> None:
             create(
                 container_id="st",
                 OCI=spec(rootfs, "/bin/true"),
-                storages=[agent_pb2.Storage(driver="virtio-fs", mount_point="/x")],
+                storages=[agent_pb2.Storage(driver="nvdimm", mount_point="/x")],
             )
         ),
-        "virtio-fs",
+        "nvdimm",
     )
     # and the agent still serves
     await create_started(api, rootfs, "after", "/bin/true")

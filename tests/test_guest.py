@@ -30,7 +30,7 @@ async def test_guest_details_are_the_machines(api: Any) -> None:
     assert reply.support_mem_hotplug_probe == (memory / "probe").exists()
     details = reply.agent_details
     assert details.version == __version__ and not details.init_daemon
-    assert set(details.storage_handlers) == {"local", "bind", "ephemeral", "overlayfs"}
+    assert set(details.storage_handlers) == {"local", "bind", "ephemeral", "overlayfs", "virtio-fs"}
     assert details.supports_seccomp  # crun and runc here are built with libseccomp
     # not asked for: not answered
     plain = await api.GetGuestDetails(agent_pb2.GuestDetailsRequest())
