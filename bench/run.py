@@ -394,7 +394,7 @@ RPC name when it loads, so calls no rule names pay only the lookup.
 |---|---:|
 | launch to the first answered Check, `qemu-system-x86_64` under TCG, median of {len(vm["launch_to_check_s"])} boots ({boots} s) | {vm["launch_to_check_median_s"]:.1f} s |
 | of which the guest was up (kernel, initramfs, agent start), by its /proc/uptime | {vm["guest_uptime_at_ready_s"]:.1f} s |
-| of which the agent itself, from its start to serving (its own log) | {vm["agent_startup_ms"]:.0f} ms |
+| of which the agent from its main() to serving, after the interpreter's start-up and imports (its own log) | {vm["agent_startup_ms"]:.0f} ms |
 | the same launch with `--accel auto` ({vm["auto"]["reason"]}) | {vm["auto"]["total_s"]:.1f} s |
 | the agent's memory in the guest (VmRSS of PID 1) | {vm["agent_rss_mb"]:.1f} MB |
 | the whole guest's memory in use (MemTotal - MemAvailable, 512 MiB VM) | {vm["guest_mem_used_mb"]:.0f} MB |

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,14 @@ def vm(guest_image: image_mod.GuestImage, receiver: GrpcReceiver) -> Iterator[qe
             with qemu.launched(options) as vm:
                 yield vm
                 assert qemu.stop(vm) == "powered off", vm.console_tail()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    """A temporary directory with a short path: unix socket paths are limited to 107 bytes."""
+    path = tempfile.mkdtemp(prefix="pykata-test-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -180,11 +189,11 @@ def qemu_processes(marker: str) -> list[int]:
 
 
 def test_ctl_vm_option_boots_shares_the_bundle_runs_and_stops(
-    guest_image: image_mod.GuestImage, tmp_path: Path
+    guest_image: image_mod.GuestImage, tmp_path: Path, short_tmp: str
 ) -> None:
     rootfs = build_rootfs(tmp_path / "bundle" / "rootfs")
     (rootfs / "marker").write_text("from the host\n")
-    env = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pykata-ctl-vm-")}
+    env = {**os.environ, "TMPDIR": short_tmp}
     done = subprocess.run(
         [*CTL, "connect", "--vm", "qemu", "--bundle-dir", str(tmp_path / "bundle"),
          "-c", "Check", "-c", "run /bin/cat /marker",
@@ -202,30 +211,28 @@ def test_ctl_vm_option_boots_shares_the_bundle_runs_and_stops(
     assert processes_with("virtiofsd", env["TMPDIR"]) == []
 
 
-def test_killed_ctl_leaves_no_qemu(guest_image: image_mod.GuestImage) -> None:
-    tmp = tempfile.mkdtemp(prefix="pykata-ctl-kill-")
+def test_killed_ctl_leaves_no_qemu(guest_image: image_mod.GuestImage, short_tmp: str) -> None:
     proc = subprocess.Popen(
-        [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{tmp}/vm"],
+        [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{short_tmp}/vm"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 30
-    while not qemu_processes(tmp) and time.monotonic() < deadline:
+    while not qemu_processes(short_tmp) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert qemu_processes(tmp), "QEMU never started"
+    assert qemu_processes(short_tmp), "QEMU never started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 10
-    while qemu_processes(tmp) and time.monotonic() < deadline:
+    while qemu_processes(short_tmp) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert qemu_processes(tmp) == []
+    assert qemu_processes(short_tmp) == []
 
 
 def test_vm_command_prints_how_to_reach_the_guest_and_stops_on_sigterm(
-    guest_image: image_mod.GuestImage,
+    guest_image: image_mod.GuestImage, short_tmp: str
 ) -> None:
-    tmp = tempfile.mkdtemp(prefix="pykata-vm-cmd-")
     proc = subprocess.Popen(
-        [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{tmp}/vm"],
+        [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{short_tmp}/vm"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -240,7 +247,7 @@ def test_vm_command_prints_how_to_reach_the_guest_and_stops_on_sigterm(
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "guest stopped: powered off" in err
-    assert qemu_processes(tmp) == []
+    assert qemu_processes(short_tmp) == []
 
 
 def test_manifest_says_what_the_image_holds(guest_image: image_mod.GuestImage) -> None:
@@ -251,16 +258,15 @@ def test_manifest_says_what_the_image_holds(guest_image: image_mod.GuestImage) -
 
 
 def test_a_guest_whose_agent_cannot_start_is_reported_with_its_console(
-    guest_image: image_mod.GuestImage,
+    guest_image: image_mod.GuestImage, short_tmp: str
 ) -> None:
-    tmp = tempfile.mkdtemp(prefix="pykata-ctl-bad-")
     done = subprocess.run(
         [*CTL, "connect", "--vm", "qemu", "--accel", "tcg", "--kernel-params", "agent.log=loud",
          "-c", "Check"],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": tmp},
+        capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": short_tmp},
     )  # fmt: skip
     assert done.returncode == 1
     # The agent refused its option and, as init, powered off; the user sees why.
     assert "QEMU exited (0) before the agent answered" in done.stderr
     assert "agent.log: invalid log level 'loud'" in done.stderr
-    assert qemu_processes(tmp) == []
+    assert qemu_processes(short_tmp) == []
