@@ -6,19 +6,28 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golang-go golang-github-containerd-ttrpc-dev \
                 golang-google-protobuf-dev iproute2 \
                 iptables xfsprogs e2fsprogs lttng-tools liblttng-ust1 python3-lttngust \
-                babeltrace2 python3-bt2 qemu-system-x86 debootstrap cpio
+                babeltrace2 python3-bt2
+# The guest VM's: without recommends (QEMU's would bring a GTK desktop).
+VM_DEB_PACKAGES := qemu-system-x86 debootstrap cpio
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test bench protos lint clean clean-traces guest-image clean-guest
 
 setup: $(STAMP)
 
+# missing LIST: the packages of LIST not installed yet.
+missing = $$(for p in $(1); do \
+    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done)
+
 $(STAMP): pyproject.toml Makefile
-	@missing=$$(for p in $(DEB_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	    echo "setup: installing Debian packages:" $$missing; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	@set -e; missing="$(call missing,$(DEB_PACKAGES))"; vm_missing="$(call missing,$(VM_DEB_PACKAGES))"; \
+	if [ -n "$$missing$$vm_missing" ]; then \
+	    echo "setup: installing Debian packages:" $$missing $$vm_missing; \
+	    apt-get update -qq; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    if [ -n "$$missing" ]; then apt-get install -y -qq $$missing >/dev/null; fi; \
+	    if [ -n "$$vm_missing" ]; then \
+	        apt-get install -y -qq --no-install-recommends $$vm_missing >/dev/null; fi; \
 	fi
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,fast]'
