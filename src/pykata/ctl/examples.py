@@ -26,6 +26,11 @@ Examples (bundle_dir: an OCI bundle, or just a rootfs directory):
   -c 'StatsContainer json://{"container_id": "'"$container_id"'"}'
   -c 'CreateContainer file:///tmp/create.json'
 
+# A guest VM of our own (make guest-image first): boot, run, power off
+  sudo kata-agent-ctl connect --vm qemu -c Check -c GetGuestDetails -c 'run /bin/uname -a'
+  sudo kata-agent-ctl connect --vm qemu --bundle-dir "$bundle_dir" -c 'run /bin/ls /'
+  sudo kata-agent-ctl vm --debug-console      # keep one up; prints its addresses
+
 # QEMU: the guest's vsock CID
   guest_cid=$(sudo ss -H --vsock | awk '{print $6}' | cut -d: -f1)
   kata-agent-ctl -l debug connect --no-auto-values --server-address "vsock://${guest_cid}:1024" \\

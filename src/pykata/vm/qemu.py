@@ -280,14 +280,15 @@ def _die_with_parent() -> None:
 
 
 def _spawn(command: list[str], stderr: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=open(stderr, "wb"),
-        preexec_fn=_die_with_parent,
-        start_new_session=True,  # a Ctrl-C at the terminal is ours to handle, not theirs
-    )
+    with open(stderr, "wb") as errors:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,  # a Ctrl-C at the terminal is ours to handle, not theirs
+        )
 
 
 def _start_virtiofsd(shared_dir: Path, run_dir: Path) -> subprocess.Popen[bytes]:
