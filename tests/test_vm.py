@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,9 @@ def receiver() -> Iterator[GrpcReceiver]:
 def vm(guest_image: image_mod.GuestImage, receiver: GrpcReceiver) -> Iterator[qemu.Vm]:
     with tempfile.TemporaryDirectory(prefix="pykata-test-vm-") as tmp:
         trace_socket = f"{tmp}/trace.sock"
+        blank_disk = Path(tmp) / "blank.img"  # for AddSwap
+        with open(blank_disk, "wb") as disk:
+            disk.truncate(16 << 20)
         with forwarder(f"unix://{trace_socket}", "--otlp-endpoint", receiver.endpoint):
             options = qemu.VmOptions(
                 image=guest_image,
@@ -59,6 +63,7 @@ def vm(guest_image: image_mod.GuestImage, receiver: GrpcReceiver) -> Iterator[qe
                 trace_socket=trace_socket,
                 debug_console=True,
                 run_dir=Path(tmp) / "vm",
+                extra_args=["-drive", f"file={blank_disk},format=raw,if=virtio"],
             )
             with qemu.launched(options) as vm:
                 yield vm
@@ -117,14 +122,16 @@ def test_container_lifecycle_through_ctl(vm: qemu.Vm) -> None:
     done = ctl(
         "connect", "--server-address", vm.agent_address,
         "--guest-rootfs", image_mod.GUEST_ROOTFS,
-        "-c", "CreateSandbox",
+        "-c", "CreateSandbox hostname=vmbox 'dns=nameserver 192.0.2.53'",
         "-c", "run /bin/sh -c 'echo hello from $(uname -r); cat /proc/self/cgroup >&2; exit 3'",
+        "-c", "run /bin/sh -c 'hostname; cat /etc/resolv.conf'",
         "-c", "DestroySandbox",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     release = in_guest(vm, "uname -r")
     assert f"hello from {release}" in done.stdout
     assert "exit code 3" in done.stdout
+    assert "vmbox\nnameserver 192.0.2.53" in done.stdout  # the sandbox's hostname and DNS
     # crun put the container in cgroups of the hierarchies the agent mounted.
     assert ":memory:/" in done.stderr
 
@@ -141,6 +148,21 @@ async def test_set_guest_date_time_sets_the_guest_clock(vm: qemu.Vm, api: Stub) 
             agent_pb2.SetGuestDateTimeRequest(Sec=int(now), Usec=int(now % 1 * 1e6))
         )
     assert abs(int(in_guest(vm, "date +%s")) - time.time()) < 60
+
+
+async def test_add_swap_turns_the_disk_at_a_pci_path_into_swap(vm: qemu.Vm, api: Stub) -> None:
+    device = in_guest(vm, "readlink -f /sys/block/vdb/device")
+    slot = re.search(r"/0000:00:([0-9a-f]{2})\.0/", device)
+    assert slot, device
+    await api.AddSwap(agent_pb2.AddSwapRequest(PCIPath=[int(slot.group(1), 16)]))
+    assert "/dev/vdb" in in_guest(vm, "cat /proc/swaps")
+
+
+async def test_add_swap_path_swaps_on_a_file(vm: qemu.Vm, api: Stub) -> None:
+    in_guest(vm, "dd if=/dev/zero of=/var/swapfile bs=1M count=16 2>/dev/null")
+    in_guest(vm, "chmod 600 /var/swapfile && mkswap /var/swapfile >/dev/null")
+    await api.AddSwapPath(agent_pb2.AddSwapPathRequest(path="/var/swapfile"))
+    assert "/var/swapfile" in in_guest(vm, "cat /proc/swaps")
 
 
 async def test_online_cpu_mem_brings_the_offline_cpu_up(vm: qemu.Vm, api: Stub) -> None:

@@ -32,9 +32,11 @@ def run_command(sock: socket.socket, command: str, timeout: float | None) -> tup
     # One compound command, read whole before it runs: no prompt lands in the
     # output. A subshell, so that `exit N` in it is just its status. The end
     # marker starts on a line of its own even after output without a newline.
+    # The shell is not told to exit: leaving ends it, and over a serial port a
+    # shell still exiting would swallow the next client's command.
     script = (
         f"stty -echo 2>/dev/null; echo {marker}-BEGIN; ( {command}\n); "
-        f"printf '\\n{marker}-END:%d\\n' $?; exit\n"
+        f"printf '\\n{marker}-END:%d\\n' $?\n"
     )
     sock.sendall(script.encode())
     received = bytearray()

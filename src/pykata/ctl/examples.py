@@ -22,7 +22,7 @@ Examples (bundle_dir: an OCI bundle, or just a rootfs directory):
 
 # Values: key=value (nested and repeated fields too), json://, file://
   -c 'ExecProcess process.Args=/bin/ls process.Args=-l process.Cwd=/'
-  -c 'CreateSandbox hostname=sb dns=["nameserver 192.0.2.1"]'
+  -c "CreateSandbox hostname=sb dns='[\\"nameserver 192.0.2.1\\"]'"
   -c 'StatsContainer json://{"container_id": "'"$container_id"'"}'
   -c 'CreateContainer file:///tmp/create.json'
 
