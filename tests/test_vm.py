@@ -185,6 +185,17 @@ async def test_spans_reach_the_host_forwarder(vm: qemu.Vm, receiver: GrpcReceive
     assert any("ListInterfaces" in name for name in names), names
 
 
+async def test_clients_at_the_same_time_are_all_served(vm: qemu.Vm, api: Stub) -> None:
+    # `api` holds a connection open; a kata-agent-ctl run meanwhile is a second client
+    # on the same port (the relay in front of QEMU's one-client socket).
+    await api.ListInterfaces(agent_pb2.ListInterfacesRequest())
+    done = await asyncio.to_thread(
+        ctl, "connect", "--server-address", vm.agent_address, "-c", "Check"
+    )
+    assert "SERVING" in done.stdout, done.stdout + done.stderr
+    await api.ListInterfaces(agent_pb2.ListInterfacesRequest())
+
+
 def test_a_second_client_right_after_the_first_is_served(vm: qemu.Vm) -> None:
     # Each ctl run is a new ttRPC client numbering its streams from 1 again.
     for _ in range(3):

@@ -13,7 +13,8 @@ HOST_POLL seconds. Each host session - first bytes to end-of-file - becomes
 one connection of the ttRPC server, bridged through a socketpair so the
 server needs nothing special. The guest may miss a client's departure when
 the next one follows quickly; ClientBoundaries finds the change in the bytes.
-One client at a time: QEMU accepts the next only when the current has gone.
+QEMU's socket takes one client at a time; on the host, pykata.ttrpc.relay
+puts many clients onto that one (the VM launcher always runs it).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from pathlib import Path
 from ..api import health_pb2
 from ..transport import TransportError
 from ..ttrpc import Client, TtrpcError
+from ..ttrpc.relay import RelayThread
 from .image import GuestImage
 
 QEMU = "qemu-system-x86_64"
@@ -101,6 +102,8 @@ class Vm:
     launched_at: float
     #: Processes QEMU needs (virtiofsd): ended with it.
     helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: Serial channel: the relay that lets many clients share the agent's port.
+    relay: RelayThread | None = None
     #: Seconds from launch to the agent's first answered Check.
     ready_after: float = 0.0
 
@@ -227,7 +230,8 @@ class Channel:
                 )
             return ["-device", f"vhost-vsock-pci,guest-cid={self.cid}"]
         args = ["-device", "virtio-serial-pci"]
-        args += _port(AGENT_PORT, _server_socket(AGENT_PORT, run_dir / "agent.sock"))
+        # QEMU's socket takes one client; the relay in front of it takes any number.
+        args += _port(AGENT_PORT, _server_socket(AGENT_PORT, run_dir / "agent-port.sock"))
         if options.trace_socket:
             # QEMU connects to the forwarder, and again (each second) if it was not there yet.
             args += _port(
@@ -318,7 +322,7 @@ def _start(
     """QEMU, and the helpers it needs (virtiofsd)."""
     if shutil.which(QEMU) is None:
         raise VmError(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
-    for name in ("console.log", "agent.sock", "qmp.sock", "console.sock"):
+    for name in ("console.log", "agent.sock", "agent-port.sock", "qmp.sock", "console.sock"):
         (run_dir / name).unlink(missing_ok=True)
     helpers = []
     if options.shared_dir is not None:
@@ -440,6 +444,8 @@ def stop(vm: Vm, grace: float = 20.0) -> str:
         return _stop_qemu(vm, grace)
     finally:
         _end(vm.helpers)
+        if vm.relay is not None:
+            vm.relay.close()
 
 
 def _stop_qemu(vm: Vm, grace: float) -> str:
@@ -495,6 +501,8 @@ def boot(options: VmOptions, run_dir: Path) -> Vm:
             reason = f"tcg (software emulation; KVM unusable here: {failure})"
             continue
         try:
+            if channel.kind == "serial":
+                vm.relay = _start_relay(vm)
             wait_for_agent(vm, options.boot_timeout)
         except BaseException:
             stop_now(vm)
@@ -505,6 +513,22 @@ def boot(options: VmOptions, run_dir: Path) -> Vm:
 
 def stop_now(vm: Vm) -> None:
     _end([vm.process, *vm.helpers])
+    if vm.relay is not None:
+        vm.relay.close()
+
+
+def _start_relay(vm: Vm) -> RelayThread:
+    """The relay in front of QEMU's socket for the agent's port, once that socket is there."""
+    port = vm.run_dir / "agent-port.sock"
+    deadline = time.monotonic() + 10
+    while not port.exists():
+        if vm.process.poll() is not None or time.monotonic() > deadline:
+            raise VmError(f"QEMU did not make {port}{_stderr_tail(vm)}")
+        time.sleep(0.02)
+    try:
+        return RelayThread(f"unix://{port}", vm.agent_address)
+    except (TransportError, OSError) as exc:
+        raise VmError(f"cannot relay the agent's port: {exc}") from exc
 
 
 @contextlib.contextmanager
