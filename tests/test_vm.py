@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -262,25 +263,33 @@ def test_killed_ctl_leaves_no_qemu(guest_image: image_mod.GuestImage, short_tmp:
 
 
 def test_vm_command_prints_how_to_reach_the_guest_and_stops_on_sigterm(
-    guest_image: image_mod.GuestImage, short_tmp: str
+    guest_image: image_mod.GuestImage, short_tmp: str, tmp_path: Path
 ) -> None:
+    rootfs = build_rootfs(tmp_path / "bundle" / "rootfs")
+    (rootfs / "marker").write_text("shared by vm\n")
     proc = subprocess.Popen(
-        [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{short_tmp}/vm"],
+        [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{short_tmp}/vm",
+         "--bundle-dir", str(tmp_path / "bundle")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.startswith("agent:"), first + (proc.stderr.read() if proc.stderr else "")
-        address = first.split()[1]
-        done = ctl("connect", "--server-address", address, "-c", "Check")
-        assert "SERVING" in done.stdout, done.stderr
+        # The line it prints is a working command, as a user would paste it.
+        printed = shlex.split(proc.stdout.readline())
+        assert printed[:2] == ["kata-agent-ctl", "connect"], printed
+        done = ctl(*printed[1:])
+        assert "Linux" in done.stdout and "exit code 0" in done.stdout, done.stdout + done.stderr
+        done = ctl(*printed[1:-2], "-c", "run /bin/cat /marker")
+        assert "shared by vm" in done.stdout, done.stdout + done.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "guest stopped: powered off" in err
     assert qemu_processes(short_tmp) == []
+    assert processes_with("virtiofsd", short_tmp) == []
 
 
 def test_manifest_says_what_the_image_holds(guest_image: image_mod.GuestImage) -> None:

@@ -54,7 +54,8 @@ def test_serial_ports_carry_agent_spans_and_console() -> None:
     assert "agent.debug_console_addr=serial://console.channel.0" in line
     assert line.endswith(" maxcpus=1")
     assert "socket,id=trace.channel.0,path=/tmp/f.sock,reconnect=1" in command
-    assert f"socket,id=agent.channel.0,path={RUN}/agent.sock,server=on,wait=off" in command
+    # QEMU listens on the port's socket; clients use the relay's, agent.sock.
+    assert f"socket,id=agent.channel.0,path={RUN}/agent-port.sock,server=on,wait=off" in command
     assert channel.agent_address(RUN) == f"unix://{RUN}/agent.sock"
 
 

@@ -76,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
         help="OCI bundle (or rootfs) used for CreateContainer and run",
     )
     connect.add_argument(
+        "--shared-bundle",
+        action="store_true",
+        help="--bundle-dir is shared with the guest (kata-agent-ctl vm --bundle-dir): "
+        "containers mount it (virtio-fs) and use it at its guest path",
+    )
+    connect.add_argument(
         "--guest-rootfs",
         metavar="PATH",
         help="without --bundle-dir: a rootfs on the agent's machine for CreateContainer and "
@@ -182,8 +188,11 @@ def connect(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.shared_bundle and not args.bundle_dir:
+        print("kata-agent-ctl: --shared-bundle needs --bundle-dir", file=sys.stderr)
+        return 2
     if not args.vm:
-        return run_commands(args)
+        return run_commands(args, shared_bundle=args.shared_bundle)
     # A bundle is shared with the guest (virtio-fs); without one, the image's busybox rootfs.
     shared = args.bundle_dir.resolve() if args.bundle_dir else None
     try:

@@ -24,6 +24,7 @@ examples:
   kata-agent-ctl vm
   kata-agent-ctl vm --debug-console --run-dir /tmp/guest
   kata-agent-ctl vm --trace-socket /tmp/forwarder.sock --cpus 2
+  kata-agent-ctl vm --bundle-dir ./bundle   # connect with --bundle-dir ./bundle --shared-bundle
 """
 
 
@@ -116,12 +117,16 @@ def booted(
 
 def run(args: argparse.Namespace) -> int:
     """The vm command: keep a guest up for interactive work until Ctrl-C."""
+    shared = args.bundle_dir.resolve() if args.bundle_dir else None
+    rootfs = (
+        f"--bundle-dir {shared} --shared-bundle" if shared else f"--guest-rootfs {GUEST_ROOTFS}"
+    )
     try:
-        with booted(args, args.run_dir) as vm:
+        with booted(args, args.run_dir, shared) as vm:
             print(f"agent:         {vm.agent_address}")
             print(
                 f"  kata-agent-ctl connect --server-address {vm.agent_address} "
-                f"--guest-rootfs {GUEST_ROOTFS} -c 'run /bin/uname -a'"
+                f"{rootfs} -c 'run /bin/uname -a'"
             )
             if args.debug_console:
                 print(f"debug console: kata-agent-ctl console {vm.console_address}")
@@ -148,6 +153,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_vm_options(vm)
+    vm.add_argument(
+        "--bundle-dir",
+        type=Path,
+        metavar="DIR",
+        help="share DIR with the guest (virtio-fs) for containers: connect with "
+        "--bundle-dir DIR --shared-bundle",
+    )
     vm.add_argument(
         "--run-dir",
         type=Path,
