@@ -398,7 +398,7 @@ RPC name when it loads, so calls no rule names pay only the lookup.
 | the same launch with `--accel auto` ({vm["auto"]["reason"]}) | {vm["auto"]["total_s"]:.1f} s |
 | the agent's memory in the guest (VmRSS of PID 1) | {vm["agent_rss_mb"]:.1f} MB |
 | the whole guest's memory in use (MemTotal - MemAvailable, 512 MiB VM) | {vm["guest_mem_used_mb"]:.0f} MB |
-| Check over the virtio-serial channel, median of {vm_bench.CHECKS} sequential calls | {vm["check_ms"]:.2f} ms |
+| Check through the relay and the virtio-serial port, median of {vm_bench.CHECKS} sequential calls | {vm["check_ms"]:.2f} ms |
 | clean shutdown (Ctrl-Alt-Del, the agent powers off), each boot | {", ".join(f"{how} in {s:.2f} s" for how, s in vm["stop_s"])} |
 | guest image, the image part rebuilt (root disk, initramfs; base and kernel cached) | {vm["image_build_s"]:.1f} s |
 | guest image, nothing changed (cache check) | {vm["cached_build_s"]:.1f} s |
@@ -419,9 +419,10 @@ two ratios that sit nearest their targets:
 - our server / Go server, sequential: {per_round_seq}
 - container cycle, agent / bare runtime: {per_round_cycle}
 
-Across the full runs of earlier sessions these medians ranged 0.64-0.75x
-and 1.09-1.37x: whether a target is met in one run depends on the machine's
-other load as much as on the code.
+Across the full runs of recent sessions these medians ranged 0.64-0.85x
+and 1.09-1.53x, on code that did not change between runs: whether a target
+is met in one run depends on the machine's other load as much as on the
+code.
 
 ## What limits the sequential rate
 
