@@ -11,7 +11,7 @@ DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golan
 VM_DEB_PACKAGES := qemu-system-x86 debootstrap cpio
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench protos lint clean clean-traces guest-image clean-guest
+.PHONY: setup demo demo-vm test bench protos lint clean clean-traces guest-image clean-guest
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ guest-image: setup
 
 clean-guest:
 	rm -rf -- $(GUEST_DIR)
+
+# The agent as a VM's init: boot the guest, ask it about itself, run a container, power off.
+demo-vm: setup guest-image
+	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/kata-agent-ctl connect --vm qemu \
+	    -c Check -c GetGuestDetails -c "run /bin/sh -c 'uname -a; cat /proc/cpuinfo | grep -m1 \"model name\"'"
 
 test: setup lint guest-image
 	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/pytest -q

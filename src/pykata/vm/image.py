@@ -191,7 +191,12 @@ def _building(final: Path) -> Iterator[Path]:
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield work
-        os.rename(work, final)
+        try:
+            os.rename(work, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # Another build made the same part meanwhile: same inputs, so keep theirs.
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
@@ -295,7 +300,7 @@ def install_pykata(root: Path, requirements: Iterable[str]) -> None:
     site = root / "usr" / "local" / "lib" / stdlib.name / "dist-packages"
     _run(
         sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-        "--no-compile", "--only-binary=:all:", "--target", str(site), *requirements,
+        "--only-binary=:all:", "--target", str(site), *requirements,
         what="pip install (the agent's dependencies)",
     )  # fmt: skip
     package = Path(pykata.__file__).parent
@@ -303,6 +308,9 @@ def install_pykata(root: Path, requirements: Iterable[str]) -> None:
         target = site / "pykata" / path.relative_to(package)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
+    # Bytecode now, not at every boot (the root disk is a snapshot, and compiling
+    # under emulation is slow); the guest's python3 is the same minor version.
+    _run(sys.executable, "-m", "compileall", "-q", str(site / "pykata"), what="compileall")
     script = root / "usr" / "local" / "bin" / "kata-agent"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(AGENT_SCRIPT)
