@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import signal
 import sys
 import time
@@ -119,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     """The vm command: keep a guest up for interactive work until Ctrl-C."""
     shared = args.bundle_dir.resolve() if args.bundle_dir else None
     rootfs = (
-        f"--bundle-dir {shared} --shared-bundle" if shared else f"--guest-rootfs {GUEST_ROOTFS}"
+        f"--bundle-dir {shlex.quote(str(shared))} --shared-bundle"
+        if shared
+        else f"--guest-rootfs {GUEST_ROOTFS}"
     )
     try:
         with booted(args, args.run_dir, shared) as vm:
