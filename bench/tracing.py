@@ -91,19 +91,24 @@ def forwarder_rate(tmp: str) -> float:
     return total / elapsed
 
 
-async def _latency(address: str) -> float:
+async def check_latencies(
+    address: str, calls: int, metadata: dict[str, str] | None = None
+) -> list[float]:
+    """Seconds per sequential Health/Check, one connection."""
     async with await Client.connect(address) as client:
         samples = []
-        for _ in range(CALLS):
+        for _ in range(calls):
             started = time.perf_counter()
             await client.call(
-                "grpc.Health",
-                "Check",
-                CheckRequest(),
-                HealthCheckResponse,
-                metadata={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+                "grpc.Health", "Check", CheckRequest(), HealthCheckResponse, metadata=metadata
             )
             samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def _latency(address: str) -> float:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    samples = await check_latencies(address, CALLS, {"traceparent": traceparent})
     return statistics.median(samples) * 1e6
 
 

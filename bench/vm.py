@@ -19,10 +19,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pykata.api import health_pb2  # noqa: E402
-from pykata.ttrpc import Client  # noqa: E402
 from pykata.vm import image as image_mod  # noqa: E402
 from pykata.vm import qemu  # noqa: E402
+from tracing import check_latencies  # noqa: E402
 
 BOOTS = 3
 CHECKS = 200
@@ -36,18 +35,6 @@ def in_guest(vm: qemu.Vm, command: str) -> str:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return done.stdout.strip()
-
-
-async def check_latency_ms(address: str) -> float:
-    async with await Client.connect(address) as client:
-        samples = []
-        for _ in range(CHECKS):
-            started = time.perf_counter()
-            await client.call(
-                "grpc.Health", "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse
-            )
-            samples.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(samples)
 
 
 def agent_startup_ms(console: str) -> float:
@@ -85,7 +72,8 @@ def measure() -> dict[str, Any]:
                     rss = in_guest(vm, "grep VmRSS /proc/1/status").split()[1]
                     result["agent_rss_mb"] = int(rss) / 1024
                     result["guest_mem_used_mb"] = int(in_guest(vm, MEM_USED_KB)) / 1024
-                    result["check_ms"] = asyncio.run(check_latency_ms(vm.agent_address))
+                    samples = asyncio.run(check_latencies(vm.agent_address, CHECKS))
+                    result["check_ms"] = statistics.median(samples) * 1e3
                     uptime = float(in_guest(vm, "cut -d' ' -f1 /proc/uptime"))
                     since_ready = time.monotonic() - (vm.launched_at + vm.ready_after)
                     result["guest_uptime_at_ready_s"] = uptime - since_ready

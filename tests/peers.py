@@ -140,3 +140,16 @@ def go_server(socket_path: str) -> Iterator[None]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def processes_with(*words: str) -> list[str]:
+    """Command lines (spaces for NULs) of running processes that hold every word."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(word in text for word in words):
+            found.append(text)
+    return found

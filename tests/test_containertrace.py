@@ -17,6 +17,8 @@ import pytest
 
 from pykata.containertrace import ctf, session
 
+from .peers import processes_with
+
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = [sys.executable, "-m", "pykata.containertrace.cli"]
 
@@ -32,15 +34,7 @@ def wait_until(condition: object, timeout: float = 20) -> bool:
 
 def helpers() -> list[str]:
     """Command lines of running recorder helpers (they live in its work directory)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "/kata-container-trace-" in text:
-            found.append(text)
-    return found
+    return processes_with("/kata-container-trace-")
 
 
 def record(

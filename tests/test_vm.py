@@ -30,6 +30,7 @@ from pykata.vm import image as image_mod
 from pykata.vm import qemu
 
 from .containers import build_rootfs
+from .peers import processes_with
 from .receivers import GrpcReceiver, forwarder
 
 pytestmark = pytest.mark.slow
@@ -204,21 +205,7 @@ def test_a_second_client_right_after_the_first_is_served(vm: qemu.Vm) -> None:
         assert done.returncode == 0 and "SERVING" in done.stdout, done.stdout + done.stderr
 
 
-def processes_with(*words: str) -> list[int]:
-    """Processes whose command line holds every word."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if all(word.encode() in cmdline for word in words):
-                pids.append(int(entry.name))
-    return pids
-
-
-def qemu_processes(marker: str) -> list[int]:
+def qemu_processes(marker: str) -> list[str]:
     return processes_with("qemu-system", marker)
 
 

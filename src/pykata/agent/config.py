@@ -270,31 +270,30 @@ def from_file(path: str) -> AgentConfig:
 # --- environment ----------------------------------------------------------------
 
 
+#: Environment variable -> (setting, parser); the log level is handled on its own.
+_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    SERVER_ADDR_ENV: ("server_addr", str),
+    TRACING_ENV: ("tracing", parse_bool),
+    TRACE_ADDR_ENV: ("trace_addr", str),
+    RUN_DIR_ENV: ("run_dir", str),
+    OCI_RUNTIME_ENV: ("oci_runtime", str),
+    OWNS_MACHINE_ENV: ("owns_machine", parse_bool),
+    POLICY_FILE_ENV: ("policy_file", str),
+    DEBUG_CONSOLE_ADDR_ENV: ("debug_console_addr", str),
+    LOG_ADDR_ENV: ("log_addr", str),
+}
+
+
 def apply_env(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
-    if SERVER_ADDR_ENV in env:
-        config.server_addr = env[SERVER_ADDR_ENV]
     level = env.get(LOG_LEVEL_ENV)
     if level is not None:
         if level in LOG_LEVELS:
             config.log_level = level
         else:  # upstream ignores a bad level here; the announce line shows it
             config.ignored_options.append(f"{LOG_LEVEL_ENV}={level}")
-    if TRACING_ENV in env:
-        config.tracing = parse_bool(env[TRACING_ENV])
-    if TRACE_ADDR_ENV in env:
-        config.trace_addr = env[TRACE_ADDR_ENV]
-    if RUN_DIR_ENV in env:
-        config.run_dir = env[RUN_DIR_ENV]
-    if OCI_RUNTIME_ENV in env:
-        config.oci_runtime = env[OCI_RUNTIME_ENV]
-    if OWNS_MACHINE_ENV in env:
-        config.owns_machine = parse_bool(env[OWNS_MACHINE_ENV])
-    if POLICY_FILE_ENV in env:
-        config.policy_file = env[POLICY_FILE_ENV]
-    if DEBUG_CONSOLE_ADDR_ENV in env:
-        config.debug_console_addr = env[DEBUG_CONSOLE_ADDR_ENV]
-    if LOG_ADDR_ENV in env:
-        config.log_addr = env[LOG_ADDR_ENV]
+    for variable, (name, parser) in _ENV.items():
+        if variable in env:
+            setattr(config, name, parser(env[variable]))
     return config
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shlex
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api import agent_pb2
+from ..children import die_with_parent
 from ..ctl.spec import default_config, to_spec
 from ..ttrpc import Client, Stub
 from .session import Guard
@@ -34,7 +34,6 @@ LIBDIR = "/usr/lib/x86_64-linux-gnu"
 #: Wrappers worth preloading, in order; fork first (it keeps tracing across fork).
 WRAPPERS = ("fork", "fd", "dl", "pthread-wrapper", "libc-wrapper")
 LTTNG_RUN_DIR = "/var/run/lttng"
-PR_SET_PDEATHSIG = 1
 PROBE_SECONDS = 2
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 
@@ -83,11 +82,6 @@ def _spec(rootfs: Path, script: str, preload: list[str]) -> Any:
     return to_spec(config)
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @contextlib.contextmanager
 def _process(
     command: list[str], work: Path, log_name: str, env: dict[str, str], guard: Guard
@@ -99,7 +93,9 @@ def _process(
             env={**os.environ, **env},
             stderr=log_file,
             cwd=work,  # `-m` puts the working directory on sys.path: ours, not the caller's
-            preexec_fn=_die_with_parent,  # a killed recorder takes it (and the containers)
+            preexec_fn=die_with_parent(
+                signal.SIGTERM
+            ),  # a killed recorder takes it (and the containers)
         )
     guard.watch(proc.pid)  # PDEATHSIG does not survive the forwarder's drop to nobody
     try:

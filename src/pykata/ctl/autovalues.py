@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..api import agent_pb2
-from ..vm.qemu import SHARE_TAG
+from ..vm import SHARE_TAG
 from .api import CommandError, Method
 from .spec import default_config, from_bundle, to_spec
 

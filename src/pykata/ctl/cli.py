@@ -20,8 +20,7 @@ from ..transport import (
     parse_address,
 )
 from ..ttrpc import Client
-from ..vm.image import GUEST_ROOTFS, ImageError
-from ..vm.qemu import GUEST_SHARE, VmError
+from ..vm import GUEST_ROOTFS, GUEST_SHARE
 from . import console as console_mod
 from . import vm as vm_mod
 from .autovalues import AutoValues
@@ -193,19 +192,7 @@ def connect(args: argparse.Namespace) -> int:
         return 2
     if not args.vm:
         return run_commands(args, shared_bundle=args.shared_bundle)
-    # A bundle is shared with the guest (virtio-fs); without one, the image's busybox rootfs.
-    shared = args.bundle_dir.resolve() if args.bundle_dir else None
-    try:
-        with vm_mod.booted(args, shared_dir=shared) as vm:
-            args.server_address, args.hybrid_vsock = vm.agent_address, False
-            if shared is None and not args.guest_rootfs:
-                args.guest_rootfs = GUEST_ROOTFS
-            return run_commands(args, shared_bundle=shared is not None)
-    except (ImageError, VmError) as exc:
-        print(f"kata-agent-ctl: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return vm_mod.connect(args, run_commands)
 
 
 def run_commands(args: argparse.Namespace, *, shared_bundle: bool = False) -> int:

@@ -8,13 +8,18 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from ..vm import image as image_mod
-from ..vm import qemu
-from ..vm.image import GUEST_ROOTFS
+from ..vm import GUEST_ROOTFS
+
+if TYPE_CHECKING:
+    from ..vm import qemu
+
+# The image builder and the launcher are imported when a guest is wanted, not
+# at every kata-agent-ctl start (importlib.metadata alone costs ~15 ms).
 
 EPILOG = """\
 The guest image comes from `make guest-image` (kata-guest-image); the agent
@@ -70,9 +75,11 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
 def vm_options(
     args: argparse.Namespace, run_dir: Path | None = None, shared_dir: Path | None = None
 ) -> qemu.VmOptions:
+    from ..vm import image, qemu
+
     return qemu.VmOptions(
         shared_dir=shared_dir,
-        image=image_mod.current(args.guest_dir),
+        image=image.current(args.guest_dir),
         accel=args.accel,
         channel=args.channel,
         memory_mib=args.memory,
@@ -99,6 +106,8 @@ def booted(
     args: argparse.Namespace, run_dir: Path | None = None, shared_dir: Path | None = None
 ) -> Iterator[qemu.Vm]:
     """A guest whose agent answers, stopped when the block ends (whatever happens)."""
+    from ..vm import qemu
+
     options = vm_options(args, run_dir, shared_dir)
     _say(f"booting the guest ({options.image.directory.name}) ...")
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -116,8 +125,31 @@ def booted(
         signal.signal(signal.SIGTERM, previous)
 
 
+def connect(args: argparse.Namespace, run_commands: Callable[..., int]) -> int:
+    """connect --vm: the commands against a guest booted for them."""
+    from ..vm.image import ImageError
+    from ..vm.qemu import VmError
+
+    # A bundle is shared with the guest (virtio-fs); without one, the image's busybox rootfs.
+    shared = args.bundle_dir.resolve() if args.bundle_dir else None
+    try:
+        with booted(args, shared_dir=shared) as vm:
+            args.server_address, args.hybrid_vsock = vm.agent_address, False
+            if shared is None and not args.guest_rootfs:
+                args.guest_rootfs = GUEST_ROOTFS
+            return run_commands(args, shared_bundle=shared is not None)
+    except (ImageError, VmError) as exc:
+        _say(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
 def run(args: argparse.Namespace) -> int:
     """The vm command: keep a guest up for interactive work until Ctrl-C."""
+    from ..vm.image import ImageError
+    from ..vm.qemu import VmError
+
     shared = args.bundle_dir.resolve() if args.bundle_dir else None
     rootfs = (
         f"--bundle-dir {shlex.quote(str(shared))} --shared-bundle"
@@ -141,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
             return 0 if vm.process.returncode == 0 else 1
     except KeyboardInterrupt:
         return 0
-    except (image_mod.ImageError, qemu.VmError) as exc:
+    except (ImageError, VmError) as exc:
         _say(str(exc))
         return 1
 

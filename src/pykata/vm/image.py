@@ -38,14 +38,14 @@ from pathlib import Path
 
 import pykata
 
+from . import GUEST_ROOTFS
+
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("python3", "crun", "runc", "busybox-static", "kmod", "iproute2", "iptables")
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 #: Modules the initramfs loads to reach the root disk (their dependencies come along).
 ROOT_MODULES = ("virtio_pci", "virtio_blk")
-#: A busybox root file system for containers, inside the guest.
-GUEST_ROOTFS = "/usr/share/pykata/busybox-rootfs"
 #: pykata's own dependencies the guest does not need (the forwarder's gRPC exporter).
 GUEST_SKIPS = {"grpcio"}
 GUEST_EXTRAS = ("uvloop",)

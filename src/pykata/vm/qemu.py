@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -40,9 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..api import health_pb2
+from ..children import die_with_parent
 from ..transport import TransportError
 from ..ttrpc import Client, TtrpcError
 from ..ttrpc.relay import RelayThread
+from . import SHARE_TAG
 from .image import GuestImage
 
 QEMU = "qemu-system-x86_64"
@@ -52,12 +53,8 @@ CONSOLE_PORT = "console.channel.0"
 KVM_PROBE_SECONDS = 4.0
 #: The kernel's first line on the serial console: proof the guest runs.
 KERNEL_BANNER = b"Linux version"
-PR_SET_PDEATHSIG = 1
 VHOST_VSOCK = "/dev/vhost-vsock"
-#: The shared directory's tag, as Kata names it; the agent mounts it at GUEST_SHARE.
-SHARE_TAG = "kataShared"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-GUEST_SHARE = "/run/kata-containers/shared/containers"
 AGENT_VSOCK_PORT = 1024
 CONSOLE_VSOCK_PORT = 1026
 
@@ -279,10 +276,6 @@ def qemu_command(options: VmOptions, run_dir: Path, accel: str, channel: Channel
     return command + options.extra_args
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _spawn(command: list[str], stderr: Path) -> subprocess.Popen[bytes]:
     with open(stderr, "wb") as errors:
         return subprocess.Popen(
@@ -290,7 +283,7 @@ def _spawn(command: list[str], stderr: Path) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=errors,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(signal.SIGKILL),
             start_new_session=True,  # a Ctrl-C at the terminal is ours to handle, not theirs
         )
 
@@ -443,9 +436,7 @@ def stop(vm: Vm, grace: float = 20.0) -> str:
     try:
         return _stop_qemu(vm, grace)
     finally:
-        _end(vm.helpers)
-        if vm.relay is not None:
-            vm.relay.close()
+        _end_companions(vm)
 
 
 def _stop_qemu(vm: Vm, grace: float) -> str:
@@ -512,7 +503,13 @@ def boot(options: VmOptions, run_dir: Path) -> Vm:
 
 
 def stop_now(vm: Vm) -> None:
-    _end([vm.process, *vm.helpers])
+    _end([vm.process])
+    _end_companions(vm)
+
+
+def _end_companions(vm: Vm) -> None:
+    """What runs for QEMU's sake (virtiofsd, the relay): ended once QEMU is."""
+    _end(vm.helpers)
     if vm.relay is not None:
         vm.relay.close()
 
