@@ -26,7 +26,7 @@ from tests.containers import build_rootfs, spec  # noqa: E402
 from tests.peers import REFERENCE_DESCRIPTORS, build_go_peer, wait_for_socket  # noqa: E402
 
 from pykata.api import agent_pb2, health_pb2, oci_pb2  # noqa: E402
-from pykata.ttrpc import Client, Code, Stub, TtrpcError  # noqa: E402
+from pykata.ttrpc import Client, Stub, TtrpcError  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -35,14 +35,11 @@ def say(text: str) -> None:
 
 async def stream(api: Stub, cid: str, exec_id: str = "") -> None:
     while True:
-        try:
-            reply = await api.ReadStdout(
-                agent_pb2.ReadStreamRequest(container_id=cid, exec_id=exec_id, len=4096)
-            )
-        except TtrpcError as exc:
-            if exc.code == Code.OUT_OF_RANGE:
-                return
-            raise
+        reply = await api.ReadStdout(
+            agent_pb2.ReadStreamRequest(container_id=cid, exec_id=exec_id, len=4096)
+        )
+        if not reply.data:
+            return  # the end of the stream
         for line in reply.data.decode().splitlines():
             print(f"  [{cid}{'/' + exec_id if exec_id else ''}] {line}")
 

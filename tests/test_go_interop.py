@@ -36,7 +36,11 @@ def test_go_client_unknown_method_and_service(go_peer: Path, agent: AgentProcess
         "code": Code.UNIMPLEMENTED,
         "message": "method grpc.AgentService/NoSuchMethod is not implemented",
     }
-    assert service["status"] == {"code": Code.UNIMPLEMENTED, "message": "unknown service no.Such"}
+    # as ttrpc-rust, the Kata agent's library, answers (Go's server says UNIMPLEMENTED)
+    assert service["status"] == {
+        "code": Code.INVALID_ARGUMENT,
+        "message": "unknown service no.Such",
+    }
 
 
 def test_go_client_oversize_message_then_same_connection_works(

@@ -87,7 +87,7 @@ def web_server(address: str) -> Iterator[int]:
 async def test_network_needs_a_sandbox_on_a_host(api: Any) -> None:
     with pytest.raises(TtrpcError) as exc:
         await api.ListInterfaces(agent_pb2.ListInterfacesRequest())
-    assert exc.value.code == Code.FAILED_PRECONDITION and "CreateSandbox" in exc.value.message
+    assert exc.value.code == Code.INTERNAL and "CreateSandbox" in exc.value.message
 
 
 async def test_configure_the_sandbox_network(
@@ -180,13 +180,17 @@ async def test_configure_the_sandbox_network(
 
 async def test_bad_network_requests(api: Any, container_agent: AgentProcess) -> None:
     await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="bad"))
+    # Network failures answer INTERNAL, as upstream; a missing field INVALID_ARGUMENT.
     cases = [
+        ("UpdateInterface", agent_pb2.UpdateInterfaceRequest(), Code.INVALID_ARGUMENT, "interface"),
+        ("UpdateRoutes", agent_pb2.UpdateRoutesRequest(), Code.INVALID_ARGUMENT, "routes"),
+        ("AddARPNeighbors", agent_pb2.AddARPNeighborsRequest(), Code.INVALID_ARGUMENT, "neighbors"),
         (
             "UpdateInterface",
             agent_pb2.UpdateInterfaceRequest(
                 interface=types_pb2.Interface(name="eth9", hwAddr="02:00:00:00:99:99")
             ),
-            Code.NOT_FOUND,
+            Code.INTERNAL,
             "02:00:00:00:99:99",
         ),
         (
@@ -196,7 +200,7 @@ async def test_bad_network_requests(api: Any, container_agent: AgentProcess) -> 
                     name="lo", IPAddresses=[types_pb2.IPAddress(address="10.0.0.300", mask="24")]
                 )
             ),
-            Code.INVALID_ARGUMENT,
+            Code.INTERNAL,
             "10.0.0.300",
         ),
         (
@@ -204,7 +208,7 @@ async def test_bad_network_requests(api: Any, container_agent: AgentProcess) -> 
             agent_pb2.UpdateRoutesRequest(
                 routes=agent_pb2.Routes(Routes=[types_pb2.Route(dest="10.0.0/33", device="lo")])
             ),
-            Code.INVALID_ARGUMENT,
+            Code.INTERNAL,
             "10.0.0/33",
         ),
         (
@@ -212,7 +216,7 @@ async def test_bad_network_requests(api: Any, container_agent: AgentProcess) -> 
             agent_pb2.UpdateRoutesRequest(
                 routes=agent_pb2.Routes(Routes=[types_pb2.Route(dest="10.9.0.0/16", device="nic7")])
             ),
-            Code.NOT_FOUND,
+            Code.INTERNAL,
             "nic7",
         ),
         (
@@ -220,13 +224,13 @@ async def test_bad_network_requests(api: Any, container_agent: AgentProcess) -> 
             agent_pb2.UpdateRoutesRequest(
                 routes=agent_pb2.Routes(Routes=[types_pb2.Route(dest="10.9.0.0/16")])
             ),
-            Code.INVALID_ARGUMENT,
+            Code.INTERNAL,
             "neither a device nor a gateway",
         ),
         (
             "SetIPTables",
             agent_pb2.SetIPTablesRequest(data=b"*filter\n-A NOWHERE -j DROP\nCOMMIT\n"),
-            Code.FAILED_PRECONDITION,
+            Code.INTERNAL,
             "iptables-restore",
         ),
     ]

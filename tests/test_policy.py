@@ -47,18 +47,18 @@ async def test_policy_file_decides_per_request(tmp_path: Path, rootfs: Path) -> 
         async with await Client.connect(agent.address) as client:
             api = Stub(client, SERVICE)
             await api.CreateContainer(
-                agent_pb2.CreateContainerRequest(container_id="p", OCI=spec(rootfs, "sleep", "60"))
+                agent_pb2.CreateContainerRequest(container_id="pp", OCI=spec(rootfs, "sleep", "60"))
             )
-            await api.StartContainer(agent_pb2.StartContainerRequest(container_id="p"))
+            await api.StartContainer(agent_pb2.StartContainerRequest(container_id="pp"))
 
             def exec_(n: int, *args: str) -> agent_pb2.ExecProcessRequest:
                 return agent_pb2.ExecProcessRequest(
-                    container_id="p", exec_id=f"e{n}", process=oci_pb2.Process(Args=args, Cwd="/")
+                    container_id="pp", exec_id=f"e{n}", process=oci_pb2.Process(Args=args, Cwd="/")
                 )
 
             await api.ExecProcess(exec_("1", "ls", "/"))
             assert (
-                await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="p", exec_id="e1"))
+                await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="pp", exec_id="e1"))
             ).status == 0
             with pytest.raises(TtrpcError) as exc:
                 await api.ExecProcess(exec_("2", "cat", "/etc/passwd"))
@@ -106,7 +106,7 @@ async def test_policy_file_decides_per_request(tmp_path: Path, rootfs: Path) -> 
                 with pytest.raises(TtrpcError) as exc:
                     await api.SetPolicy(agent_pb2.SetPolicyRequest(policy=bad))
                 assert exc.value.code == Code.INVALID_ARGUMENT and named in exc.value.message
-            await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="p"))
+            await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="pp"))
         assert agent.stop() == 0
     denials = [line for line in agent.log_lines() if line["msg"] == "policy denies"]
     assert {line["rule"] for line in denials} == {

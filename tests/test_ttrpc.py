@@ -111,12 +111,12 @@ async def test_many_calls_in_flight_answered_in_any_order(unix_client: Client) -
     assert finished == ["0", "0.1", "0.2", "0.3"]
 
 
-async def test_unknown_service_and_method_are_unimplemented_naming_them(
+async def test_unknown_service_and_method_answer_as_ttrpc_rust_naming_them(
     unix_client: Client,
 ) -> None:
     with pytest.raises(TtrpcError) as exc:
         await unix_client.call("no.Such", "Thing", CheckRequest(), CheckRequest)
-    assert exc.value.code == Code.UNIMPLEMENTED and "no.Such" in exc.value.message
+    assert exc.value.code == Code.INVALID_ARGUMENT and "no.Such" in exc.value.message
     with pytest.raises(TtrpcError) as exc:
         await call(unix_client, "Nope")
     assert exc.value.code == Code.UNIMPLEMENTED

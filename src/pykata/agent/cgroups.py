@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ..api import agent_pb2
@@ -96,6 +99,34 @@ def _stats_v2(cgroup: str) -> agent_pb2.CgroupStats:
     s.pids_stats.current = _int(d / "pids.current")
     s.pids_stats.limit = _int(d / "pids.max")
     return s
+
+
+def processes(cgroup: str) -> list[int]:
+    """Every process in the cgroup (crun's `ps` crashes once they are gone)."""
+    text = _read(_dir("freezer", cgroup) / "cgroup.procs") or ""
+    return [int(pid) for pid in text.split()]
+
+
+def _freeze(cgroup: str, frozen: bool) -> None:
+    if is_v2():
+        path, value = _dir("", cgroup) / "cgroup.freeze", "1" if frozen else "0"
+    else:
+        path, value = _dir("freezer", cgroup) / "freezer.state", "FROZEN" if frozen else "THAWED"
+    with contextlib.suppress(OSError):  # no freezer: signal without it
+        path.write_text(value)
+
+
+@contextlib.asynccontextmanager
+async def frozen(cgroup: str, settle: float = 1.0) -> AsyncIterator[None]:
+    """The cgroup frozen (no process in it can run or fork) meanwhile; thawed after."""
+    _freeze(cgroup, True)
+    try:
+        deadline = time.monotonic() + settle
+        while freezer_state(cgroup) == "FREEZING" and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        yield
+    finally:
+        _freeze(cgroup, False)
 
 
 def freezer_state(cgroup: str) -> str:

@@ -97,14 +97,15 @@ def agent_parts(
         runtime, run_dir, pipe_size=config.container_pipe_size, owns_machine=owns_machine
     )
     guest = Guest(owns_machine=owns_machine)
+    shared = run_dir / "shared" / "containers"
     return AgentParts(
         sandbox=sandbox,
         guest=guest,
-        files=SharedFiles(run_dir / "shared"),
+        files=SharedFiles(shared),
         volumes=Volumes(run_dir, run_dir / "shared"),
         memory=MemAgent(guest),
         policy=Enforcer.from_file(config.policy_file),
-        diagnostics=Diagnostics(sandbox, recent),
+        diagnostics=Diagnostics(sandbox, recent, shared),
     )
 
 
@@ -141,6 +142,9 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if os.getpid() == 1:
+        # As upstream's agent: the sandbox destroyed, the guest's work is done (power-off).
+        parts.after_sandbox_destroyed = stop.set
     tracing = Tracing(config.trace_addr) if config.tracing else None
     server = Server(services(parts), call_hook=call_hook(parts.policy, tracing))
     await server.start(config.server_addr)

@@ -7,13 +7,15 @@ import contextlib
 import enum
 import json
 import logging
+import os
 import shutil
 import signal as signals
 from pathlib import Path
 from typing import Any
 
 from . import cgroups
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, ProcessNotFound
+from .ids import check_id
 from .process import Process
 from .reaper import WatchedProcess, orphans
 from .runtime import OciRuntime
@@ -87,6 +89,7 @@ class Container:
         self.runtime = runtime
         self.pipe_size = pipe_size
         self.state = State.CREATED
+        self._state_before_pause = State.RUNNING
         self.init: Process | None = None
         #: The exec id the runtime gave the init process at CreateContainer ("" also names it).
         self.init_exec_id = ""
@@ -98,11 +101,6 @@ class Container:
     @property
     def cgroup(self) -> str:
         return str(self.config["linux"]["cgroupsPath"])
-
-    @property
-    def shares_pid_namespace(self) -> bool:
-        namespaces = self.config.get("linux", {}).get("namespaces", [])
-        return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
 
     async def create(self) -> None:
         (self.bundle / "config.json").write_text(json.dumps(self.config))
@@ -119,13 +117,24 @@ class Container:
     def _init_exited(self) -> None:
         self.state = State.STOPPED
 
-    def process(self, exec_id: str) -> Process:
+    def process(self, exec_id: str, *, for_output: bool = False) -> Process:
+        """The init process ("" or the init's exec id) or an exec.
+
+        A process whose exit status was collected is gone, as upstream; with
+        `for_output`, only once its output has been read to the end as well.
+        """
+        check_id("exec_id", exec_id, may_be_empty=True)
         if not exec_id or exec_id == self.init_exec_id:
-            assert self.init is not None
-            return self.init
-        process = self.execs.get(exec_id)
+            process = self.init
+        else:
+            process = self.execs.get(exec_id)
+        which = f"exec {exec_id}" if exec_id else "init process"
         if process is None:
-            raise NotFound(f"container {self.id} has no exec {exec_id}")
+            raise ProcessNotFound(f"container {self.id} has no {which}")
+        if process.waited and (not for_output or process.output_ended):
+            raise ProcessNotFound(
+                f"the {which} of container {self.id} has exited and its status was collected"
+            )
         return process
 
     def _require(self, *states: State, action: str) -> None:
@@ -135,6 +144,7 @@ class Container:
             )
 
     async def start(self) -> None:
+        # A second start answers an error; upstream's blocks for ever, holding its lock.
         async with self._lock:
             self._require(State.CREATED, action="start")
             await self.runtime.start(self.id)
@@ -146,6 +156,7 @@ class Container:
             self._require(State.RUNNING, action=f"exec {exec_id} in")
             if not exec_id:
                 raise InvalidArgument("exec_id is empty: an exec needs an id of its own")
+            check_id("exec_id", exec_id)
             if exec_id in self.execs or exec_id == self.init_exec_id:
                 raise AlreadyExists(f"container {self.id} already has an exec {exec_id}")
             spec = dict(spec)
@@ -169,39 +180,42 @@ class Container:
             return proc
 
     async def signal(self, exec_id: str, signum: int) -> None:
-        process = self.process(exec_id)
-        if process.exited:
+        """Signal one process; SIGKILL with no exec id kills every process of the container."""
+        if not exec_id and signum == signals.SIGKILL:
+            await self.kill_all()
             return
-        everyone = process is self.init and signum in (signals.SIGKILL, signals.SIGTERM)
-        if everyone and self.shares_pid_namespace:
-            # Without a PID namespace of its own, killing init leaves its children:
-            # signal every process in the container, as upstream does.
-            with contextlib.suppress(Exception):
-                await self.runtime.kill(self.id, signum, all_processes=True)
-        process.signal(signum)
+        self.process(exec_id).signal(signum)
+
+    async def kill_all(self) -> None:
+        """SIGKILL every process in the container's cgroup, frozen meanwhile so none
+        can fork a new one between the listing and the kill (upstream: rpc.rs:580-622)."""
+        async with cgroups.frozen(self.cgroup):
+            for pid in cgroups.processes(self.cgroup):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signals.SIGKILL)
 
     async def wait(self, exec_id: str) -> int:
         return await self.process(exec_id).wait()
 
     def _forget(self, process: Process) -> None:
-        """An exec whose status was collected and whose output was all read."""
+        """An exec whose status was collected and whose output was all read: gone."""
         if self.execs.get(process.exec_id) is process:
             del self.execs[process.exec_id]
             process.close()
 
     async def pause(self) -> None:
         async with self._lock:
-            self._require(State.RUNNING, action="pause")
+            self._require(State.CREATED, State.RUNNING, action="pause")
             await self.runtime.pause(self.id)
             await self._settle_freezer("FROZEN")
-            self.state = State.PAUSED
+            self._state_before_pause, self.state = self.state, State.PAUSED
 
     async def resume(self) -> None:
         async with self._lock:
             self._require(State.PAUSED, action="resume")
             await self.runtime.resume(self.id)
             await self._settle_freezer("THAWED")
-            self.state = State.RUNNING
+            self.state = self._state_before_pause
 
     async def _settle_freezer(self, wanted: str, timeout: float = 5.0) -> None:
         """Some runtimes return while the freezer is still FREEZING: answer when it is done."""
@@ -224,12 +238,8 @@ class Container:
         """Stop everything in the container and delete all trace of it."""
         async with self._lock:
             if self.init is not None and not self.init.exited:
-                with contextlib.suppress(Exception):
-                    await self.runtime.kill(self.id, signals.SIGKILL, all_processes=True)
+                await self.kill_all()  # thaws a paused container too
                 self.init.signal(signals.SIGKILL)
-                if self.state is State.PAUSED:
-                    with contextlib.suppress(Exception):
-                        await self.runtime.resume(self.id)
                 try:
                     await asyncio.wait_for(self.init.wait(), timeout or None)
                 except TimeoutError:

@@ -1,15 +1,18 @@
 """CopyFile: the host writes files into the guest's shared-files directory.
 
-Only below `<run_dir>/shared` (upstream allows all of /run/kata-containers,
-which would let a caller rewrite the agent's own bundles and runtime state).
-The path is walked one component at a time with `openat(O_NOFOLLOW)`, so
-no `..`, absolute escape or symlink anywhere in it can lead outside, even
-if the directory changes while we walk it.
+Only below `<run_dir>/shared/containers/`, as upstream's agent at HEAD
+(kata-containers src/agent/src/rpc.rs, KATA_GUEST_SHARE_DIR). The path is
+walked one component at a time with `openat(O_NOFOLLOW)`, so no `..`,
+absolute escape or symlink anywhere in it can lead outside, even if the
+directory changes while we walk it.
 
 A regular file arrives in one or more chunks at increasing offsets. The
 chunks go to a hidden partial file next to the target; when the last byte
 is in, the partial file gets its mode and owner and is renamed over the
-target - nobody ever sees a half-written file. A directory (S_IFDIR in
+target - nobody ever sees a half-written file. The partial file is created
+anew (O_EXCL) by the first chunk and must still be that same, singly linked
+file for every later one, so nothing planted at its name can redirect the
+write; a copy that fails leaves no partial file. A directory (S_IFDIR in
 file_mode) is created; a symlink (S_IFLNK) is created with `data` as its
 target (it is never followed later: see above).
 """
@@ -147,26 +150,70 @@ class SharedFiles:
                 f"{len(req.data)} bytes goes past file_size {req.file_size}"
             )
         temp = PARTIAL_PREFIX + name
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        if req.offset == 0:
-            flags |= os.O_TRUNC
-        fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+        fd = self._partial(dir_fd, temp, req)
         try:
-            size = os.fstat(fd).st_size
-            if req.offset != size:
-                raise FailedPrecondition(
-                    f"CopyFile path {req.path!r}: chunk at offset {req.offset}, but "
-                    f"{size} bytes have arrived so far (send the chunks in order)"
-                )
-            view = memoryview(req.data)
-            while view:
-                written = os.pwrite(fd, view, req.offset + len(req.data) - len(view))
-                view = view[written:]
-            if req.offset + len(req.data) < req.file_size:
-                return  # more chunks to come
-            os.fchmod(fd, stat.S_IMODE(req.file_mode) or 0o644)
-            os.fchown(fd, req.uid, req.gid)
-            os.fsync(fd)
+            self._write_chunk(fd, req)
+            done = req.offset + len(req.data) == req.file_size
+            if done:
+                os.fchmod(fd, stat.S_IMODE(req.file_mode) or 0o644)
+                os.fchown(fd, req.uid, req.gid)
+                os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
         finally:
             os.close(fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if done:
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+    def _partial(self, dir_fd: int, temp: str, req: CopyRequest) -> int:
+        """The partial file: new for the first chunk, the same one for the others."""
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        if req.offset == 0:
+            free = os.fstatvfs(dir_fd)
+            if req.file_size > free.f_bfree * free.f_frsize:
+                raise FailedPrecondition(
+                    f"CopyFile path {req.path!r}: file_size {req.file_size} is more than the "
+                    f"{free.f_bfree * free.f_frsize} bytes free on its filesystem"
+                )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=dir_fd)  # an earlier copy's, or something planted
+            return os.open(temp, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+        try:
+            fd = os.open(temp, flags, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise FailedPrecondition(
+                f"CopyFile path {req.path!r}: chunk at offset {req.offset}, but no copy of "
+                "this file is in progress (the first chunk has offset 0)"
+            ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise FailedPrecondition(
+                f"CopyFile path {req.path!r}: its partial file was replaced meanwhile"
+            )
+        return fd
+
+    def _write_chunk(self, fd: int, req: CopyRequest) -> None:
+        size = os.fstat(fd).st_size
+        if req.offset != size:
+            raise FailedPrecondition(
+                f"CopyFile path {req.path!r}: chunk at offset {req.offset}, but "
+                f"{size} bytes have arrived so far (send the chunks in order)"
+            )
+        view = memoryview(req.data)
+        while view:
+            written = os.pwrite(fd, view, req.offset + len(req.data) - len(view))
+            view = view[written:]
+
+    def remove_partials(self) -> int:
+        """Remove partial files a previous agent left (at start); how many there were."""
+        removed = 0
+        for directory, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(PARTIAL_PREFIX):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(directory, name))
+                        removed += 1
+        return removed

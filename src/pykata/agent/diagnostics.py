@@ -1,7 +1,12 @@
 """GetDiagnosticData: what a user needs to see when something went wrong.
 
-log_type selects what (container_id only for "container"):
+log_type selects what (container_id for "termination_log" and "container"):
 
+- termination_log: a Kubernetes container's termination message (upstream's one
+  log_type): the file bind-mounted at the container's
+  io.kubernetes.container.terminationMessagePath, at most 4 KiB. Unlike
+  upstream, only a file in the shared-files directory is read, without
+  following symlinks: a spec cannot make the agent read any other guest file;
 - agent: the agent's last RECENT_LINES log lines (JSON lines);
 - dmesg: the kernel's ring buffer;
 - mounts: the agent's /proc/self/mountinfo;
@@ -13,17 +18,22 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 from pathlib import Path
 
 from google.protobuf import json_format
 
 from . import cgroups
 from .command import run
-from .errors import InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument
 from .sandbox import Sandbox
+from .storage import inside
 
 RECENT_LINES = 1000
-LOG_TYPES = ("agent", "dmesg", "mounts", "container")
+LOG_TYPES = ("termination_log", "agent", "dmesg", "mounts", "container")
+TERMINATION_PATH = "io.kubernetes.container.terminationMessagePath"
+#: Kubernetes' own limit for a termination message.
+TERMINATION_MESSAGE_LIMIT = 4096
 
 
 class RecentLogs(logging.Handler):
@@ -42,11 +52,15 @@ class RecentLogs(logging.Handler):
 
 
 class Diagnostics:
-    def __init__(self, sandbox: Sandbox, recent: RecentLogs | None) -> None:
+    def __init__(self, sandbox: Sandbox, recent: RecentLogs | None, shared: Path) -> None:
         self.sandbox = sandbox
         self.recent = recent
+        #: Where termination messages may be read from (the shared-files directory).
+        self.shared = shared
 
     async def data(self, log_type: str, container_id: str) -> str:
+        if log_type == "termination_log":
+            return self._termination_log(container_id)
         if log_type == "agent":
             return self.recent.text() if self.recent else ""
         if log_type == "dmesg":
@@ -56,6 +70,31 @@ class Diagnostics:
         if log_type == "container":
             return await self._container(container_id)
         raise InvalidArgument(f"log_type {log_type!r} is unknown; known: {', '.join(LOG_TYPES)}")
+
+    def _termination_log(self, container_id: str) -> str:
+        config = self.sandbox.container(container_id).config
+        destination = (config.get("annotations") or {}).get(TERMINATION_PATH)
+        if not destination:
+            raise FailedPrecondition(f"container {container_id} has no {TERMINATION_PATH}")
+        source = next(
+            (
+                m.get("source", "")
+                for m in config.get("mounts") or []
+                if m.get("destination") == destination
+            ),
+            None,
+        )
+        if source is None:
+            raise FailedPrecondition(
+                f"container {container_id}: no mount at its termination message path {destination}"
+            )
+        path = inside(self.shared, source, "termination message source")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return ""  # no message written
+        with os.fdopen(fd, "rb") as f:
+            return f.read(TERMINATION_MESSAGE_LIMIT).decode(errors="replace")
 
     async def _container(self, container_id: str) -> str:
         if not container_id:

@@ -1,7 +1,8 @@
 """The agent's domain errors: a fixed set of kinds, each carrying its status code.
 
-Handlers let these through; the ttRPC server answers with the code and the
-message, which always names what was wrong and with which id.
+The code is what the kind means; for the upstream API the service answers
+the code upstream's agent answers instead (codes.py). The message always
+names what was wrong and with which id.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ class AgentError(TtrpcError):
 
 
 class NotFound(AgentError):
-    """No container, process or sandbox with that id."""
+    """Nothing by that name (an interface, a volume, a device)."""
 
     code = Code.NOT_FOUND
+
+
+class ContainerNotFound(NotFound):
+    """No container with that id."""
+
+
+class ProcessNotFound(NotFound):
+    """No such exec in the container (or its status was already collected)."""
 
 
 class AlreadyExists(AgentError):
@@ -34,10 +43,28 @@ class InvalidArgument(AgentError):
     code = Code.INVALID_ARGUMENT
 
 
+class MissingField(InvalidArgument):
+    """A required field of the request is absent (names it)."""
+
+
+class InvalidId(InvalidArgument):
+    """An id that could not be a file name (ids.py); always INVALID_ARGUMENT."""
+
+
 class FailedPrecondition(AgentError):
     """Right request, wrong state (start twice, exec in a stopped container)."""
 
     code = Code.FAILED_PRECONDITION
+
+
+class NoTerminal(FailedPrecondition):
+    """A terminal operation on a process without one."""
+
+
+class LimitExceeded(AgentError):
+    """A bound of the agent's was reached (names it); the caller may retry later."""
+
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class PermissionDenied(AgentError):
@@ -56,9 +83,3 @@ class RuntimeFailure(AgentError):
     """The OCI runtime refused; the message is the runtime's own."""
 
     code = Code.INTERNAL
-
-
-class EndOfStream(AgentError):
-    """Reading past the end of a process's output."""
-
-    code = Code.OUT_OF_RANGE

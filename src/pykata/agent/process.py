@@ -1,17 +1,31 @@
-"""A process in a container: its streams, its signals, its exit status."""
+"""A process in a container: its streams, its signals, its exit status.
+
+As upstream's agent does, a process is gone for the API once its exit
+status has been collected (WaitProcess): later waits, signals and stdin
+calls find no such process. Its output stays readable until its end,
+though - upstream discards unread output there; we never drop a byte.
+When the process exits, stdin is closed (pending writes are answered)
+and what is left of its output moves into memory, so an exited process
+holds no file descriptors (bounded by what its pipes could hold).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import signal as signals
 from collections.abc import Callable
 
-from .errors import EndOfStream, FailedPrecondition
+from .errors import FailedPrecondition, LimitExceeded, NoTerminal
 from .reaper import WatchedProcess
-from .stdio import PipeStdio, TerminalStdio
+from .stdio import PipeStdio, StdinBacklogFull, TerminalStdio
 
 # ^D: on a terminal, "close stdin" means end-of-file for the reader.
 EOT = b"\x04"
+#: Output kept per stream once the process has exited: what a default pipe holds.
+KEPT_OUTPUT_LIMIT = 1 << 20
+#: Most bytes one read answers (upstream has no limit: it allocates what is asked).
+MAX_READ = 1 << 20
 
 
 class Process:
@@ -26,19 +40,12 @@ class Process:
         self.exec_id = exec_id
         self.stdio = stdio
         self._watched = watched
+        #: The exit status has been collected: the process is gone for the API.
         self.waited = False
-        self._ended: set[str] = set()
-        #: Called once the exit status has been collected and all output read.
+        #: Called once the status has been collected and all output read.
         self.on_finished: Callable[[], None] | None = None
-
-    @property
-    def output_drained(self) -> bool:
-        streams = {"stdout"} if self.stdio.stderr is None else {"stdout", "stderr"}
-        return streams <= self._ended
-
-    def _maybe_finished(self) -> None:
-        if self.waited and self.output_drained and self.on_finished is not None:
-            self.on_finished()
+        self._collector: asyncio.Task[None] | None = None
+        watched.exited.add_done_callback(self._exited)
 
     @property
     def name(self) -> str:
@@ -53,6 +60,24 @@ class Process:
     def exited(self) -> bool:
         return self._watched.exited.done()
 
+    @property
+    def output_ended(self) -> bool:
+        stderr = self.stdio.stderr
+        return self.stdio.stdout.ended and (stderr is None or stderr.ended)
+
+    def _exited(self, _status: asyncio.Future[int]) -> None:
+        self.stdio.stdin.close()
+        self._collector = asyncio.ensure_future(self._collect_output())
+
+    async def _collect_output(self) -> None:
+        for reader in (self.stdio.stdout, self.stdio.stderr):
+            if reader is not None:
+                await reader.collect_rest(KEPT_OUTPUT_LIMIT)
+
+    def _maybe_finished(self) -> None:
+        if self.waited and self.output_ended and self.on_finished is not None:
+            self.on_finished()
+
     async def wait(self) -> int:
         status = await asyncio.shield(self._watched.exited)
         self.waited = True
@@ -63,33 +88,52 @@ class Process:
         self._watched.exited.add_done_callback(lambda _status: callback())
 
     def signal(self, signum: int) -> None:
+        """Send `signum` (0 checks nothing); a no-op once the process has exited.
+
+        SIGTERM to a container's init that does not handle it becomes
+        SIGKILL, as upstream does (rpc.rs:549-555): as PID 1 of its PID
+        namespace, an init without a handler never sees SIGTERM at all.
+        """
+        if signum == signals.SIGTERM and not self.exec_id and not _handles(self.pid, signum):
+            signum = signals.SIGKILL
         self._watched.send_signal(signum)
 
     async def write_stdin(self, data: bytes) -> int:
-        if self.stdio.stdin is None or self.stdio.stdin.fd is None:
+        """Write all of `data`, after the writes before it; empty data closes stdin (upstream)."""
+        if not data:
+            await self.close_stdin()
+            return 0
+        if self.stdio.stdin.closed:
             raise FailedPrecondition(f"stdin of the {self.name} is closed")
         try:
             return await self.stdio.stdin.write(data)
+        except StdinBacklogFull as exc:
+            raise LimitExceeded(f"stdin of the {self.name}: {exc}") from None
         except BrokenPipeError:
-            raise FailedPrecondition(f"stdin of the {self.name} has no reader any more") from None
+            state = "has exited" if self.exited else "closed its stdin"
+            raise FailedPrecondition(
+                f"stdin of the {self.name}: not all data was written, the process {state}"
+            ) from None
 
     async def close_stdin(self) -> None:
-        if self.stdio.stdin is None:
+        """After the writes already waiting; a terminal gets end-of-file (^D) instead."""
+        stdin = self.stdio.stdin
+        if stdin.closed:
             return
         if self.stdio.terminal:
-            await self.stdio.stdin.write(EOT)
+            await stdin.write(EOT)
         else:
-            self.stdio.stdin.close()
+            await stdin.close_after_writes()
 
     async def read(self, stream: str, size: int) -> bytes:
+        """Up to `size` bytes; b"" at the end of the stream (after every byte before it)."""
         reader = self.stdio.stdout if stream == "stdout" else self.stdio.stderr
-        if reader is None:
-            raise FailedPrecondition(f"the {self.name} has a terminal: its output is all on stdout")
-        data = await reader.read(max(1, min(size, 1 << 20)))
+        if reader is None or size <= 0:
+            # A terminal's output is all on stdout: its stderr is empty, never ours to steal.
+            return b""
+        data = await reader.read(min(size, MAX_READ))
         if not data:
-            self._ended.add(stream)
             self._maybe_finished()
-            raise EndOfStream(f"{stream} of the {self.name} has ended")
         return data
 
     def resize(self, rows: int, columns: int) -> None:
@@ -97,9 +141,25 @@ class Process:
             self.stdio.resize(rows, columns)
         except OSError as exc:
             if exc.errno == errno.ENOTTY:
-                raise FailedPrecondition(f"the {self.name} has no terminal") from None
+                raise NoTerminal(f"the {self.name} has no terminal") from None
             raise
 
     def close(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
         self.stdio.close()
         self._watched.close()
+
+
+def _handles(pid: int, signum: int) -> bool:
+    """Whether the process catches, ignores or blocks `signum` (/proc/PID/status)."""
+    bit = 1 << (signum - 1)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("SigCgt", "SigIgn", "SigBlk") and int(value, 16) & bit:
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,14 @@ from typing import Any
 
 from . import cgroups
 from .container import Container
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported
+from .errors import (
+    AlreadyExists,
+    ContainerNotFound,
+    FailedPrecondition,
+    InvalidArgument,
+    Unsupported,
+)
+from .ids import check_id
 from .oom import OomEvents
 from .reaper import orphans
 from .runtime import OciRuntime
@@ -31,19 +37,9 @@ from .storage import Storages, StorageSpec
 
 log = logging.getLogger("pykata.agent.sandbox")
 
-ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CGROUP_ROOT = "/pykata"
 #: OCI namespace type -> its name under /proc/<pid>/ns.
 SHARED_NAMESPACES = {"uts": "uts", "ipc": "ipc", "network": "net"}
-
-
-def check_id(kind: str, value: str) -> str:
-    if not ID.fullmatch(value):
-        raise InvalidArgument(
-            f"{kind} {value!r} is not a valid id: use 1-128 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-    return value
 
 
 @dataclass
@@ -72,6 +68,9 @@ class Sandbox:
         self.oom = OomEvents()
         self._storage_points: list[Path] = []
         self._instance = f"agent-{os.getpid()}"
+        #: The PID namespace containers created with sandbox_pidns share, and its container.
+        self._pidns: str | None = None
+        self._pidns_holder = ""
 
     # --- the sandbox itself ---------------------------------------------------
 
@@ -96,11 +95,6 @@ class Sandbox:
             await self.destroy()
         if settings.sandbox_id:
             check_id("sandbox_id", settings.sandbox_id)
-        if settings.sandbox_pidns:
-            raise Unsupported(
-                "sandbox_pidns (one PID namespace for all containers) is not "
-                "supported yet; leave it false"
-            )
         if settings.guest_hook_path:
             raise Unsupported(
                 f"guest hooks (guest_hook_path {settings.guest_hook_path!r}) are not supported yet"
@@ -207,17 +201,20 @@ class Sandbox:
         shutil.rmtree(self.dir, ignore_errors=True)
         cgroups.remove(self.cgroup_parent, stop_at=CGROUP_ROOT)
         self.settings = None
+        self._pidns = None
         self._instance = f"agent-{os.getpid()}"
 
     # --- containers ------------------------------------------------------------
 
     def container(self, container_id: str) -> Container:
-        found = self.containers.get(container_id)
+        found = self.containers.get(check_id("container_id", container_id))
         if found is None:
-            raise NotFound(f"no container {container_id!r}")
+            raise ContainerNotFound(f"no container {container_id!r}")
         return found
 
-    def _config(self, container_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def _config(
+        self, container_id: str, spec: dict[str, Any], sandbox_pidns: bool
+    ) -> dict[str, Any]:
         """The bundle's config.json from a request's spec (which it takes over and edits)."""
         config = spec
         process = config.get("process") or {}
@@ -237,6 +234,10 @@ class Sandbox:
             log.warning("ignoring OCI hooks in the spec of container %s", container_id)
         linux = config.setdefault("linux", {})
         linux["cgroupsPath"] = f"{self.cgroup_parent}/{container_id}"
+        linux["namespaces"] = [
+            *(ns for ns in linux.get("namespaces", []) if ns.get("type") != "pid"),
+            self._pid_namespace(sandbox_pidns),
+        ]
         if self._holder is not None:
             self._join_sandbox_namespaces(config)
         if self.settings and self.settings.dns:
@@ -251,6 +252,25 @@ class Sandbox:
                     }
                 )
         return config
+
+    def _pid_namespace(self, shared: bool) -> dict[str, str]:
+        """A new PID namespace, or with `shared` the sandbox's (rpc.rs:2143-2165).
+
+        The runtime strips the PID namespace from every spec; a container must
+        never land in the agent's, where it could see and kill the agent. A PID
+        namespace asked for by path in the spec is not honoured either.
+        """
+        shared = shared or bool(self.settings and self.settings.sandbox_pidns)
+        if not shared:
+            return {"type": "pid"}
+        if self._pidns is not None:
+            return {"type": "pid", "path": self._pidns}
+        if self.containers:
+            raise FailedPrecondition(
+                "sandbox_pidns: the sandbox has no shared PID namespace any more "
+                "(the container whose init held it is gone)"
+            )
+        return {"type": "pid"}  # the first container's becomes the sandbox's
 
     def _join_sandbox_namespaces(self, config: dict[str, Any]) -> None:
         assert self._holder is not None
@@ -278,26 +298,38 @@ class Sandbox:
         return points
 
     async def create_container(
-        self, container_id: str, spec: dict[str, Any], storages: Sequence[StorageSpec] = ()
+        self,
+        container_id: str,
+        spec: dict[str, Any],
+        storages: Sequence[StorageSpec] = (),
+        init_exec_id: str = "",
+        sandbox_pidns: bool = False,
     ) -> Container:
+        """`init_exec_id`: the id the runtime gives the init process ("" names it too);
+        `sandbox_pidns`: share the sandbox's PID namespace instead of a new one."""
         check_id("container_id", container_id)
+        check_id("exec_id", init_exec_id, may_be_empty=True)
         if container_id in self.containers:
             raise AlreadyExists(f"container {container_id!r} already exists")
         for storage in storages:
             self.storages.check(storage)
         points = await self._mount_all(list(storages))
         try:
-            container = await self._create_container(container_id, spec)
+            container = await self._create_container(container_id, spec, sandbox_pidns)
         except BaseException:
             for point in points:
                 await self.storages.release(point)
             raise
         container.storage_points = points
+        container.init_exec_id = init_exec_id
         self.oom.watch(container_id, container.cgroup)
         return container
 
-    async def _create_container(self, container_id: str, spec: dict[str, Any]) -> Container:
-        config = self._config(container_id, spec)
+    async def _create_container(
+        self, container_id: str, spec: dict[str, Any], sandbox_pidns: bool
+    ) -> Container:
+        config = self._config(container_id, spec, sandbox_pidns)
+        first = not self.containers
         bundle = self.run_dir / "containers" / container_id
         bundle.mkdir(parents=True, exist_ok=False)
         container = Container(container_id, bundle, config, self.runtime, self.pipe_size)
@@ -311,6 +343,11 @@ class Sandbox:
             shutil.rmtree(bundle, ignore_errors=True)
             cgroups.remove(container.cgroup, stop_at=container.cgroup)
             raise
+        if first and self._pidns is None:
+            # The first container is the sandbox's infra container (sandbox.rs:268-290).
+            assert container.init is not None
+            self._pidns = f"/proc/{container.init.pid}/ns/pid"
+            self._pidns_holder = container_id
         log.info("container created", extra={"container": container_id})
         return container
 
@@ -319,6 +356,8 @@ class Sandbox:
         await container.remove(timeout)
         self.containers.pop(container_id, None)
         self.oom.forget(container_id)
+        if container_id == self._pidns_holder:
+            self._pidns, self._pidns_holder = None, ""  # the namespace ended with its init
         # Only the container's own: the sandbox's parent cgroup stays until the sandbox
         # goes (creating and removing cgroups costs milliseconds each).
         cgroups.remove(container.cgroup, stop_at=container.cgroup)

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import signal as signals
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
 
 from .. import __version__
 from ..api import agent_pb2, csi_pb2, health_pb2, types_pb2
-from ..ttrpc import ServerContext, Service
+from ..ttrpc import Code, ServerContext, Service, TtrpcError, UnaryMethod
+from ..ttrpc.server import UnaryHandler
 from . import cgroups, network, oci
+from .codes import upstream_code
 from .copyfile import CopyRequest, SharedFiles
 from .diagnostics import Diagnostics
-from .errors import InvalidArgument, Unsupported
+from .errors import AgentError, ContainerNotFound, InvalidArgument, MissingField, Unsupported
 from .guest import Guest
 from .memagent import MemAgent
 from .policy import Enforcer
@@ -67,6 +71,8 @@ class AgentParts:
     diagnostics: Diagnostics
     #: Made on the first GetMetrics (prometheus_client takes ~20 ms to import).
     metrics: Metrics | None = None
+    #: Called once DestroySandbox has answered (the agent as init stops there).
+    after_sandbox_destroyed: Callable[[], None] | None = None
 
 
 def _interface(i: network.Interface) -> types_pb2.Interface:
@@ -124,6 +130,9 @@ class AgentService:
         self, req: agent_pb2.DestroySandboxRequest, ctx: ServerContext
     ) -> Empty:
         await self.sandbox.destroy()
+        if self.parts.after_sandbox_destroyed is not None:
+            # After this answer is sent: as PID 1, upstream's agent powers off here.
+            asyncio.get_running_loop().call_soon(self.parts.after_sandbox_destroyed)
         return EMPTY
 
     # containers
@@ -134,11 +143,14 @@ class AgentService:
         if req.devices:
             raise Unsupported(f"devices ({len(req.devices)}) are not supported yet")
         if not req.HasField("OCI"):
-            raise InvalidArgument("OCI is missing: CreateContainer needs an OCI spec")
-        container = await self.sandbox.create_container(
-            req.container_id, oci.to_json(req.OCI), _storages(list(req.storages))
+            raise MissingField("OCI is missing: CreateContainer needs an OCI spec")
+        await self.sandbox.create_container(
+            req.container_id,
+            oci.to_json(req.OCI),
+            _storages(list(req.storages)),
+            init_exec_id=req.exec_id,
+            sandbox_pidns=req.sandbox_pidns,
         )
-        container.init_exec_id = req.exec_id
         return EMPTY
 
     async def StartContainer(
@@ -168,7 +180,9 @@ class AgentService:
     async def UpdateContainer(
         self, req: agent_pb2.UpdateContainerRequest, ctx: ServerContext
     ) -> Empty:
-        await self.sandbox.container(req.container_id).update(oci.to_json(req.resources))
+        container = self.sandbox.container(req.container_id)
+        if req.HasField("resources"):  # none: nothing to do, as upstream
+            await container.update(oci.to_json(req.resources))
         return EMPTY
 
     async def StatsContainer(
@@ -186,14 +200,21 @@ class AgentService:
 
     async def ExecProcess(self, req: agent_pb2.ExecProcessRequest, ctx: ServerContext) -> Empty:
         if not req.HasField("process"):
-            raise InvalidArgument(f"process is missing for exec {req.exec_id!r}")
+            raise MissingField(f"process is missing for exec {req.exec_id!r}")
         await self.sandbox.container(req.container_id).exec(req.exec_id, oci.to_json(req.process))
         return EMPTY
 
     async def SignalProcess(self, req: agent_pb2.SignalProcessRequest, ctx: ServerContext) -> Empty:
-        if not 0 < req.signal < signals.NSIG:
+        if not 0 <= req.signal < signals.NSIG:
             raise InvalidArgument(f"signal {req.signal} is not a valid signal number")
-        await self.sandbox.container(req.container_id).signal(req.exec_id, req.signal)
+        try:
+            container = self.sandbox.container(req.container_id)
+        except ContainerNotFound as exc:
+            if not req.exec_id and req.signal == signals.SIGKILL:
+                # Upstream's kill-everything path fails its own way (rpc.rs:635-641).
+                raise TtrpcError(Code.INTERNAL, exc.message) from exc
+            raise
+        await container.signal(req.exec_id, req.signal)
         return EMPTY
 
     async def WaitProcess(
@@ -211,13 +232,13 @@ class AgentService:
     async def ReadStdout(
         self, req: agent_pb2.ReadStreamRequest, ctx: ServerContext
     ) -> agent_pb2.ReadStreamResponse:
-        process = self.sandbox.container(req.container_id).process(req.exec_id)
+        process = self.sandbox.container(req.container_id).process(req.exec_id, for_output=True)
         return agent_pb2.ReadStreamResponse(data=await process.read("stdout", req.len))
 
     async def ReadStderr(
         self, req: agent_pb2.ReadStreamRequest, ctx: ServerContext
     ) -> agent_pb2.ReadStreamResponse:
-        process = self.sandbox.container(req.container_id).process(req.exec_id)
+        process = self.sandbox.container(req.container_id).process(req.exec_id, for_output=True)
         return agent_pb2.ReadStreamResponse(data=await process.read("stderr", req.len))
 
     async def CloseStdin(self, req: agent_pb2.CloseStdinRequest, ctx: ServerContext) -> Empty:
@@ -366,6 +387,8 @@ class AgentService:
     async def UpdateInterface(
         self, req: agent_pb2.UpdateInterfaceRequest, ctx: ServerContext
     ) -> types_pb2.Interface:
+        if not req.HasField("interface"):
+            raise MissingField("UpdateInterface needs an interface")
         i = req.interface
         if not i.hwAddr and not i.name:
             raise InvalidArgument("interface needs a hwAddr (or a name) to find the link")
@@ -387,6 +410,8 @@ class AgentService:
     async def UpdateRoutes(
         self, req: agent_pb2.UpdateRoutesRequest, ctx: ServerContext
     ) -> agent_pb2.Routes:
+        if not req.HasField("routes"):
+            raise MissingField("UpdateRoutes needs routes (an empty list removes them all)")
         wanted = [
             network.Route(r.dest, r.gateway, r.device, r.source, r.scope, r.family, r.flags, r.mtu)
             for r in req.routes.Routes
@@ -397,6 +422,8 @@ class AgentService:
     async def AddARPNeighbors(
         self, req: agent_pb2.AddARPNeighborsRequest, ctx: ServerContext
     ) -> Empty:
+        if not req.HasField("neighbors"):
+            raise MissingField("AddARPNeighbors needs neighbors")
         neighbors = [
             network.Neighbor(n.toIPAddress.address, n.device, n.lladdr, n.state, n.flags)
             for n in req.neighbors.ARPNeighbors
@@ -435,10 +462,30 @@ def health_service() -> Service:
     return Service.from_descriptor(health_pb2.DESCRIPTOR.services_by_name["Health"], Health())
 
 
+def _answering_upstream_codes(rpc: str, handler: UnaryHandler) -> UnaryHandler:
+    async def handle(request: Any, ctx: ServerContext) -> Message:
+        try:
+            return await handler(request, ctx)
+        except AgentError as exc:
+            code = upstream_code(rpc, exc)
+            if code == exc.code:
+                raise
+            raise TtrpcError(code, exc.message) from exc
+
+    return handle
+
+
+def agent_service(parts: AgentParts) -> Service:
+    """grpc.AgentService, failing with the codes upstream's agent answers (codes.py)."""
+    service = Service.from_descriptor(
+        agent_pb2.DESCRIPTOR.services_by_name["AgentService"], AgentService(parts)
+    )
+    for rpc, method in service.methods.items():
+        assert isinstance(method, UnaryMethod)
+        handler = _answering_upstream_codes(rpc, method.handler)
+        service.methods[rpc] = UnaryMethod(method.request_type, handler)
+    return service
+
+
 def services(parts: AgentParts) -> list[Service]:
-    return [
-        health_service(),
-        Service.from_descriptor(
-            agent_pb2.DESCRIPTOR.services_by_name["AgentService"], AgentService(parts)
-        ),
-    ]
+    return [health_service(), agent_service(parts)]

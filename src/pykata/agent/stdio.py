@@ -19,43 +19,60 @@ import tempfile
 import termios
 from pathlib import Path
 
-from .fdwait import until_ready
+from .fdwait import OwnedFd
 
 F_SETPIPE_SZ = 1031
 
 
-class FdReader:
+#: WriteStdin data a process may have waiting behind the one write in progress.
+STDIN_PENDING_LIMIT = 16 << 20
+
+
+class OutputReader:
+    """The agent's end of a process's stdout or stderr (a pipe, or the pty master).
+
+    Reads wait for data and return at most the asked length; b"" means the
+    stream has ended (the writer's end closed; for a pty, EIO), and the fd is
+    closed at once. After the process exits, `collect_rest` moves what is
+    left in the pipe into memory so the fd need not outlive the process.
+    """
+
     def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self.fd: int | None = fd
+        self._fd = OwnedFd(fd)
         self._lock = asyncio.Lock()
+        self._kept = bytearray()
+        self.ended = False
 
     async def read(self, size: int) -> bytes:
         async with self._lock:
-            while self.fd is not None:
+            if self._kept:
+                data = bytes(self._kept[:size])
+                del self._kept[:size]
+                return data
+            while self._fd.fd is not None:
                 try:
-                    return self._read_available(size)
+                    data = self._read_available(self._fd.fd, size)
                 except BlockingIOError:
-                    await until_ready(self.fd, still_ours=lambda: self.fd is not None)
-                except OSError as exc:
-                    if exc.errno == errno.EIO:  # pty: the other side is gone
-                        return b""
-                    raise
+                    await self._fd.ready()
+                    continue
+                if not data:
+                    self._end()
+                return data
+            self.ended = True
             return b""
 
-    def _read_available(self, size: int) -> bytes:
+    def _read_available(self, fd: int, size: int) -> bytes:
         """Up to `size` bytes: blocks (raises BlockingIOError) only if none are there.
 
         Takes what the writer has refilled meanwhile too, so a fast producer
         is drained in fewer, larger answers.
         """
-        assert self.fd is not None
-        chunks = [os.read(self.fd, size)]
+        chunks = [_read(fd, size)]
         total = len(chunks[0])
         while chunks[-1] and total < size:
             try:
-                chunk = os.read(self.fd, size - total)
-            except (BlockingIOError, OSError):
+                chunk = _read(fd, size - total)
+            except BlockingIOError:
                 break
             if not chunk:
                 break
@@ -63,33 +80,101 @@ class FdReader:
             total += len(chunk)
         return b"".join(chunks)
 
+    async def collect_rest(self, limit: int) -> None:
+        """Keep up to `limit` bytes of what is still in the stream; close it if it ended."""
+        async with self._lock:
+            fd = self._fd.fd
+            while fd is not None and len(self._kept) < limit:
+                try:
+                    chunk = _read(fd, limit - len(self._kept))
+                except BlockingIOError:
+                    return  # someone else (a child of the process) still holds the stream
+                if not chunk:
+                    self._fd.close()
+                    return
+                self._kept += chunk
+
+    def _end(self) -> None:
+        self._fd.close()
+        self.ended = True
+
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self._kept.clear()
+        self._end()
 
 
-class FdWriter:
-    def __init__(self, fd: int, *, owned: bool = True) -> None:
-        os.set_blocking(fd, False)
-        self.fd: int | None = fd
-        self._owned = owned
+def _read(fd: int, size: int) -> bytes:
+    """os.read, with a pty's EIO (its other side is gone) as the end of the stream."""
+    try:
+        return os.read(fd, size)
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            return b""
+        raise
+
+
+class StdinWriter:
+    """The agent's end of a process's stdin: writes in call order, each one whole.
+
+    Callers waiting their turn hold their data, so those bytes are bounded
+    (`pending_limit`; the write in progress is not counted). Closing wakes
+    every waiting writer, which then fails with BrokenPipeError.
+    """
+
+    def __init__(self, fd: int, *, owned: bool = True, pending_limit: int = STDIN_PENDING_LIMIT):
+        self._fd = OwnedFd(fd, owned=owned)
+        self._turn = asyncio.Lock()
+        self._pending = 0
+        self.pending_limit = pending_limit
+
+    @property
+    def closed(self) -> bool:
+        return self._fd.fd is None
+
+    @property
+    def pending(self) -> int:
+        """Bytes of calls waiting behind the write in progress."""
+        return self._pending
 
     async def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        while view:
-            if self.fd is None:
-                raise BrokenPipeError("stdin is closed")
-            try:
-                view = view[os.write(self.fd, view) :]
-            except BlockingIOError:
-                await until_ready(self.fd, write=True, still_ours=lambda: self.fd is not None)
-        return len(data)
+        if self.closed:
+            raise BrokenPipeError("stdin is closed")
+        if self._turn.locked() and self._pending + len(data) > self.pending_limit:
+            raise StdinBacklogFull(self._pending, self.pending_limit)
+        waiting = self._turn.locked()
+        if waiting:
+            self._pending += len(data)
+        try:
+            await self._turn.acquire()
+        finally:
+            if waiting:
+                self._pending -= len(data)
+        try:
+            view = memoryview(data)
+            while view:
+                fd = self._fd.fd
+                if fd is None:
+                    raise BrokenPipeError("stdin is closed")
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    await self._fd.ready(write=True)
+            return len(data)
+        finally:
+            self._turn.release()
+
+    async def close_after_writes(self) -> None:
+        """Close once the writes already waiting are done (their bytes all arrive)."""
+        async with self._turn:
+            self.close()
 
     def close(self) -> None:
-        if self.fd is not None and self._owned:
-            os.close(self.fd)
-        self.fd = None
+        self._fd.close()
+
+
+class StdinBacklogFull(Exception):
+    def __init__(self, pending: int, limit: int) -> None:
+        super().__init__(f"{pending} bytes already wait to be written (limit {limit})")
 
 
 class PipeStdio:
@@ -106,9 +191,9 @@ class PipeStdio:
             if pipe_size:
                 fcntl.fcntl(fd, F_SETPIPE_SZ, pipe_size)
         self._child = [stdin_r, out_w, err_w]
-        self.stdin: FdWriter | None = FdWriter(stdin_w)
-        self.stdout = FdReader(out_r)
-        self.stderr: FdReader | None = FdReader(err_r)
+        self.stdin = StdinWriter(stdin_w)
+        self.stdout = OutputReader(out_r)
+        self.stderr: OutputReader | None = OutputReader(err_r)
 
     @property
     def child_fds(self) -> tuple[int, int, int]:
@@ -125,9 +210,10 @@ class PipeStdio:
 
     def close(self) -> None:
         self.close_child_ends()
-        for stream in (self.stdin, self.stdout, self.stderr):
-            if stream is not None:
-                stream.close()
+        self.stdin.close()
+        self.stdout.close()
+        if self.stderr is not None:
+            self.stderr.close()
 
 
 class ConsoleSocket:
@@ -170,9 +256,9 @@ class TerminalStdio:
 
     def __init__(self, master: int) -> None:
         self._master = master
-        self.stdin: FdWriter | None = FdWriter(master, owned=False)
-        self.stdout = FdReader(os.dup(master))
-        self.stderr: FdReader | None = None
+        self.stdin = StdinWriter(master, owned=False)
+        self.stdout = OutputReader(os.dup(master))
+        self.stderr: OutputReader | None = None
 
     def resize(self, rows: int, columns: int) -> None:
         fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
@@ -183,8 +269,8 @@ class TerminalStdio:
         return data[0], data[1]
 
     def close(self) -> None:
-        if self.stdin is not None:
-            self.stdin.close()
+        self.stdin.close()
         self.stdout.close()
-        with contextlib.suppress(OSError):
+        if self._master >= 0:
             os.close(self._master)
+            self._master = -1

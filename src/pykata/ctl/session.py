@@ -251,9 +251,9 @@ class Session:
     async def _stream(self, cid: str, method: str, sink: TextIO) -> None:
         while True:
             outcome = await self.call(METHODS[method], [f"container_id={cid}", "len=65536"])
-            if outcome.code != Code.OK:
-                return  # the end of the stream (OUT_OF_RANGE), or the container is gone
             data = (outcome.response or {}).get("data", "")
+            if outcome.code != Code.OK or not data:
+                return  # the end of the stream (empty data), or the container is gone
             if self.output == "json":
                 self._report(Outcome(method, Code.OK, response={"data": data}))
             else:

@@ -216,10 +216,13 @@ class _Connection(asyncio.Protocol):
             status = status_pb2.Status(code=Code.UNAVAILABLE, message="server is shutting down")
             self._answer(sid, status)
             return
+        # Lookup and decoding failures answer as ttrpc-rust does (the Kata agent's
+        # library): INVALID_ARGUMENT for an unknown service, UNIMPLEMENTED for an
+        # unknown method, UNKNOWN for a payload that does not decode.
         service = self.server._services.get(request.service)
         if service is None:
             status = status_pb2.Status(
-                code=Code.UNIMPLEMENTED, message=f"unknown service {request.service}"
+                code=Code.INVALID_ARGUMENT, message=f"unknown service {request.service}"
             )
             self._answer(sid, status)
             return
@@ -253,8 +256,7 @@ class _Connection(asyncio.Protocol):
             request = method.request_type.FromString(payload)
         except DecodeError as exc:
             raise TtrpcError(
-                Code.INVALID_ARGUMENT,
-                f"cannot decode {method.request_type.DESCRIPTOR.full_name}: {exc}",
+                Code.UNKNOWN, f"cannot decode {method.request_type.DESCRIPTOR.full_name}: {exc}"
             ) from None
         hook = self.server.call_hook
         if hook is None:
