@@ -69,3 +69,44 @@ def process(*args: str, terminal: bool = False) -> oci_pb2.Process:
     return oci_pb2.Process(
         Args=list(args), Terminal=terminal, Cwd="/", Env=["PATH=/bin:/sbin:/usr/bin:/usr/sbin"]
     )
+
+
+def as_the_kata_runtime_sends(message: oci_pb2.Spec) -> oci_pb2.Spec:
+    """The spec after the Kata runtime's own changes (kata_agent.go `handlePidNamespace`
+    and `constrainGRPCSpec`): no PID, network, cgroup or time namespace, no paths in
+    the others, no hooks, no device/pids/blkio/network resources, no cpuset."""
+    kept = [
+        ns for ns in message.Linux.Namespaces if ns.Type not in ("pid", "network", "cgroup", "time")
+    ]
+    del message.Linux.Namespaces[:]
+    for ns in kept:
+        message.Linux.Namespaces.add(Type=ns.Type)
+    message.ClearField("Hooks")
+    resources = message.Linux.Resources
+    for name in ("Devices", "Pids", "BlockIO", "Network"):
+        resources.ClearField(name)
+    resources.CPU.Cpus = ""
+    resources.CPU.Mems = ""
+    return message
+
+
+def leftovers(instance: str, run_dir: Path) -> list[str]:
+    """Everything an agent may leave behind: processes, cgroups, bundles."""
+    found = []
+    for name in ("memory", "pids", "freezer", "cpu"):
+        base = Path("/sys/fs/cgroup") / name / "pykata" / instance
+        if base.exists():
+            found += [str(base), *(str(p) for p in base.rglob("*") if p.is_dir())]
+    containers = run_dir / "containers"
+    if containers.exists():
+        found += [str(p) for p in containers.iterdir()]
+    # processes of its containers, wherever they were reparented to
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cgroup = (proc / "cgroup").read_text()
+            except OSError:
+                continue
+            if f"/pykata/{instance}/" in cgroup:
+                found.append(f"process {proc.name}")
+    return found

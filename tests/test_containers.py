@@ -18,7 +18,7 @@ from pykata.api import agent_pb2
 from pykata.ttrpc import Client, Code, Stub, TtrpcError
 
 from .conftest import AgentProcess, run_container_agent
-from .containers import process, spec
+from .containers import leftovers, process, spec
 from .peers import go_client
 
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
@@ -351,28 +351,6 @@ async def test_sandbox_hostname_and_dns_stay_inside(
         "change the host",
     )
     await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb2"))
-
-
-def leftovers(instance: str, run_dir: Path) -> list[str]:
-    """Everything an agent may leave behind: processes, cgroups, bundles."""
-    found = []
-    for name in ("memory", "pids", "freezer", "cpu"):
-        base = Path("/sys/fs/cgroup") / name / "pykata" / instance
-        if base.exists():
-            found += [str(base), *(str(p) for p in base.rglob("*") if p.is_dir())]
-    containers = run_dir / "containers"
-    if containers.exists():
-        found += [str(p) for p in containers.iterdir()]
-    # processes of its containers, wherever they were reparented to
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cgroup = (proc / "cgroup").read_text()
-            except OSError:
-                continue
-            if f"/pykata/{instance}/" in cgroup:
-                found.append(f"process {proc.name}")
-    return found
 
 
 async def test_sigterm_kills_and_removes_every_container(

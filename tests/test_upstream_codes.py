@@ -10,7 +10,6 @@ a row, fails too, so the docs and the agent cannot drift apart.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -120,9 +119,7 @@ for _rpc, _request in {
     "ReadStderr": R.ReadStreamRequest(container_id=GHOST, len=10),
     "CloseStdin": R.CloseStdinRequest(container_id=GHOST),
     "TtyWinResize": R.TtyWinResizeRequest(container_id=GHOST, row=1, column=1),
-    "GetDiagnosticData": R.GetDiagnosticDataRequest(
-        log_type="termination_log", container_id=GHOST
-    ),
+    "GetDiagnosticData": R.GetDiagnosticDataRequest(log_type="termination_log", container_id=GHOST),
 }.items():
     _unknown_container(_rpc, _request)
 

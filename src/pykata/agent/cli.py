@@ -22,7 +22,7 @@ from ..transport import AddressError, TransportError
 from ..ttrpc import Server, ServerContext
 from ..ttrpc.server import CallHook
 from . import config as configmod
-from . import init, lttng, reaper
+from . import init, leftovers, lttng, reaper
 from . import runtime as runtime_mod
 from .console import DebugConsole, LogPort, shell_or_error
 from .copyfile import SharedFiles
@@ -136,6 +136,7 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     logging.getLogger("pykata").addHandler(recent)
     parts = agent_parts(config, runtime, recent)
     sandbox = parts.sandbox
+    await leftovers.clean(run_dir, runtime, parts.files)
     # Signals first: a SIGTERM that comes as soon as the socket exists must stop us
     # gracefully, not kill us with the default action.
     stop = asyncio.Event()

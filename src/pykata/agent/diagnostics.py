@@ -88,7 +88,10 @@ class Diagnostics:
             raise FailedPrecondition(
                 f"container {container_id}: no mount at its termination message path {destination}"
             )
-        path = inside(self.shared, source, "termination message source")
+        try:
+            path = inside(self.shared, source, "termination message source")
+        except InvalidArgument as exc:  # the container's mounts are the problem, not the call
+            raise FailedPrecondition(f"container {container_id}: {exc.message}") from None
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -110,7 +110,7 @@ class Process:
         except StdinBacklogFull as exc:
             raise LimitExceeded(f"stdin of the {self.name}: {exc}") from None
         except BrokenPipeError:
-            state = "has exited" if self.exited else "closed its stdin"
+            state = "has exited" if self.exited else "closed its stdin or exited"
             raise FailedPrecondition(
                 f"stdin of the {self.name}: not all data was written, the process {state}"
             ) from None

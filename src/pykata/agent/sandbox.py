@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cgroups
+from . import cgroups, leftovers
 from .container import Container
 from .errors import (
     AlreadyExists,
@@ -173,6 +173,7 @@ class Sandbox:
             stderr=asyncio.subprocess.PIPE,
         )
         orphans.kept.add(holder.pid)  # asyncio reaps it, not the sweeper
+        leftovers.record_holder(self.dir, holder.pid)  # for an agent after us, if we die
         assert holder.stdout is not None
         line = await holder.stdout.readline()
         if line.strip() != b"ready":

@@ -24,8 +24,9 @@ from .fdwait import OwnedFd
 F_SETPIPE_SZ = 1031
 
 
-#: WriteStdin data a process may have waiting behind the one write in progress.
-STDIN_PENDING_LIMIT = 16 << 20
+#: WriteStdin data a process may have waiting behind the one write in progress:
+#: two of the largest writes a ttRPC message can carry.
+STDIN_PENDING_LIMIT = 8 << 20
 
 
 class OutputReader:

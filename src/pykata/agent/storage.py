@@ -2,9 +2,11 @@
 overlay, and in a guest virtio-fs: a host directory shared by the VMM).
 
 Every mount point must lie inside the agent's run directory, after
-resolving symlinks: a request cannot make the agent mount over anything
-else. Mounts are reference-counted by mount point (containers may share
-one) and undone when the last user goes.
+resolving symlinks, and never on the agent's own state there (the run
+directory itself, the runtime's state, the bundles, the sandbox's files):
+a request cannot make the agent mount over anything else. Mounts are
+reference-counted by mount point (containers may share one) and undone
+when the last user goes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from .errors import InvalidArgument, NotFound, Unsupported
 log = logging.getLogger("pykata.agent.storage")
 
 DRIVERS = ("local", "bind", "ephemeral", "overlayfs", "virtio-fs")
+#: Directories of the run directory that hold the agent's own state (runtime, bundles).
+AGENT_STATE = ("runtime", "containers")
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,25 @@ class Storages:
                 f"storage driver {spec.driver!r} (for {spec.mount_point}) is not supported; "
                 f"supported: {', '.join(DRIVERS)}"
             )
-        inside(self.root, spec.mount_point, "storage mount_point")
+        self._usable(spec.mount_point, "storage mount_point")
         if spec.driver == "overlayfs":
             for option in spec.options:
                 key, _, value = option.partition("=")
                 if key in ("upperdir", "workdir"):
-                    inside(self.root, value, f"overlay {key}")
+                    self._usable(value, f"overlay {key}")
+
+    def _usable(self, path: str, what: str) -> Path:
+        """`path` inside the run directory and clear of the agent's own state there."""
+        resolved = inside(self.root, path, what)
+        root = Path(os.path.realpath(self.root))
+        if resolved in (root, root / "sandbox", root / "sandbox" / "resolv.conf"):
+            raise InvalidArgument(f"{what} {path!r} would hide the agent's own files")
+        for own in AGENT_STATE:
+            if resolved == root / own or root / own in resolved.parents:
+                raise InvalidArgument(
+                    f"{what} {path!r} is inside the agent's own state ({root / own})"
+                )
+        return resolved
 
     async def add(self, spec: StorageSpec) -> Path:
         attributes = {"driver": spec.driver, "mount_point": spec.mount_point}
@@ -96,7 +113,7 @@ class Storages:
     async def _add(self, spec: StorageSpec) -> Path:
         self.check(spec)
         self.root.mkdir(parents=True, exist_ok=True)
-        point = inside(self.root, spec.mount_point, "storage mount_point")
+        point = self._usable(spec.mount_point, "storage mount_point")
         if point in self._users:
             self._users[point] += 1
             return point

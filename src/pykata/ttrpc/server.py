@@ -258,6 +258,7 @@ class _Connection(asyncio.Protocol):
             raise TtrpcError(
                 Code.UNKNOWN, f"cannot decode {method.request_type.DESCRIPTOR.full_name}: {exc}"
             ) from None
+        del payload  # decoded: a call that waits long must not hold its bytes twice
         hook = self.server.call_hook
         if hook is None:
             response = await method.handler(request, ctx)
