@@ -429,6 +429,11 @@ def image(directory: Path, base_dir: Path, kernel_dir: Path, progress: Progress)
     return GuestImage(final)
 
 
+#: An image no build has used for this long is removed (two checkouts of different
+#: sources share the cache: each keeps its own image while it is in use).
+KEEP_UNUSED_SECONDS = 24 * 3600
+
+
 def build(
     directory: Path | None = None, *, rebuild: bool = False, quiet: bool = False
 ) -> GuestImage:
@@ -448,8 +453,10 @@ def build(
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(built.directory.name)
     os.replace(tmp_link, link)
+    os.utime(built.directory)  # in use: kept while other checkouts build theirs
     for old in directory.glob("image-*"):
-        if old != built.directory:
+        unused = time.time() - old.stat().st_mtime > KEEP_UNUSED_SECONDS
+        if old != built.directory and unused:
             shutil.rmtree(old, ignore_errors=True)
     progress.say(
         f"{built.directory} ready in {time.monotonic() - started:.1f}s: "
