@@ -13,37 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from pykata.api import agent_pb2, health_pb2
-from pykata.otlp import HEADER, RecordDecoder, RecordError, encode_record
+from pykata.otlp import encode_record
 from pykata.ttrpc import Client, Stub, TtrpcError
 
 from .conftest import run_container_agent
 from .containers import spec
+from .otlp_rules import json_spans, read_otlp_json
 from .peers import wait_for_socket
 from .receivers import FORWARDER, GrpcReceiver, HttpReceiver, forwarder
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
-
-
-@given(st.lists(st.binary(max_size=300), max_size=10), st.integers(1, 30))
-def test_records_survive_any_split(payloads: list[bytes], step: int) -> None:
-    wire = b"".join(encode_record(p) for p in payloads)
-    decoder = RecordDecoder()
-    got: list[bytes] = []
-    for offset in range(0, len(wire), step):
-        got += decoder.feed(wire[offset : offset + step])
-    assert got == payloads and decoder.at_record_boundary()
-
-
-def test_hostile_record_length_is_refused() -> None:
-    with pytest.raises(RecordError, match="not a span stream"):
-        RecordDecoder().feed(HEADER.pack(1 << 60))
 
 
 def some_spans(count: int = 3) -> bytes:
@@ -108,24 +91,6 @@ def test_collector_down_at_start_still_gets_the_spans(tmp_path: Path) -> None:
     assert "retrying" in log and "UNAVAILABLE" in log
 
 
-def test_garbage_drops_only_that_connection(tmp_path: Path) -> None:
-    out = tmp_path / "spans.jsonl"
-    with forwarder(f"unix://{tmp_path}/f.sock", "--output", str(out)) as proc:
-        with socket.socket(socket.AF_UNIX) as good, socket.socket(socket.AF_UNIX) as bad:
-            good.connect(f"{tmp_path}/f.sock")
-            bad.connect(f"{tmp_path}/f.sock")
-            bad.sendall(HEADER.pack(5) + b"\xff\xff\xff\xff\xff")  # not OTLP
-            bad.settimeout(5)
-            assert bad.recv(1) == b""  # the forwarder hung up on it
-            good.sendall(some_spans(2))
-        deadline = time.monotonic() + 10
-        while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    lines = out.read_text().splitlines()
-    assert len(lines) == 1 and "span-1" in lines[0]
-    assert proc.stderr is not None and "dropping a connection" in proc.stderr.read()
-
-
 def test_dump_only_prints_spans(tmp_path: Path) -> None:
     with forwarder(f"unix://{tmp_path}/f.sock", "--dump-only") as proc:
         send(f"{tmp_path}/f.sock", some_spans(1))
@@ -145,25 +110,21 @@ def test_forwarder_started_as_root_runs_as_nobody(tmp_path: Path) -> None:
 
 
 def read_file_spans(path: Path) -> list[dict[str, Any]]:
-    from google.protobuf import json_format
-
+    """The spans of a --output file, read by the OTLP/JSON reference reader."""
     spans = []
-    for line in path.read_text().splitlines():
-        request = ExportTraceServiceRequest()
-        json_format.Parse(line, request)
-        for rs in request.resource_spans:
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    spans.append(
-                        {
-                            "name": s.name,
-                            "trace": s.trace_id.hex(),
-                            "id": s.span_id.hex(),
-                            "parent": s.parent_span_id.hex(),
-                            "attrs": {a.key: a.value.string_value for a in s.attributes},
-                            "error": s.status.message if s.status.code == 2 else None,
-                        }
-                    )
+    for resource, s in json_spans(read_otlp_json(path)):
+        spans.append(
+            {
+                "name": s.name,
+                "service": resource.get("service.name"),
+                "trace": (s.trace_id or b"").hex(),
+                "id": (s.span_id or b"").hex(),
+                "parent": (s.parent_span_id or b"").hex(),
+                "kind": int(s.kind or 0),
+                "attrs": {a.key: a.value.string_value for a in s.attributes or []},
+                "error": s.status.message if s.status and s.status.code == 2 else None,
+            }
+        )
     return spans
 
 
