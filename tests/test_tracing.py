@@ -419,6 +419,7 @@ def test_dropped_spans_are_counted_logged_and_in_the_metrics(
         for n in range(100):
             with tracing.step("runtime state", {"container_id": f"{n:0200d}"}):
                 pass
+        time.sleep(0.5)  # the export thread encodes them, and finds the buffer full
         dropped = traced.exporter.dropped_spans
         text = Metrics().text()
     finally:

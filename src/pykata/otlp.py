@@ -224,6 +224,12 @@ def _attributes(
     return b"".join([_field(tag, key_value(k, v, max_length)) for k, v in attributes.items()])
 
 
+def encode_attributes(attributes: Mapping[str, AttributeValue]) -> bytes:
+    """A span's attributes field, encoded once for attributes that repeat (encode_span's
+    `encoded_attributes`)."""
+    return _attributes(b"\x4a", attributes)
+
+
 @dataclass(frozen=True)
 class Event:
     name: str
@@ -242,6 +248,7 @@ def encode_span(
     end: int,
     attributes: Mapping[str, AttributeValue],
     flags: int,
+    encoded_attributes: bytes = b"",
     trace_state: str = "",
     events: Sequence[Event] = (),
     status: int = 0,
@@ -265,6 +272,7 @@ def encode_span(
         _U64.pack(start),
         b"\x41",
         _U64.pack(end),
+        encoded_attributes,
         _attributes(b"\x4a", attributes, max_length),
     )
     for event in events:

@@ -1,15 +1,17 @@
 """Lean spans for the agent and kata-agent-ctl, exported as OTLP records.
 
 The OpenTelemetry SDK costs more per span than a whole Check call (see
-BENCHMARKS.md), so spans here are small objects: ids from
-`random.getrandbits`, the W3C traceparent parsed by hand, and a span is
-encoded into OTLP protobuf once, when it ends (otlp.encode_span). A thread
-sends the encoded spans to kata-trace-forwarder every 200 ms, packed into
+BENCHMARKS.md). Here a span costs its caller little: a small object, an id
+from `random.getrandbits`, the caller's W3C traceparent kept as the header
+text, and at its end one append to a queue. The export thread does the rest
+in batches every 200 ms: it parses the traceparents, encodes the spans into
+OTLP protobuf (otlp.encode_span) and sends them to kata-trace-forwarder in
 records of at most 1 MiB.
 
-Bounds: attribute values (and status messages) are cut to 4096 characters;
-encoded spans wait in a buffer of at most 8 MiB (past it the oldest go,
-counted and logged); a send that the forwarder does not take within 2
+Bounds: attribute values (and status messages) are cut to 4096 characters
+when recorded; at most 4096 ended spans wait for the export thread, and
+encoded spans wait in a buffer of at most 8 MiB (past either the oldest go,
+counted and logged); a connect or send the forwarder does not take within 2
 seconds is abandoned (the connection is dropped and the record sent again
 on a new one); stop() returns within its timeout whatever the forwarder
 does, counting what it could not send.
@@ -39,6 +41,8 @@ _random = random.Random()
 class Limits:
     #: Characters kept of an attribute value or status message.
     max_attribute_length: int = 4096
+    #: Ended spans waiting for the export thread.
+    max_pending_spans: int = 4096
     #: Encoded spans waiting for the forwarder.
     max_buffered_bytes: int = 8 << 20
     #: The largest record sent (spans are packed up to it).
@@ -84,17 +88,32 @@ def parse_traceparent(value: str, tracestate: str = "") -> SpanContext | None:
     )
 
 
+class RemoteParent(NamedTuple):
+    """A caller's traceparent and tracestate headers, parsed only when needed; `fallback`
+    is the parent when the header is no valid traceparent."""
+
+    traceparent: str
+    tracestate: str
+    fallback: SpanContext
+
+
+def _bounded(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[:limit]
+
+
 class Span:
-    """A span being recorded; end() encodes it for export."""
+    """A span being recorded; end() hands it to the export thread."""
 
     __slots__ = (
         "_tracer",
         "attributes",
-        "context",
+        "encoded_attributes",
+        "end_time",
         "events",
         "kind",
         "name",
         "parent",
+        "span_id",
         "start",
         "status",
         "status_message",
@@ -104,86 +123,113 @@ class Span:
         self,
         tracer: Tracer,
         name: str,
-        context: SpanContext,
-        parent: SpanContext | None,
+        parent: SpanContext | RemoteParent | None,
         kind: int,
         attributes: dict[str, otlp.AttributeValue],
         start: int,
+        encoded_attributes: bytes = b"",
     ) -> None:
         self._tracer = tracer
         self.name = name
-        self.context = context
+        self.span_id = _random.getrandbits(64).to_bytes(8, "big")
+        if parent is None:  # the root of a new trace
+            parent = SpanContext(_random.getrandbits(128).to_bytes(16, "big"), b"")
         self.parent = parent
         self.kind = kind
         self.attributes = attributes
+        self.encoded_attributes = encoded_attributes
         self.start = start
+        self.end_time = 0
         self.events: list[otlp.Event] = []
         self.status = 0
         self.status_message = ""
 
+    def parent_context(self) -> SpanContext:
+        """The parent (trace id, flags, trace state); span_id b"" for a trace's root."""
+        parent = self.parent
+        if isinstance(parent, RemoteParent):
+            parent = self.parent = (
+                parse_traceparent(parent.traceparent, parent.tracestate) or parent.fallback
+            )
+        return parent
+
+    @property
+    def context(self) -> SpanContext:
+        parent = self.parent_context()
+        return SpanContext(parent.trace_id, self.span_id, parent.flags, False, parent.trace_state)
+
     def set_attribute(self, key: str, value: otlp.AttributeValue) -> None:
-        self.attributes[key] = value
+        limit = self._tracer.limits.max_attribute_length
+        self.attributes[key] = _bounded(value, limit) if isinstance(value, str) else value
 
     def record_error(self, error: BaseException, when: int | None = None) -> None:
         """Status ERROR with the error's text, and an `exception` event (semantic conventions)."""
+        limit = self._tracer.limits.max_attribute_length
         when = when or time.time_ns()
-        text = f"{type(error).__name__}: {error}"
-        self.status, self.status_message = otlp.STATUS_ERROR, text
-        attributes = {"exception.type": type(error).__name__, "exception.message": str(error)}
+        message = _bounded(str(error), limit)
+        self.status = otlp.STATUS_ERROR
+        self.status_message = _bounded(f"{type(error).__name__}: {message}", limit)
+        attributes = {"exception.type": type(error).__name__, "exception.message": message}
         self.events.append(otlp.Event("exception", when, attributes))
 
     def end(self, end: int | None = None) -> None:
-        self._tracer.finish(self, end or time.time_ns())
+        self.end_time = end or time.time_ns()
+        exporter = self._tracer.exporter
+        if exporter is not None:
+            exporter.add(self)
+
+    def encode(self) -> bytes | None:
+        """The OTLP Span message; None when its trace is not sampled."""
+        parent = self.parent_context()
+        if not parent.flags & 1:
+            return None
+        flags = parent.flags | otlp.FLAG_HAS_IS_REMOTE
+        if parent.remote:
+            flags |= otlp.FLAG_IS_REMOTE
+        return otlp.encode_span(
+            trace_id=parent.trace_id,
+            span_id=self.span_id,
+            parent_id=parent.span_id,
+            name=self.name,
+            kind=self.kind,
+            start=self.start,
+            end=self.end_time,
+            attributes=self.attributes,
+            encoded_attributes=self.encoded_attributes,
+            flags=flags,
+            trace_state=parent.trace_state,
+            events=self.events,
+            status=self.status,
+            status_message=self.status_message,
+            max_length=self._tracer.limits.max_attribute_length,
+        )
 
 
 class Tracer:
-    """Starts spans; finished ones go, encoded, to the exporter (or nowhere: None)."""
+    """Starts spans; ended ones go to the exporter (or nowhere: None)."""
 
     def __init__(self, exporter: Exporter | None, limits: Limits | None = None) -> None:
         self.exporter = exporter
-        self.limits = limits or Limits()
+        self.limits = limits or (exporter.limits if exporter is not None else Limits())
 
     def start(
         self,
         name: str,
-        parent: SpanContext | None = None,
+        parent: SpanContext | RemoteParent | None = None,
         *,
         kind: int = otlp.INTERNAL,
-        attributes: dict[str, otlp.AttributeValue] | None = None,
+        attributes: Mapping[str, otlp.AttributeValue] | None = None,
         start: int | None = None,
+        encoded_attributes: bytes = b"",
     ) -> Span:
-        span_id = _random.getrandbits(64).to_bytes(8, "big")
-        if parent is None:
-            context = SpanContext(_random.getrandbits(128).to_bytes(16, "big"), span_id)
-        else:
-            context = SpanContext(parent.trace_id, span_id, parent.flags, False, parent.trace_state)
-        return Span(self, name, context, parent, kind, attributes or {}, start or time.time_ns())
-
-    def finish(self, span: Span, end: int) -> None:
-        if self.exporter is None or not span.context.sampled:
-            return
-        parent = span.parent
-        flags = span.context.flags | otlp.FLAG_HAS_IS_REMOTE
-        if parent is not None and parent.remote:
-            flags |= otlp.FLAG_IS_REMOTE
-        self.exporter.add(
-            otlp.encode_span(
-                trace_id=span.context.trace_id,
-                span_id=span.context.span_id,
-                parent_id=parent.span_id if parent is not None else b"",
-                name=span.name,
-                kind=span.kind,
-                start=span.start,
-                end=end,
-                attributes=span.attributes,
-                flags=flags,
-                trace_state=span.context.trace_state,
-                events=span.events,
-                status=span.status,
-                status_message=span.status_message,
-                max_length=self.limits.max_attribute_length,
-            )
-        )
+        """A span, child of `parent` (else the root of a new trace). `encoded_attributes`:
+        attributes already encoded (otlp.encode_attributes), for ones that repeat."""
+        limit = self.limits.max_attribute_length
+        bounded = {
+            key: _bounded(value, limit) if isinstance(value, str) else value
+            for key, value in (attributes or {}).items()
+        }
+        return Span(self, name, parent, kind, bounded, start or time.time_ns(), encoded_attributes)
 
 
 Connection = socket.socket | virtio_serial.PortWriter
@@ -197,7 +243,7 @@ def _connect(address: str, timeout: float) -> Connection:
 
 
 class Exporter:
-    """Sends encoded spans to kata-trace-forwarder from a thread, in OTLP records."""
+    """Encodes ended spans and sends them to kata-trace-forwarder from a thread."""
 
     def __init__(
         self,
@@ -210,70 +256,59 @@ class Exporter:
         self.address = address
         self.limits = limits or Limits()
         self._resource, self._scope = otlp.encode_resource_scope(resource, scope, scope_version)
-        self._spans: collections.deque[bytes] = collections.deque()
+        self._ended: collections.deque[Span] = collections.deque()  # appended by callers only
+        self._dropped_ended = 0  # counted by callers only
+        self._spans: collections.deque[bytes] = collections.deque()  # encoded, by the thread
         self._buffered = 0
         self._pending: tuple[bytes, int] | None = None  # a record being sent, and its spans
-        self._lock = threading.Lock()
+        self._dropped_encoded = 0
         self._wake = threading.Event()
         self._stop_at: float | None = None
         self._connection: Connection | None = None
         self._reported_absent = False
         self._reported_failing = False
         self._last_drop_log = 0.0
-        self._unlogged_drops = 0
+        self._logged_drops = 0
         self.exported_spans = 0
-        self.dropped_spans = 0
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
 
+    @property
+    def dropped_spans(self) -> int:
+        return self._dropped_ended + self._dropped_encoded
+
     # --- the callers' side ---------------------------------------------------------
 
-    def add(self, span: bytes) -> None:
-        with self._lock:
-            self._spans.append(span)
-            self._buffered += len(span)
-            if self._buffered > self.limits.max_buffered_bytes:
-                self._drop_oldest()
-            if self._buffered >= self.limits.max_record_bytes:
-                self._wake.set()  # a full record's worth: no need to wait for the interval
-
-    def _drop_oldest(self) -> None:
-        dropped = 0
-        while self._buffered > self.limits.max_buffered_bytes and self._spans:
-            self._buffered -= len(self._spans.popleft())
-            dropped += 1
-        self._count_dropped(dropped, "span buffer full")
-
-    def _count_dropped(self, count: int, why: str) -> None:
-        """Dropped spans: counted, and logged at most once a second with the total."""
-        self.dropped_spans += count
-        self._unlogged_drops += count
-        now = time.monotonic()
-        if self._unlogged_drops and now - self._last_drop_log >= 1.0:
-            log.warning(
-                "%s: dropped %d span(s), %d in all", why, self._unlogged_drops, self.dropped_spans
-            )
-            self._last_drop_log = now
-            self._unlogged_drops = 0
+    def add(self, span: Span) -> None:
+        """An ended span (cheap: the export thread encodes it)."""
+        ended = self._ended
+        ended.append(span)
+        if len(ended) == self.limits.max_pending_spans // 2:
+            self._wake.set()  # busy: no need to wait for the interval
+        elif len(ended) > self.limits.max_pending_spans:
+            try:
+                ended.popleft()  # the export thread is stuck: the oldest go
+                self._dropped_ended += 1
+            except IndexError:
+                pass
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is left, for up to `timeout` seconds, then close; what is left is lost."""
         self._stop_at = time.monotonic() + timeout
         self._wake.set()
         self._thread.join(timeout + self.limits.io_timeout)
-        with self._lock:
-            lost = len(self._spans) + (self._pending[1] if self._pending else 0)
-            if lost:
-                self.dropped_spans += lost
-                log.error(
-                    "trace forwarder at %s did not take %d span(s) before shutdown; "
-                    "%d dropped in all",
-                    self.address,
-                    lost,
-                    self.dropped_spans,
-                )
-            self._spans.clear()
-            self._pending = None
+        lost = len(self._ended) + len(self._spans) + (self._pending[1] if self._pending else 0)
+        if lost:
+            self._dropped_encoded += lost
+            log.error(
+                "trace forwarder at %s did not take %d span(s) before shutdown; %d dropped in all",
+                self.address,
+                lost,
+                self.dropped_spans,
+            )
+        self._ended.clear()
+        self._spans.clear()
+        self._pending = None
 
     # --- the export thread -----------------------------------------------------------
 
@@ -283,6 +318,7 @@ class Exporter:
             if not stopping:
                 self._wake.wait(self.limits.interval)
                 self._wake.clear()
+            self._encode_ended()
             if self._pending is None:
                 self._pending = self._next_record()
             if self._pending is None:
@@ -299,24 +335,53 @@ class Exporter:
         if self._connection is not None:
             self._connection.close()
 
+    def _encode_ended(self) -> None:
+        """Ended spans into the encoded buffer, which keeps the newest max_buffered_bytes."""
+        ended, spans = self._ended, self._spans
+        while ended:
+            encoded = ended.popleft().encode()
+            if encoded is not None:
+                spans.append(encoded)
+                self._buffered += len(encoded)
+        dropped = 0
+        while self._buffered > self.limits.max_buffered_bytes and spans:
+            self._buffered -= len(spans.popleft())
+            dropped += 1
+        self._dropped_encoded += dropped
+        self._log_drops()
+
+    def _log_drops(self) -> None:
+        """Dropped spans are logged at most once a second, with the total."""
+        total = self.dropped_spans
+        now = time.monotonic()
+        if total > self._logged_drops and now - self._last_drop_log >= 1.0:
+            log.warning(
+                "span buffer full: dropped %d span(s), %d in all",
+                total - self._logged_drops,
+                total,
+            )
+            self._last_drop_log = now
+            self._logged_drops = total
+
     def _remaining(self) -> float:
         return self.limits.io_timeout if self._stop_at is None else self._stop_at - time.monotonic()
 
     def _next_record(self) -> tuple[bytes, int] | None:
-        """Buffered spans packed into one record (a span too large for any is dropped)."""
+        """Encoded spans packed into one record (a span too large for any is dropped)."""
         limit = self.limits.max_record_bytes
+        spans = self._spans
         batch: list[bytes] = []
         size = 0
-        with self._lock:
-            while self._spans and size + len(self._spans[0]) + 16 <= limit:
-                span = self._spans.popleft()
-                batch.append(span)
-                size += len(span) + 16  # the field's tag and length
-            while not batch and self._spans:
-                span = self._spans.popleft()
-                self._buffered -= len(span)
-                self._count_dropped(1, f"a span of {len(span)} bytes exceeds the record limit")
-            self._buffered -= size - 16 * len(batch)
+        while spans and size + len(spans[0]) + 16 <= limit:
+            span = spans.popleft()
+            batch.append(span)
+            size += len(span) + 16  # the field's tag and length
+        self._buffered -= size - 16 * len(batch)
+        while not batch and spans:
+            span = spans.popleft()
+            self._buffered -= len(span)
+            self._dropped_encoded += 1
+            log.warning("a span of %d bytes exceeds the record limit: dropped", len(span))
         if not batch:
             return None
         payload = otlp.encode_request(self._resource, self._scope, batch)

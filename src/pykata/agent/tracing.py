@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import time
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
 from .. import __version__, otlp
-from ..spans import Exporter, Limits, Span, SpanContext, Tracer, parse_traceparent
+from ..spans import Exporter, Limits, RemoteParent, Span, SpanContext, Tracer
 from ..ttrpc import ServerContext
 
 ID_FIELDS = ("container_id", "exec_id", "sandbox_id")
@@ -27,6 +28,8 @@ _current: contextvars.ContextVar[Span | None] = contextvars.ContextVar("pykata_s
 _active: Tracing | None = None
 #: Per request type: which of ID_FIELDS it has.
 _id_fields: dict[type, tuple[str, ...]] = {}
+#: Per (service, method): its span's rpc.* attributes, encoded.
+_rpc_attributes: dict[tuple[str, str], bytes] = {}
 
 
 def counters() -> tuple[int, int]:
@@ -47,7 +50,7 @@ def step(name: str, attributes: Mapping[str, otlp.AttributeValue]) -> Iterator[S
         return
     parent = _current.get()
     span = tracing.tracer.start(
-        name, parent.context if parent else tracing.root.context, attributes=dict(attributes)
+        name, parent.context if parent else tracing.root_context, attributes=attributes
     )
     token = _current.set(span)
     try:
@@ -80,25 +83,34 @@ class RpcSpan:
 
     def __enter__(self) -> Span:
         ctx, tracing = self._ctx, self._tracing
-        parent: SpanContext | None = None
-        traceparent = ctx.metadata.get("traceparent")
-        if traceparent:
-            parent = parse_traceparent(traceparent[0], ",".join(ctx.metadata.get("tracestate", ())))
-        attributes: dict[str, otlp.AttributeValue] = {
-            "rpc.system": "ttrpc",
-            "rpc.service": ctx.service,
-            "rpc.method": ctx.method,
-        }
+        metadata = ctx.metadata
+        traceparent = metadata.get("traceparent")
+        parent: SpanContext | RemoteParent = tracing.root_context
+        if traceparent:  # parsed by the export thread (or by a step that needs it)
+            state = ",".join(metadata.get("tracestate", ()))
+            parent = RemoteParent(traceparent[0], state, tracing.root_context)
+        method = (ctx.service, ctx.method)
+        rpc_attributes = _rpc_attributes.get(method)
+        if rpc_attributes is None:
+            rpc_attributes = _rpc_attributes[method] = otlp.encode_attributes(
+                {"rpc.system": "ttrpc", "rpc.service": ctx.service, "rpc.method": ctx.method}
+            )
+        attributes: dict[str, otlp.AttributeValue] = {}
         request = self._request
         for name in _ids(request):
             value = getattr(request, name)
             if value:
-                attributes[name] = value
-        span = self._span = tracing.tracer.start(
+                attributes[name] = (
+                    value if len(value) <= tracing.max_length else value[: tracing.max_length]
+                )
+        span = self._span = Span(
+            tracing.tracer,
             ctx.method,
-            parent or tracing.root.context,
-            kind=otlp.SERVER,
-            attributes=attributes,
+            parent,
+            otlp.SERVER,
+            attributes,
+            time.time_ns(),
+            rpc_attributes,
         )
         self._token = _current.set(span)
         return span
@@ -126,8 +138,10 @@ class Tracing:
             "process.pid": os.getpid(),
         }
         self.exporter = Exporter(address, resource, "pykata.agent", __version__, limits)
-        self.tracer = Tracer(self.exporter, limits)
+        self.tracer = Tracer(self.exporter)
         self.root = self.tracer.start("kata-agent")
+        self.root_context = self.root.context
+        self.max_length = self.exporter.limits.max_attribute_length
         _active = self
 
     def rpc_span(self, ctx: ServerContext, request: Any) -> RpcSpan:
