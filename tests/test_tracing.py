@@ -2,48 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from pykata.api import agent_pb2, health_pb2
-from pykata.otlp import HEADER, RecordDecoder, RecordError, encode_record
+from pykata.otlp import encode_record
 from pykata.ttrpc import Client, Stub, TtrpcError
 
 from .conftest import run_container_agent
 from .containers import spec
+from .otlp_rules import json_spans, read_otlp_json
 from .peers import wait_for_socket
 from .receivers import FORWARDER, GrpcReceiver, HttpReceiver, forwarder
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
-
-
-@given(st.lists(st.binary(max_size=300), max_size=10), st.integers(1, 30))
-def test_records_survive_any_split(payloads: list[bytes], step: int) -> None:
-    wire = b"".join(encode_record(p) for p in payloads)
-    decoder = RecordDecoder()
-    got: list[bytes] = []
-    for offset in range(0, len(wire), step):
-        got += decoder.feed(wire[offset : offset + step])
-    assert got == payloads and decoder.at_record_boundary()
-
-
-def test_hostile_record_length_is_refused() -> None:
-    with pytest.raises(RecordError, match="not a span stream"):
-        RecordDecoder().feed(HEADER.pack(1 << 60))
 
 
 def some_spans(count: int = 3) -> bytes:
@@ -108,24 +95,6 @@ def test_collector_down_at_start_still_gets_the_spans(tmp_path: Path) -> None:
     assert "retrying" in log and "UNAVAILABLE" in log
 
 
-def test_garbage_drops_only_that_connection(tmp_path: Path) -> None:
-    out = tmp_path / "spans.jsonl"
-    with forwarder(f"unix://{tmp_path}/f.sock", "--output", str(out)) as proc:
-        with socket.socket(socket.AF_UNIX) as good, socket.socket(socket.AF_UNIX) as bad:
-            good.connect(f"{tmp_path}/f.sock")
-            bad.connect(f"{tmp_path}/f.sock")
-            bad.sendall(HEADER.pack(5) + b"\xff\xff\xff\xff\xff")  # not OTLP
-            bad.settimeout(5)
-            assert bad.recv(1) == b""  # the forwarder hung up on it
-            good.sendall(some_spans(2))
-        deadline = time.monotonic() + 10
-        while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    lines = out.read_text().splitlines()
-    assert len(lines) == 1 and "span-1" in lines[0]
-    assert proc.stderr is not None and "dropping a connection" in proc.stderr.read()
-
-
 def test_dump_only_prints_spans(tmp_path: Path) -> None:
     with forwarder(f"unix://{tmp_path}/f.sock", "--dump-only") as proc:
         send(f"{tmp_path}/f.sock", some_spans(1))
@@ -145,25 +114,21 @@ def test_forwarder_started_as_root_runs_as_nobody(tmp_path: Path) -> None:
 
 
 def read_file_spans(path: Path) -> list[dict[str, Any]]:
-    from google.protobuf import json_format
-
+    """The spans of a --output file, read by the OTLP/JSON reference reader."""
     spans = []
-    for line in path.read_text().splitlines():
-        request = ExportTraceServiceRequest()
-        json_format.Parse(line, request)
-        for rs in request.resource_spans:
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    spans.append(
-                        {
-                            "name": s.name,
-                            "trace": s.trace_id.hex(),
-                            "id": s.span_id.hex(),
-                            "parent": s.parent_span_id.hex(),
-                            "attrs": {a.key: a.value.string_value for a in s.attributes},
-                            "error": s.status.message if s.status.code == 2 else None,
-                        }
-                    )
+    for resource, s in json_spans(read_otlp_json(path)):
+        spans.append(
+            {
+                "name": s.name,
+                "service": resource.get("service.name"),
+                "trace": (s.trace_id or b"").hex(),
+                "id": (s.span_id or b"").hex(),
+                "parent": (s.parent_span_id or b"").hex(),
+                "kind": int(s.kind or 0),
+                "attrs": {a.key: a.value.string_value for a in s.attributes or []},
+                "error": s.status.message if s.status and s.status.code == 2 else None,
+            }
+        )
     return spans
 
 
@@ -206,15 +171,29 @@ async def test_agent_spans_end_to_end(tmp_path: Path, rootfs: Path) -> None:
                 )
                 await api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="t1"))
                 await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="t1"))
+                await api.CreateContainer(
+                    agent_pb2.CreateContainerRequest(
+                        container_id="t2", OCI=spec(rootfs, "/bin/sleep", "30")
+                    ),
+                    metadata=meta,
+                )
+                await api.StartContainer(
+                    agent_pb2.StartContainerRequest(container_id="t2"), metadata=meta
+                )
+                # removing a running container: its processes are killed first
+                await api.RemoveContainer(
+                    agent_pb2.RemoveContainerRequest(container_id="t2"), metadata=meta
+                )
                 with pytest.raises(TtrpcError):
                     await api.PauseContainer(
                         agent_pb2.PauseContainerRequest(container_id="absent"), metadata=meta
                     )
             assert agent.stop() == 0
     spans = read_file_spans(out)
-    by_name = {s["name"]: s for s in spans}
+    by_name = {s["name"]: s for s in spans if s["attrs"].get("container_id") != "t2"}
     for rpc in ("Check", "CreateSandbox", "CreateContainer", "StartContainer"):
         assert by_name[rpc]["trace"] == TRACE_ID and by_name[rpc]["parent"] == PARENT_SPAN, rpc
+        assert by_name[rpc]["kind"] == 2  # SERVER
     assert by_name["CreateContainer"]["attrs"]["container_id"] == "t1"
     assert by_name["CreateSandbox"]["attrs"]["sandbox_id"] == "traced"
     create = by_name["runtime create"]
@@ -225,6 +204,14 @@ async def test_agent_spans_end_to_end(tmp_path: Path, rootfs: Path) -> None:
     # a failed RPC: its span says so, with the error the caller got
     assert "absent" in by_name["PauseContainer"]["error"]
     assert by_name["PauseContainer"]["attrs"]["container_id"] == "absent"
+    # the runtime's steps name the container they act on (not their last argument)
+    (remove,) = [
+        s
+        for s in spans
+        if s["attrs"].get("container_id") == "t2" and s["name"] == "RemoveContainer"
+    ]
+    deletes = {s["attrs"]["container_id"]: s for s in spans if s["name"] == "runtime delete"}
+    assert deletes["t2"]["parent"] == remove["id"]
     # no traceparent: a child of the agent's root span, which arrives at shutdown
     root = by_name["kata-agent"]
     assert root["parent"] == ""
@@ -306,7 +293,11 @@ def test_hybrid_vsock_socket_path_and_trace_name(tmp_path: Path) -> None:
         wait_for_socket(f"{tmp_path}/clh.sock_10240", proc=proc)
         for _ in range(3):  # several agents (VMs) at once
             send(f"{tmp_path}/clh.sock_10240", some_spans(1))
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30  # readiness by retry: until all three are written
+        while time.monotonic() < deadline and (
+            not out.exists() or len(out.read_text().splitlines()) < 3
+        ):
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
@@ -343,3 +334,172 @@ def test_forwarder_listens_on_vsock_by_default(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
+
+
+async def test_huge_ids_are_cut_and_no_other_span_is_lost(tmp_path: Path) -> None:
+    """Forty calls with a 1 MiB container_id, among others' calls: every span arrives,
+    the ids cut to 4096 characters; the agent counts no span dropped."""
+    out = tmp_path / "spans.jsonl"
+    address = f"unix://{tmp_path}/fwd.sock"
+    env = {"KATA_AGENT_TRACING": "true", "KATA_AGENT_TRACE_ADDR": address}
+    huge = "c" * (1 << 20)
+    with forwarder(address, "--output", str(out)), run_container_agent(tmp_path, env=env) as agent:
+        async with await Client.connect(agent.address) as client:
+            api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+
+            async def pause() -> None:
+                with pytest.raises(TtrpcError):
+                    await api.PauseContainer(agent_pb2.PauseContainerRequest(container_id=huge))
+
+            await asyncio.gather(*[pause() for _ in range(40)], calls(client, "Check", 40))
+            time.sleep(0.5)  # an export interval or two
+            metrics = await api.GetMetrics(agent_pb2.GetMetricsRequest())
+        assert agent.stop() == 0
+    spans = read_file_spans(out)
+    paused = [s for s in spans if s["name"] == "PauseContainer"]
+    assert len(paused) == 40
+    assert all(s["attrs"]["container_id"] == "c" * 4096 for s in paused)
+    assert len([s for s in spans if s["name"] == "Check"]) == 40
+    assert "kata_agent_trace_spans_dropped_total 0.0" in metrics.metrics
+    exported = re.search(r"^kata_agent_trace_spans_exported_total (\S+)$", metrics.metrics, re.M)
+    assert exported is not None and float(exported.group(1)) >= 80
+    assert not [line for line in agent.log_lines() if "dropped" in str(line["msg"])]
+
+
+class SilentForwarder:
+    """Accepts every connection and never reads from any (the hostile forwarder)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen(64)
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+async def test_shutdown_is_bounded_when_the_forwarder_never_reads(tmp_path: Path) -> None:
+    silent = SilentForwarder(f"{tmp_path}/fwd.sock")
+    env = {"KATA_AGENT_TRACING": "true", "KATA_AGENT_TRACE_ADDR": f"unix://{tmp_path}/fwd.sock"}
+    try:
+        with run_container_agent(tmp_path, env=env) as agent:
+            async with await Client.connect(agent.address) as client:
+                api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+                for n in range(400):  # ~1.7 MB of spans: more than the socket buffers take
+                    with pytest.raises(TtrpcError):
+                        await api.PauseContainer(
+                            agent_pb2.PauseContainerRequest(container_id=f"{n}" * 4096)
+                        )
+            assert agent.stop(timeout=30) == 0
+    finally:
+        silent.close()
+    lost = [line for line in agent.log_lines() if "did not take" in str(line["msg"])]
+    assert len(lost) == 1, agent.log_lines()[-5:]
+    assert re.search(r"did not take \d+ span\(s\) before shutdown", str(lost[0]["msg"]))
+    assert len(silent.held) >= 1
+
+
+def test_dropped_spans_are_counted_logged_and_in_the_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the forwarder away and the buffer full, the oldest spans go: every one counted."""
+    from pykata.agent import tracing
+    from pykata.agent.metrics import Metrics
+    from pykata.spans import Limits
+
+    limits = Limits(max_buffered_bytes=20_000, interval=0.05)
+    traced = tracing.Tracing(f"unix://{tmp_path}/absent.sock", limits)
+    try:
+        for n in range(100):
+            with tracing.step("runtime state", {"container_id": f"{n:0200d}"}):
+                pass
+        time.sleep(0.5)  # the export thread encodes them, and finds the buffer full
+        dropped = traced.exporter.dropped_spans
+        text = Metrics().text()
+    finally:
+        traced.stop(timeout=0.5)
+    assert 0 < dropped < 100
+    assert f"kata_agent_trace_spans_dropped_total {float(dropped)}" in text
+    logged = [r.getMessage() for r in caplog.records if "span buffer full" in r.getMessage()]
+    assert logged and logged[0].startswith("span buffer full: dropped")
+    # at shutdown the rest is lost too, and said so
+    assert traced.exporter.dropped_spans == 101  # and the root span
+
+
+def test_ctl_trace_is_one_tree_from_the_command_line_to_the_runtime(
+    tmp_path: Path, rootfs: Path
+) -> None:
+    out = tmp_path / "spans.jsonl"
+    address = f"unix://{tmp_path}/fwd.sock"
+    env = {"KATA_AGENT_TRACING": "true", "KATA_AGENT_TRACE_ADDR": address}
+    with forwarder(address, "--output", str(out)), run_container_agent(tmp_path, env=env) as agent:
+        ctl = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pykata.ctl.cli",
+                "connect",
+                "--server-address",
+                agent.address,
+                "--trace",
+                address,
+                "--bundle-dir",
+                str(rootfs),
+                "-c",
+                "Check",
+                "-c",
+                "run /bin/echo traced",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ctl.returncode == 0, ctl.stderr
+        assert "traced" in ctl.stdout
+        assert agent.stop() == 0
+    spans = read_file_spans(out)
+    (run,) = [s for s in spans if s["name"] == "kata-agent-ctl"]
+    members = [s for s in spans if s["trace"] == run["trace"]]
+    by_id = {s["id"]: s for s in members}
+    assert [s for s in members if s["parent"] not in by_id] == [run]  # one tree
+    assert {s["service"] for s in members} == {"kata-agent-ctl", "kata-agent"}
+
+    def chain(span: dict[str, Any]) -> list[str]:
+        names = []
+        node: dict[str, Any] | None = span
+        while node is not None:
+            names.append(node["name"])
+            node = by_id.get(node["parent"])
+        return names
+
+    (create,) = [s for s in members if s["name"] == "runtime create"]
+    assert chain(create) == [
+        "runtime create",
+        "CreateContainer",
+        "grpc.AgentService/CreateContainer",
+        "run",
+        "kata-agent-ctl",
+    ]
+    (check,) = [s for s in members if s["name"] == "Check" and s["service"] == "kata-agent"]
+    assert chain(check) == ["Check", "grpc.Health/Check", "Check", "kata-agent-ctl"]
+    # kata-trace-view shows it whole: one trace, the services where they change
+    view = subprocess.run(
+        [sys.executable, "-m", "pykata.traceview", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    block = view.stdout.split(f"trace {run['trace']}")[1].split("\ntrace ")[0]
+    assert f"{len(members)} span(s)" in block.splitlines()[0]
+    assert "[kata-agent-ctl] kata-agent-ctl" in block
+    assert "[kata-agent] CreateContainer" in block and "runtime create" in block

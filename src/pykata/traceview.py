@@ -3,7 +3,10 @@
     kata-trace-view spans.jsonl                  # the span tree with durations, per trace
     kata-trace-view spans.jsonl --chrome out.json   # for Perfetto / chrome://tracing
 
-Reads OTLP JSON lines, as `kata-trace-forwarder --output FILE` writes them.
+Reads OTLP/JSON lines, as `kata-trace-forwarder --output FILE` writes them
+(also the base64-id files of its older versions). A trace may span several
+services (kata-agent-ctl --trace, the agent): a span whose service differs
+from its parent's shows the service's name in brackets.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from . import otlpjson
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Span:
     start_ns: int
     end_ns: int
     attributes: dict[str, Any] = field(default_factory=dict)
+    service: str = ""
 
     @property
     def duration_ms(self) -> float:
@@ -40,12 +45,19 @@ def read_spans(lines: Iterable[str]) -> list[Span]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        request = ExportTraceServiceRequest()
         try:
-            json_format.Parse(line, request)
-        except json_format.ParseError as exc:
+            request = otlpjson.loads(line)
+        except ValueError as exc:
             raise ValueError(f"line {number} is not an OTLP JSON request: {exc}") from None
         for resource in request.resource_spans:
+            service = next(
+                (
+                    a.value.string_value
+                    for a in resource.resource.attributes
+                    if a.key == "service.name"
+                ),
+                "",
+            )
             for scope in resource.scope_spans:
                 for s in scope.spans:
                     attributes = {a.key: json_format.MessageToDict(a.value) for a in s.attributes}
@@ -58,6 +70,7 @@ def read_spans(lines: Iterable[str]) -> list[Span]:
                             s.start_time_unix_nano,
                             s.end_time_unix_nano,
                             {k: next(iter(v.values()), "") for k, v in attributes.items()},
+                            service,
                         )
                     )
     return spans
@@ -78,10 +91,11 @@ def _trace_lines(members: list[Span], width: int) -> list[str]:
     start = min(s.start_ns for s in members)
     total = max(max(s.end_ns for s in members) - start, 1)
     lines = [f"trace {members[0].trace_id}  {total / 1e6:.3f} ms, {len(members)} span(s)"]
-    ids = {s.span_id for s in members}
+    by_id = {s.span_id: s for s in members}
+    several_services = len({s.service for s in members}) > 1
     children: dict[str, list[Span]] = defaultdict(list)
     for span in members:
-        children[span.parent_id if span.parent_id in ids else ""].append(span)
+        children[span.parent_id if span.parent_id in by_id else ""].append(span)
 
     def walk(parent: str, depth: int) -> None:
         for span in sorted(children[parent], key=lambda s: s.start_ns):
@@ -93,7 +107,9 @@ def _trace_lines(members: list[Span], width: int) -> list[str]:
                 for k, v in span.attributes.items()
                 if k in ("container_id", "exec_id", "sandbox_id")
             )
-            label = f"{'  ' * depth}{span.name}"
+            above = by_id.get(span.parent_id)
+            crossing = several_services and (above is None or above.service != span.service)
+            label = f"{'  ' * depth}{f'[{span.service}] ' if crossing else ''}{span.name}"
             lines.append(
                 f"  {label:<40.40} {span.duration_ms:10.3f} ms |{bar:<{width}}| {ids_text}".rstrip()
             )

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from . import tracing
 
 PROC = Path("/proc")
 #: /proc/diskstats columns after the device name.
@@ -122,11 +124,27 @@ class GuestCollector(Collector):
         return family
 
 
+class TracingCollector(Collector):
+    """The agent's spans: how many went to the trace forwarder, how many were dropped."""
+
+    def collect(self) -> Iterator[Metric]:
+        exported, dropped = tracing.counters()
+        yield CounterMetricFamily(
+            "kata_agent_trace_spans_exported", "Spans sent to the trace forwarder", exported
+        )
+        yield CounterMetricFamily(
+            "kata_agent_trace_spans_dropped",
+            "Spans dropped (buffer full, forwarder away at shutdown, too large)",
+            dropped,
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(namespace="kata_agent", registry=self.registry)
         self.registry.register(GuestCollector())
+        self.registry.register(TracingCollector())
         self.scrapes = Counter(
             "kata_agent_scrape", "Times GetMetrics was answered", registry=self.registry
         )

@@ -110,6 +110,7 @@ class OciRuntime:
     async def _run(
         self,
         *args: str,
+        container_id: str,
         stdin: Stdio = None,
         stdout: Stdio = None,
         stderr: Stdio = None,
@@ -136,7 +137,7 @@ class OciRuntime:
             ]
             # Busy while the runtime runs: its helpers must not be taken for orphans.
             span = tracing.step(
-                f"runtime {args[0]}", {"runtime": self.name, "container_id": args[-1]}
+                f"runtime {args[0]}", {"runtime": self.name, "container_id": container_id}
             )
             with span, orphans.runtime_running():
                 proc = subprocess.Popen(
@@ -183,10 +184,17 @@ class OciRuntime:
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
         stdin, stdout, stderr = stdio
-        await self._run(*args, container_id, stdin=stdin, stdout=stdout, stderr=stderr)
+        await self._run(
+            *args,
+            container_id,
+            container_id=container_id,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+        )
 
     async def start(self, container_id: str) -> None:
-        await self._run("start", container_id)
+        await self._run("start", container_id, container_id=container_id)
 
     async def exec(
         self,
@@ -201,23 +209,40 @@ class OciRuntime:
         if console_socket is not None:
             args += ["--tty", "--console-socket", str(console_socket)]
         stdin, stdout, stderr = stdio
-        await self._run(*args, container_id, stdin=stdin, stdout=stdout, stderr=stderr)
+        await self._run(
+            *args,
+            container_id,
+            container_id=container_id,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+        )
 
     async def kill(self, container_id: str, signal: int, *, all_processes: bool = False) -> None:
-        await self._run("kill", *(["--all"] if all_processes else []), container_id, str(signal))
+        await self._run(
+            "kill",
+            *(["--all"] if all_processes else []),
+            container_id,
+            str(signal),
+            container_id=container_id,
+        )
 
     async def delete(self, container_id: str, *, force: bool = True) -> None:
-        await self._run("delete", *(["--force"] if force else []), container_id)
+        await self._run(
+            "delete", *(["--force"] if force else []), container_id, container_id=container_id
+        )
 
     async def pause(self, container_id: str) -> None:
-        await self._run("pause", container_id)
+        await self._run("pause", container_id, container_id=container_id)
 
     async def resume(self, container_id: str) -> None:
-        await self._run("resume", container_id)
+        await self._run("resume", container_id, container_id=container_id)
 
     async def update(self, container_id: str, resources_file: Path) -> None:
         # A file, not stdin: crun opens /dev/stdin, which fails on a socket.
-        await self._run("update", "--resources", str(resources_file), container_id)
+        await self._run(
+            "update", "--resources", str(resources_file), container_id, container_id=container_id
+        )
 
     @functools.cached_property  # asked on GetGuestDetails, once: not at start-up
     def supports_seccomp(self) -> bool:
@@ -231,7 +256,9 @@ class OciRuntime:
         return "+SECCOMP" in out or "libseccomp" in out
 
     async def state(self, container_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(await self._run("state", container_id))
+        result: dict[str, Any] = json.loads(
+            await self._run("state", container_id, container_id=container_id)
+        )
         return result
 
 

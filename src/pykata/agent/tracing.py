@@ -1,237 +1,155 @@
-"""The agent's spans (opentelemetry-sdk), sent to kata-trace-forwarder as OTLP records.
+"""The agent's spans, sent to kata-trace-forwarder as OTLP records (pykata.spans).
 
-A root span covers the agent's run; each RPC gets a span named after its
-method, whose parent is the W3C `traceparent` the runtime put in the ttRPC
-metadata (else the root span); runtime invocations and mounts are children.
-
-Export: the SDK batches spans; each batch becomes one OTLP
-ExportTraceServiceRequest in an 8-byte length-prefixed record on a stream
-to the forwarder. An absent forwarder costs one log line: records wait in a
-bounded buffer (oldest dropped when full, counted and logged), the
-connection is retried on every batch, and shutdown flushes everything -
-the root span included.
+A root span covers the agent's run; each RPC gets a span (kind SERVER) named
+after its method, whose parent is the W3C `traceparent` the caller put in
+the ttRPC metadata (else the root span); runtime invocations and mounts are
+children of the RPC they run in (`step`). An unsampled traceparent (flags
+00) records nothing, as OpenTelemetry's parent-based sampling does.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
 import contextvars
-import logging
 import os
-import socket
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
+from types import TracebackType
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Span, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-from .. import __version__, transport, virtio_serial
-from ..otlp import encode_record
+from .. import __version__, otlp
+from ..spans import Exporter, Limits, RemoteParent, Span, SpanContext, Tracer
 from ..ttrpc import ServerContext
 
-log = logging.getLogger("pykata.agent.tracing")
-
-tracer = trace.get_tracer("pykata.agent")
-_propagator = TraceContextTextMapPropagator()
 ID_FIELDS = ("container_id", "exec_id", "sandbox_id")
 
-
-def _open(address: str) -> socket.socket | virtio_serial.PortWriter:
-    """A connection to the forwarder: a socket, or in a guest without vsock a serial port."""
-    parsed = transport.as_address(address)
-    if isinstance(parsed, transport.SerialAddress):
-        return virtio_serial.PortWriter(parsed)
-    return transport.connect_blocking(parsed, timeout=1.0)
-
-
-class ForwarderExporter(SpanExporter):
-    """Writes span batches as OTLP records to the forwarder, buffering while it is away."""
-
-    def __init__(self, address: str, max_buffered_spans: int = 16384) -> None:
-        self.address = address
-        self.max_buffered_spans = max_buffered_spans
-        self.dropped_spans = 0
-        self._buffer: collections.deque[tuple[bytes, int]] = collections.deque()
-        self._buffered_spans = 0
-        self._sock: socket.socket | virtio_serial.PortWriter | None = None
-        self._reported_absent = False
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        record = encode_record(encode_spans(spans).SerializeToString())
-        with self._lock:
-            self._buffer.append((record, len(spans)))
-            self._buffered_spans += len(spans)
-            while self._buffered_spans > self.max_buffered_spans and len(self._buffer) > 1:
-                _, count = self._buffer.popleft()
-                self._buffered_spans -= count
-                self.dropped_spans += count
-                log.warning(
-                    "span buffer full: dropped %d span(s), %d in all", count, self.dropped_spans
-                )
-            self._flush()
-        return SpanExportResult.SUCCESS
-
-    def _flush(self) -> bool:
-        """Send what is buffered; False if the forwarder cannot be reached now."""
-        while self._buffer:
-            if self._sock is None:
-                try:
-                    self._sock = _open(self.address)
-                except (transport.TransportError, virtio_serial.PortError) as exc:
-                    if not self._reported_absent:
-                        log.warning(
-                            "trace forwarder unreachable (%s): spans are kept and "
-                            "sent when it appears",
-                            exc,
-                        )
-                        self._reported_absent = True
-                    return False
-                if self._reported_absent:
-                    log.info("trace forwarder reached", extra={"address": self.address})
-                    self._reported_absent = False
-            record, count = self._buffer[0]
-            try:
-                self._sock.sendall(record)
-            except OSError:
-                self._sock.close()
-                self._sock = None
-                continue  # reconnect and send this record again
-            self._buffer.popleft()
-            self._buffered_spans -= count
-        return True
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        deadline = time.monotonic() + timeout_millis / 1000
-        while True:
-            with self._lock:
-                if self._flush():
-                    return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-
-    def shutdown(self) -> None:
-        if not self.force_flush(5000):
-            log.error(
-                "trace forwarder unreachable at shutdown: %d span(s) lost", self._buffered_spans
-            )
-        with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+_current: contextvars.ContextVar[Span | None] = contextvars.ContextVar("pykata_span", default=None)
+#: The agent's tracing while it is on (one per process).
+_active: Tracing | None = None
+#: Per request type: which of ID_FIELDS it has.
+_id_fields: dict[type, tuple[str, ...]] = {}
+#: Per (service, method): its span's rpc.* attributes, encoded.
+_rpc_attributes: dict[tuple[str, str], bytes] = {}
 
 
-class _RpcSpan:
-    """One RPC's span, made in the SDK only when it is first needed."""
-
-    __slots__ = ("_ctx", "_request", "_span", "_start", "_tracing", "error")
-
-    def __init__(self, tracing: Tracing, ctx: ServerContext, request: Any) -> None:
-        self._start = time.time_ns()
-        self._tracing = tracing
-        self._ctx = ctx
-        self._request = request
-        self._span: Span | None = None
-        self.error: Exception | None = None
-
-    def span(self) -> Span:
-        if self._span is None:
-            ctx = self._ctx
-            carrier = {key: values[0] for key, values in ctx.metadata.items() if values}
-            if "traceparent" in carrier:
-                parent = _propagator.extract(carrier)
-            else:
-                parent = self._tracing.root_context
-            attributes = {"rpc.service": ctx.service, "rpc.method": ctx.method}
-            for name in ID_FIELDS:
-                value = getattr(self._request, name, "")
-                if value:
-                    attributes[name] = value
-            self._span = tracer.start_span(
-                ctx.method, context=parent, attributes=attributes, start_time=self._start
-            )
-        return self._span
-
-    def end(self, end_time: int) -> None:
-        span = self.span()
-        if self.error is not None:
-            span.record_exception(self.error, timestamp=end_time)
-            span.set_status(Status(StatusCode.ERROR, f"{type(self.error).__name__}: {self.error}"))
-        span.end(end_time)
-
-
-_current_rpc: contextvars.ContextVar[_RpcSpan | None] = contextvars.ContextVar(
-    "pykata_rpc_span", default=None
-)
+def counters() -> tuple[int, int]:
+    """(spans exported, spans dropped) so far; (0, 0) when tracing is off."""
+    if _active is None:
+        return 0, 0
+    exporter = _active.exporter
+    return exporter.exported_spans, exporter.dropped_spans
 
 
 @contextlib.contextmanager
-def step(name: str, attributes: dict[str, str]) -> Iterator[Span]:
-    """A span for one step of an RPC (a runtime run, a mount): a child of the
-    step it runs in, else of the RPC. A no-op span when tracing is off."""
-    context = None
-    rpc = _current_rpc.get()
-    if rpc is not None and not trace.get_current_span().is_recording():
-        context = trace.set_span_in_context(rpc.span())
-    with tracer.start_as_current_span(name, context=context, attributes=attributes) as span:
+def step(name: str, attributes: Mapping[str, otlp.AttributeValue]) -> Iterator[Span | None]:
+    """A span for one step of an RPC (a runtime run, a mount): a child of the step
+    it runs in, else of the RPC. Nothing when tracing is off."""
+    tracing = _active
+    if tracing is None:
+        yield None
+        return
+    parent = _current.get()
+    span = tracing.tracer.start(
+        name, parent.context if parent else tracing.root_context, attributes=attributes
+    )
+    token = _current.set(span)
+    try:
         yield span
+    except BaseException as exc:
+        span.record_error(exc)
+        raise
+    finally:
+        _current.reset(token)
+        span.end()
+
+
+def _ids(request: Any) -> tuple[str, ...]:
+    fields = _id_fields.get(type(request))
+    if fields is None:
+        names = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
+        fields = _id_fields[type(request)] = tuple(f for f in ID_FIELDS if f in names)
+    return fields
+
+
+class RpcSpan:
+    """The span of one RPC (a context manager around its handler)."""
+
+    __slots__ = ("_ctx", "_request", "_span", "_token", "_tracing")
+
+    def __init__(self, tracing: Tracing, ctx: ServerContext, request: Any) -> None:
+        self._tracing = tracing
+        self._ctx = ctx
+        self._request = request
+
+    def __enter__(self) -> Span:
+        ctx, tracing = self._ctx, self._tracing
+        metadata = ctx.metadata
+        traceparent = metadata.get("traceparent")
+        parent: SpanContext | RemoteParent = tracing.root_context
+        if traceparent:  # parsed by the export thread (or by a step that needs it)
+            state = ",".join(metadata.get("tracestate", ()))
+            parent = RemoteParent(traceparent[0], state, tracing.root_context)
+        method = (ctx.service, ctx.method)
+        rpc_attributes = _rpc_attributes.get(method)
+        if rpc_attributes is None:
+            rpc_attributes = _rpc_attributes[method] = otlp.encode_attributes(
+                {"rpc.system": "ttrpc", "rpc.service": ctx.service, "rpc.method": ctx.method}
+            )
+        attributes: dict[str, otlp.AttributeValue] = {}
+        request = self._request
+        for name in _ids(request):
+            value = getattr(request, name)
+            if value:
+                attributes[name] = (
+                    value if len(value) <= tracing.max_length else value[: tracing.max_length]
+                )
+        span = self._span = Span(
+            tracing.tracer,
+            ctx.method,
+            parent,
+            otlp.SERVER,
+            attributes,
+            time.time_ns(),
+            rpc_attributes,
+        )
+        self._token = _current.set(span)
+        return span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        _current.reset(self._token)
+        if exc is not None:
+            self._span.record_error(exc)
+        self._span.end()
 
 
 class Tracing:
-    """Tracing for one agent run: the provider, the root span, the RPC hook."""
+    """Tracing for one agent run: the exporter, the root span, the RPC hook."""
 
-    def __init__(self, address: str) -> None:
-        self.exporter = ForwarderExporter(address)
-        self.provider = TracerProvider(
-            resource=Resource.create(
-                {
-                    "service.name": "kata-agent",
-                    "service.version": __version__,
-                    "process.pid": os.getpid(),
-                }
-            )
-        )
-        self.provider.add_span_processor(
-            BatchSpanProcessor(
-                self.exporter,
-                max_queue_size=16384,
-                max_export_batch_size=512,
-                schedule_delay_millis=200,
-            )
-        )
-        trace.set_tracer_provider(self.provider)
-        self.root = tracer.start_span("kata-agent")
-        self.root_context = trace.set_span_in_context(self.root)
+    def __init__(self, address: str, limits: Limits | None = None) -> None:
+        global _active
+        resource: dict[str, otlp.AttributeValue] = {
+            "service.name": "kata-agent",
+            "service.version": __version__,
+            "process.pid": os.getpid(),
+        }
+        self.exporter = Exporter(address, resource, "pykata.agent", __version__, limits)
+        self.tracer = Tracer(self.exporter)
+        self.root = self.tracer.start("kata-agent")
+        self.root_context = self.root.context
+        self.max_length = self.exporter.limits.max_attribute_length
+        _active = self
 
-    @contextlib.contextmanager
-    def rpc_span(self, ctx: ServerContext, request: Any) -> Iterator[None]:
-        """The span of one RPC: named after the method, child of the caller's traceparent.
+    def rpc_span(self, ctx: ServerContext, request: Any) -> RpcSpan:
+        return RpcSpan(self, ctx, request)
 
-        Only the start time is taken while the caller waits; the SDK span is
-        made on the loop's next turn, after the reply is written (or earlier,
-        when a step of the handler needs it as its parent).
-        """
-        rpc = _RpcSpan(self, ctx, request)
-        token = _current_rpc.set(rpc)
-        try:
-            yield
-        except Exception as exc:
-            rpc.error = exc
-            raise
-        finally:
-            _current_rpc.reset(token)
-            asyncio.get_running_loop().call_soon(rpc.end, time.time_ns())
-
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the root span and send everything, for up to `timeout` seconds."""
+        global _active
         self.root.end()
-        self.provider.shutdown()  # flushes every span, the root span included
+        _active = None
+        self.exporter.stop(timeout)

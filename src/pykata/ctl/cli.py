@@ -27,6 +27,7 @@ from .autovalues import AutoValues
 from .examples import EXAMPLES
 from .repl import interact
 from .session import Quit, Session
+from .tracing import ClientTracing
 
 LEVELS = logsetup.LEVELS
 
@@ -122,6 +123,12 @@ def parser() -> argparse.ArgumentParser:
         help="text (readable) or json (one object per line)",
     )
     connect.add_argument(
+        "--trace",
+        metavar="ADDRESS",
+        help="trace this run: send a W3C traceparent with every request and this tool's "
+        "spans to the kata-trace-forwarder at ADDRESS (unix:///PATH, vsock://CID:PORT)",
+    )
+    connect.add_argument(
         "--vm",
         choices=["qemu"],
         metavar="HYPERVISOR",
@@ -207,8 +214,14 @@ def run_commands(args: argparse.Namespace, *, shared_bundle: bool = False) -> in
         guest_rootfs=args.guest_rootfs,
         guest_bundle=GUEST_SHARE if shared_bundle else None,
     )
+    tracing = ClientTracing(args.trace, str(address_of(args))) if args.trace else None
     session = Session(
-        client, None if args.no_auto_values else auto, output=args.output, timeout=args.timeout
+        client,
+        None if args.no_auto_values else auto,
+        output=args.output,
+        timeout=args.timeout,
+        tracer=tracing.tracer if tracing else None,
+        trace_parent=tracing.root.context if tracing else None,
     )
     try:
         for command in args.cmd:
@@ -222,6 +235,8 @@ def run_commands(args: argparse.Namespace, *, shared_bundle: bool = False) -> in
     finally:
         loop.run_until_complete(client.close())
         loop.close()
+        if tracing is not None:
+            tracing.stop(failed=bool(session.failures))
     return 1 if session.failures and not args.ignore_errors else 0
 
 

@@ -11,14 +11,24 @@ import grp
 import logging
 import os
 import pwd
+import re
 import signal
+import subprocess
 import sys
 
 from .. import __version__
 from .. import log as logsetup
-from ..transport import AddressError, HybridVsockAddress, TransportError, VsockAddress
+from ..otlp import MAX_RECORD
+from ..transport import (
+    AddressError,
+    HybridVsockAddress,
+    TransportError,
+    UnixAddress,
+    VsockAddress,
+    as_address,
+)
 from .exporters import DumpSink, FileSink, GrpcSink, HttpSink, Queue, Sink
-from .server import listen
+from .server import Limits, Receiving, listen
 
 log = logging.getLogger("pykata.forwarder")
 
@@ -72,13 +82,44 @@ def parser() -> argparse.ArgumentParser:
         help="write OTLP JSON lines to FILE ('-': stdout) instead of a collector",
     )
     p.add_argument("--dump-only", action="store_true", help="print spans instead of exporting them")
+    limits = Limits()
     p.add_argument(
-        "--queue-size",
+        "--queue-bytes",
+        type=size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="spans held for the collector, in bytes of OTLP (default 64M); past it new "
+        "spans are dropped and counted",
+    )
+    p.add_argument(
+        "--max-record",
+        type=size,
+        default=MAX_RECORD,
+        metavar="SIZE",
+        help="largest record accepted from an agent (default 4M); larger ones are skipped unread",
+    )
+    p.add_argument(
+        "--receive-bytes",
+        type=size,
+        default=limits.receive_limit,
+        metavar="SIZE",
+        help="bytes of records being received, all connections together (default 32M)",
+    )
+    p.add_argument(
+        "--max-connections",
         type=int,
-        default=1024,
-        help="export requests held while the collector is unreachable",
+        default=limits.max_connections,
+        help=f"agent connections at once (default {limits.max_connections})",
     )
     return p
+
+
+def size(text: str) -> int:
+    """A byte count: 4096, 64K, 4M, 1G (binary units)."""
+    match = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (4096, 64K, 4M, 1G)")
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
 
 
 def listen_address(args: argparse.Namespace) -> str:
@@ -123,6 +164,36 @@ def _preload() -> None:
     import http.client  # noqa: F401
 
 
+SOCKET_REMOVER = """
+import os, sys
+path, inode = sys.argv[1], int(sys.argv[2])
+sys.stdin.buffer.read()  # EOF: the forwarder has exited, however it ended
+try:
+    if os.lstat(path).st_ino == inode:
+        os.unlink(path)
+except OSError:
+    pass
+"""
+
+
+def remove_socket_at_exit(address: str) -> subprocess.Popen[bytes] | None:
+    """Before dropping privileges: a root helper that removes the socket file when we exit.
+
+    As nobody we may not write the directory the socket is in (a VMM's run
+    directory); the helper only waits for our end and then removes the file,
+    if it is still ours.
+    """
+    parsed = as_address(address)
+    if not isinstance(parsed, UnixAddress | HybridVsockAddress):
+        return None
+    path = parsed.listen_path if isinstance(parsed, HybridVsockAddress) else parsed.path
+    return subprocess.Popen(
+        [sys.executable, "-I", "-c", SOCKET_REMOVER, path, str(os.lstat(path).st_ino)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 def _has_group(name: str) -> bool:
     try:
         grp.getgrnam(name)
@@ -137,20 +208,38 @@ async def serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     sink = make_sink(args)
-    queue = Queue(sink, max_requests=args.queue_size)
+    queue = Queue(sink, max_bytes=args.queue_bytes)
     address = listen_address(args)
-    listener = await listen(address, queue.submit, args.trace_name)
+    receiving = Receiving(
+        Limits(
+            max_record=args.max_record,
+            receive_limit=args.receive_bytes,
+            max_connections=args.max_connections,
+        )
+    )
+    listener = await listen(address, queue.submit, args.trace_name, receiving)
+    remover = None
     if os.geteuid() == 0:
+        remover = remove_socket_at_exit(address)
         await asyncio.to_thread(_preload)  # also starts the thread pool, while we may
         drop_privileges()
     queue.start()
     log.info("forwarding", extra={"listen": address, "to": sink.name})
-    await stop.wait()
-    listener.close()
-    await queue.drain(timeout=5.0)
+    try:
+        await stop.wait()
+        listener.close()
+        await receiving.settle()
+        await queue.drain(timeout=5.0)
+    finally:
+        if remover is not None:
+            remover.communicate(timeout=5.0)  # closes its stdin: it removes the socket file
     log.info(
         "stopped",
-        extra={"delivered_spans": queue.delivered_spans, "dropped_spans": queue.dropped_spans},
+        extra={
+            "delivered_spans": queue.delivered_spans,
+            "dropped_spans": queue.dropped_spans,
+            "dropped_records": receiving.dropped_records,
+        },
     )
     return 0
 
