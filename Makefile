@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golang-go golang-github-containerd-ttrpc-dev \
-                golang-google-protobuf-dev iproute2 \
+                golang-google-protobuf-dev protobuf-compiler libprotobuf-dev protoc-gen-go gogottrpc iproute2 \
                 iptables xfsprogs e2fsprogs lttng-tools liblttng-ust1 python3-lttngust \
                 babeltrace2 python3-bt2
 # The guest VM's: without recommends (QEMU's would bring a GTK desktop).
