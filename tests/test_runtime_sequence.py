@@ -461,9 +461,6 @@ def check_stop(calls: Calls, pod: Pod) -> None:
     assert methods(calls["monitor"]) == ["Check"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="pykata keeps a GetOOMEvent pending after DestroySandbox (reported)"
-)
 async def test_destroy_sandbox_ends_a_pending_get_oom_event(
     container_agent: AgentProcess,
 ) -> None:

@@ -10,6 +10,7 @@ a row, fails too, so the docs and the agent cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -376,6 +377,14 @@ async def _(s: Scene) -> Any:
 @provokes("GetDiagnosticData", "unknown log_type")
 async def _(s: Scene) -> Any:
     return await s.api.GetDiagnosticData(R.GetDiagnosticDataRequest(log_type="nonsense"))
+
+
+@provokes("GetOOMEvent", "waiting when the sandbox is destroyed")
+async def _(s: Scene) -> Any:
+    waiting = asyncio.ensure_future(s.api.GetOOMEvent(R.GetOOMEventRequest()))
+    await asyncio.sleep(0)  # its request is written first, on the same connection
+    await s.api.DestroySandbox(R.DestroySandboxRequest())
+    return await asyncio.wait_for(waiting, 30)  # a bound for "never", not a measurement
 
 
 @provokes("CopyFile", "path outside the shared directory")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +38,12 @@ async def test_stats_and_ephemeral_update(tmp_path: Path) -> None:
     with run_container_agent(tmp_path) as agent:
         async with await Client.connect(agent.address) as client:
             api = Stub(client, AGENT)
-            await api.CreateSandbox(
-                agent_pb2.CreateSandboxRequest(storages=[ephemeral(point, "4m")])
-            )
+            storage = ephemeral(point, "4m")
+            storage.options.append("mode=0750")
+            await api.CreateSandbox(agent_pb2.CreateSandboxRequest(storages=[storage]))
+            # seen in the agent's own mount namespace: the tmpfs with its mode
+            in_agent = Path(f"/proc/{agent.proc.pid}/root{point}")
+            assert stat.S_IMODE(in_agent.stat().st_mode) == 0o750
             usage = await byte_usage(api, point)
             assert usage.total == 4 * MiB and usage.used < usage.total
             await api.UpdateEphemeralMounts(

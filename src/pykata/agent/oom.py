@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from . import cgroups
+from .errors import FailedPrecondition
 from .fdwait import until_ready
 
 log = logging.getLogger("pykata.agent.oom")
@@ -39,15 +40,47 @@ def _close_all(*fds: int) -> None:
         os.close(fd)
 
 
+#: OOM events kept for GetOOMEvent; beyond, the oldest is dropped (and logged).
+MAX_PENDING_EVENTS = 1024
+
+
 class OomEvents:
-    """Watches containers' memory cgroups; `next()` waits for the next OOM of any."""
+    """Watches containers' memory cgroups; `next()` waits for the next OOM of any.
+
+    `close()` (the sandbox destroyed) answers every waiter with an error, as
+    upstream's agent does when it drops its event channel; later waiters wait
+    for the next sandbox's events.
+    """
 
     def __init__(self) -> None:
-        self._events: asyncio.Queue[str] = asyncio.Queue()
+        self._events: asyncio.Queue[str | None] = asyncio.Queue()
+        self._waiting = 0
         self._watches: dict[str, asyncio.Task[None]] = {}
 
     async def next(self) -> str:
-        return await self._events.get()
+        events = self._events
+        self._waiting += 1
+        try:
+            container_id = await events.get()
+        finally:
+            self._waiting -= 1
+        if container_id is None:
+            raise FailedPrecondition("no more OOM events: the sandbox was destroyed")
+        return container_id
+
+    def close(self) -> None:
+        for task in self._watches.values():
+            task.cancel()
+        self._watches.clear()
+        ended, self._events = self._events, asyncio.Queue()
+        for _ in range(self._waiting):
+            ended.put_nowait(None)
+
+    def _event(self, container_id: str) -> None:
+        if self._events.qsize() >= MAX_PENDING_EVENTS:
+            dropped = self._events.get_nowait()
+            log.warning("OOM event of container %s dropped: nobody asks for them", dropped)
+        self._events.put_nowait(container_id)
 
     def watch(self, container_id: str, cgroup: str) -> None:
         if container_id in self._watches:
@@ -79,7 +112,7 @@ class OomEvents:
                     os.eventfd_read(efd)
                 if not memory.exists():
                     return
-                self._events.put_nowait(container_id)
+                self._event(container_id)
         except OSError as exc:
             log.warning("OOM watch of container %s ended: %s", container_id, exc)
         finally:
@@ -94,4 +127,4 @@ class OomEvents:
             kills = _oom_kills(events)
             if kills > seen:
                 seen = kills
-                self._events.put_nowait(container_id)
+                self._event(container_id)

@@ -201,6 +201,7 @@ class Sandbox:
         self._storage_points = []
         shutil.rmtree(self.dir, ignore_errors=True)
         cgroups.remove(self.cgroup_parent, stop_at=CGROUP_ROOT)
+        self.oom.close()
         self.settings = None
         self._pidns = None
         self._instance = f"agent-{os.getpid()}"

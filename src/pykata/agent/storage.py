@@ -118,7 +118,7 @@ class Storages:
             self._users[point] += 1
             return point
         point.mkdir(parents=True, exist_ok=True)
-        options = [o for o in spec.options if not o.startswith("mode=")]
+        options = list(spec.options)  # mode= is a tmpfs option too; "local" reads it
         if spec.driver == "local":
             mode = next((o[5:] for o in spec.options if o.startswith("mode=")), "0777")
             point.chmod(int(mode, 8))
@@ -185,7 +185,7 @@ class Storages:
                 raise NotFound(f"no ephemeral storage is mounted at {spec.mount_point}")
             points.append(point)
         for spec, point in zip(specs, points, strict=True):
-            options = [o for o in spec.options if not o.startswith("mode=")]
+            options = list(spec.options)
             await _mount("-o", ",".join(["remount", *options]), str(point))
             log.info("ephemeral storage updated", extra={"mount_point": str(point)})
 
