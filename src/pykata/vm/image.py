@@ -443,7 +443,7 @@ def make_initramfs(root: Path, release: str, output: Path) -> None:
 
 
 def make_kata_initrd(root: Path, output: Path) -> None:
-    """The whole root file system as one initrd, for Kata's `initrd =` (root is changed)."""
+    """The whole root file system as one initrd, for Kata's `initrd =` (adds /init to root)."""
     if shutil.which(KATA_INITRD_COMPRESS[0]) is None:
         raise ImageError(f"{KATA_INITRD_COMPRESS[0]} is not installed (apt-get install zstd)")
     modules_dir = root / "lib" / "modules"
@@ -567,6 +567,11 @@ def build(
     if built.kata_initrd.exists():
         sizes += f", Kata initrd {_mib(_size(built.kata_initrd))}"
     progress.say(f"{built.directory} ready in {time.monotonic() - started:.1f}s: {sizes}")
+    if kata_initrd:
+        progress.say(
+            f'for Kata (docs/kata-runtime.md): kernel = "{link / "vmlinuz"}", '
+            f'initrd = "{link / KATA_INITRD}" (copy them: `current` moves on a rebuild)'
+        )
     return built
 
 
