@@ -8,7 +8,7 @@ DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golan
                 iptables xfsprogs e2fsprogs lttng-tools liblttng-ust1 python3-lttngust \
                 babeltrace2 python3-bt2
 # The guest VM's: without recommends (QEMU's would bring a GTK desktop).
-VM_DEB_PACKAGES := qemu-system-x86 debootstrap cpio
+VM_DEB_PACKAGES := qemu-system-x86 debootstrap cpio zstd
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo demo-vm test bench protos lint clean clean-traces guest-image clean-guest
@@ -49,11 +49,12 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy
 
-# The guest VM's image (kernel, initramfs, root disk with the agent), cached in
-# GUEST_DIR and rebuilt only when its inputs change (docs/vm.md).
+# The guest VM's image (kernel, initramfs, root disk with the agent, and the initrd
+# for the real Kata runtime), cached in GUEST_DIR and rebuilt only when its inputs
+# change (docs/vm.md, docs/kata-runtime.md).
 GUEST_DIR ?= $(HOME)/.cache/pykata/guest
 guest-image: setup
-	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/kata-guest-image
+	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/kata-guest-image --kata-initrd
 
 clean-guest:
 	rm -rf -- $(GUEST_DIR)

@@ -65,3 +65,43 @@ def test_auto_picks_vsock_only_where_the_host_has_vhost_vsock() -> None:
     assert 3 <= Channel.choose("vsock").cid < 0xFFFF_FFFF
     with pytest.raises(VmError, match="unknown channel 'pci'"):
         Channel.choose("pci")
+
+
+def kata_image(tmp_path: Path) -> GuestImage:
+    (tmp_path / "kata-initrd.img").write_bytes(b"")
+    return GuestImage(tmp_path)
+
+
+def test_kata_initrd_layout_is_the_machine_kata_makes_for_an_initrd(tmp_path: Path) -> None:
+    """Kata's `initrd =` guest (kata-containers src/runtime/virtcontainers/qemu.go):
+    q35, kernel and initrd with no disk, the console on virtio-serial, Kata's
+    kernel command line; then the channel's parameters, then the user's."""
+    options = VmOptions(
+        image=kata_image(tmp_path), layout="kata-initrd", cpus=2, kernel_params="agent.log=debug"
+    )
+    command = qemu_command(options, RUN, "tcg", Channel("vsock", cid=99))
+    assert "q35,accel=tcg" in command
+    assert command[command.index("-initrd") + 1] == str(tmp_path / "kata-initrd.img")
+    assert not any(arg.startswith("file=") for arg in command)  # no disk: the root is the initrd
+    assert "virtconsole,chardev=charconsole0,id=console0" in command
+    assert "vhost-vsock-pci,guest-cid=99" in command
+    line = appended(command)
+    assert line.startswith("tsc=reliable no_timer_check rcupdate.rcu_expedited=1 ")
+    assert " console=hvc0 console=hvc1 quiet panic=1 nr_cpus=2 selinux=0 " in line
+    assert "root=" not in line and "ttyS0" not in line
+    assert line.endswith(" agent.cdh_api_timeout=50 agent.log=debug")
+
+
+def test_kata_initrd_layout_shares_memory_as_kata_does(tmp_path: Path) -> None:
+    options = VmOptions(image=kata_image(tmp_path), layout="kata-initrd", shared_dir=tmp_path)
+    command = qemu_command(options, RUN, "tcg", Channel("serial"))
+    assert "memory-backend-file,mem-path=/dev/shm,id=mem,size=512M,share=on" in command
+    assert any(a.startswith("vhost-user-fs-pci,") and "tag=kataShared" in a for a in command)
+    assert "agent.server_addr=serial://agent.channel.0" in appended(command)
+
+
+def test_kata_initrd_layout_without_the_initrd_says_how_to_build_it() -> None:
+    with pytest.raises(VmError, match="kata-guest-image --kata-initrd"):
+        qemu_command(options(layout="kata-initrd"), RUN, "tcg", Channel("serial"))
+    with pytest.raises(VmError, match="unknown layout 'kata'"):
+        qemu_command(options(layout="kata"), RUN, "tcg", Channel("serial"))

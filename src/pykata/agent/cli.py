@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from .runtime import OciRuntime
 from .sandbox import Sandbox
 from .service import AgentParts, services
 from .tracing import Tracing
-from .volumes import Volumes
+from .volumes import Volumes, mount_at
 
 log = logging.getLogger("pykata.agent")
 LTTNG_ENV = "KATA_AGENT_LTTNG"
@@ -131,7 +132,7 @@ def call_hook(policy: Enforcer, tracing: Tracing | None) -> CallHook:
 
 async def serve(config: configmod.AgentConfig, runtime_binary: str, started: float) -> None:
     run_dir = Path(config.run_dir)
-    runtime = OciRuntime(runtime_binary, run_dir / "runtime")
+    runtime = OciRuntime(runtime_binary, run_dir / "runtime", no_pivot=root_is_initial_ramfs())
     recent = RecentLogs(logsetup.JsonFormatter("kata-agent", "agent"))
     logging.getLogger("pykata").addHandler(recent)
     parts = agent_parts(config, runtime, recent)
@@ -204,6 +205,11 @@ async def sweep_orphans(period: float = 2.0) -> None:
             log.debug("reaped orphan", extra={"pid": pid})
 
 
+def root_is_initial_ramfs() -> bool:
+    """Is / the kernel's initial ramfs (a guest booted from an initrd with no root disk)?"""
+    return mount_at(Path("/")).fstype == "rootfs"
+
+
 def run(main: Coroutine[Any, Any, None]) -> None:
     """asyncio.run, on uvloop's faster event loop when it is installed."""
     try:
@@ -218,12 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     if os.getpid() != 1:
         return agent_main(argv, as_init=False)
     # PID 1 of a guest (or of a PID namespace): an init's duties, and never a plain exit.
+    # The kernel starts init with no PATH; upstream's agent sets this one.
+    os.environ.setdefault("PATH", init.INIT_PATH)
     try:
         init.mount_proc()
     except OSError as exc:
         print(f"kata-agent: {exc}", file=sys.stderr)
     try:
         return agent_main(argv, as_init=True)
+    except BaseException:
+        # Said now: power-off comes before Python would print the traceback.
+        traceback.print_exc()
+        raise
     finally:
         init.power_off()
 

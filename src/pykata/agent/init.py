@@ -33,6 +33,8 @@ BASICS = (
     ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
 )
 CGROUP_ROOT = "/sys/fs/cgroup"
+#: PATH for the agent as init (the kernel gives init none), as upstream's agent sets it.
+INIT_PATH = "/bin:/sbin:/usr/bin:/usr/sbin"
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, options: str = "") -> None:
@@ -107,7 +109,12 @@ def load_modules(names: list[str]) -> list[str]:
     """modprobe each; the ones that failed (logged) are returned."""
     failed = []
     for name in names:
-        result = subprocess.run(["modprobe", name], capture_output=True, text=True)
+        try:
+            result = subprocess.run(["modprobe", name], capture_output=True, text=True)
+        except OSError as exc:
+            log.error("modprobe %s failed: %s", name, exc)
+            failed.append(name)
+            continue
         if result.returncode:
             log.error("modprobe %s failed: %s", name, result.stderr.strip())
             failed.append(name)

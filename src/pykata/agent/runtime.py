@@ -102,6 +102,9 @@ class OciRuntime:
     binary: str
     #: Runtime state directory (--root).
     root: Path
+    #: Create containers with --no-pivot: pivot_root(2) refuses to leave the initial
+    #: ramfs, so a guest whose root is its initrd needs it (as upstream's agent does).
+    no_pivot: bool = False
 
     @property
     def name(self) -> str:
@@ -181,6 +184,8 @@ class OciRuntime:
         stdio: tuple[Stdio, Stdio, Stdio] = (None, None, None),
     ) -> None:
         args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
+        if self.no_pivot:
+            args.append("--no-pivot")
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
         stdin, stdout, stderr = stdio

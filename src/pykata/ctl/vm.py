@@ -18,6 +18,9 @@ from ..vm import GUEST_ROOTFS
 if TYPE_CHECKING:
     from ..vm import qemu
 
+#: Kata's default_memory: the Kata initrd's root file system lives in guest memory.
+KATA_MEMORY_MIB = 2048
+
 # The image builder and the launcher are imported when a guest is wanted, not
 # at every kata-agent-ctl start (importlib.metadata alone costs ~15 ms).
 
@@ -31,6 +34,7 @@ examples:
   kata-agent-ctl vm --debug-console --run-dir /tmp/guest
   kata-agent-ctl vm --trace-socket /tmp/forwarder.sock --cpus 2
   kata-agent-ctl vm --bundle-dir ./bundle   # connect with --bundle-dir ./bundle --shared-bundle
+  kata-agent-ctl vm --kata-initrd           # the guest as the real Kata runtime would boot it
 """
 
 
@@ -54,8 +58,19 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (vsock if the host has /dev/vhost-vsock, else virtio-serial ports)",
     )
+    group.add_argument(
+        "--kata-initrd",
+        action="store_true",
+        help="boot the image's Kata initrd as Kata's runtime boots an initrd (q35, no disk, "
+        "Kata's kernel command line); build it with `kata-guest-image --kata-initrd`",
+    )
     group.add_argument("--cpus", type=int, default=1, help="guest CPUs (default 1)")
-    group.add_argument("--memory", type=int, default=512, metavar="MIB", help="default 512")
+    group.add_argument(
+        "--memory",
+        type=int,
+        metavar="MIB",
+        help="default 512; with --kata-initrd 2048, Kata's default (the root lives in memory)",
+    )
     group.add_argument(
         "--kernel-params", default="", metavar="PARAMS", help="more guest kernel command line"
     )
@@ -82,7 +97,8 @@ def vm_options(
         image=image.current(args.guest_dir),
         accel=args.accel,
         channel=args.channel,
-        memory_mib=args.memory,
+        memory_mib=args.memory or (KATA_MEMORY_MIB if args.kata_initrd else 512),
+        layout="kata-initrd" if args.kata_initrd else "pykata",
         cpus=args.cpus,
         kernel_params=args.kernel_params,
         trace_socket=args.trace_socket,

@@ -1,6 +1,6 @@
 """The guest image: a kernel, a small initramfs of our own and a root disk with the agent.
 
-    kata-guest-image [--output DIR] [--rebuild]      (or: make guest-image)
+    kata-guest-image [--output DIR] [--rebuild] [--kata-initrd]      (or: make guest-image)
 
 Three parts, each cached under DIR by a key made of its inputs, so a rebuild
 happens only when an input changes:
@@ -16,6 +16,10 @@ happens only when an input changes:
   GUEST_ROOTFS). Key: the base, the kernel, pykata's sources and those versions.
 
 `DIR/current` names the newest image; `manifest.json` in it says what it holds.
+
+With --kata-initrd the image also gets `kata-initrd.img`: the same root file
+system as one compressed initrd whose /init ends as the agent, for the real
+Kata runtime's `initrd =` key together with `vmlinuz` (docs/kata-runtime.md).
 """
 
 from __future__ import annotations
@@ -73,6 +77,37 @@ umount /proc
 exec switch_root /root /usr/local/bin/kata-agent
 """
 
+#: Drivers of the devices Kata's runtime gives a guest: the virtio PCI bus, disks
+#: (virtio-blk, virtio-scsi), network, console, virtio-fs, vsock, RNG, balloon,
+#: virtio-mem, NVDIMM. Debian's kernel has them as modules, and Kata's guest runs
+#: no udev, so the Kata initrd's /init loads them all before any device appears.
+KATA_DRIVERS = (
+    "virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "virtio_net", "virtio_console",
+    "virtiofs", "vmw_vsock_virtio_transport", "virtio_rng", "virtio_balloon", "virtio_mem",
+    "nd_pmem",
+)  # fmt: skip
+
+KATA_INIT_SCRIPT = f"""#!/bin/sh
+# pykata's /init for Kata's initrd mode: this initrd is the whole root file system.
+# Load the drivers of the devices Kata attaches, give the agent the console (hvc0
+# exists once virtio_console has found its port) and become the agent: PID 1.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+modprobe -q -a {" ".join(KATA_DRIVERS)}
+for _ in $(seq 1 40); do (: </dev/console) 2>/dev/null && break; sleep 0.05; done
+if (: </dev/console) 2>/dev/null; then
+    exec </dev/console >/dev/console 2>&1
+else
+    exec </dev/null >/dev/null 2>&1
+fi
+umount /proc
+exec /usr/local/bin/kata-agent
+"""
+KATA_INITRD = "kata-initrd.img"
+#: How the Kata initrd is compressed (the kernel unpacks it; see docs/kata-runtime.md).
+KATA_INITRD_COMPRESS = ("zstd", "-q", "-3", "-T0")
+
 AGENT_SCRIPT = """#!/usr/bin/python3
 import sys
 
@@ -103,6 +138,11 @@ class GuestImage:
     @property
     def root_disk(self) -> Path:
         return self.directory / "root.img"
+
+    @property
+    def kata_initrd(self) -> Path:
+        """The initrd for the real Kata runtime (with `kernel`); only if built with it."""
+        return self.directory / KATA_INITRD
 
     @property
     def manifest(self) -> dict[str, object]:
@@ -357,6 +397,34 @@ def module_closure(modules_dir: Path, wanted: Iterable[str]) -> list[str]:
     return order
 
 
+def write_cpio(stage: Path, output: Path, compress: tuple[str, ...] = ()) -> None:
+    """`stage` as a newc cpio archive owned by root, optionally piped through `compress`."""
+    names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
+    listing = ("\n".join([".", *names]) + "\n").encode()
+    cpio = ["cpio", "--quiet", "-o", "-H", "newc", "--reproducible", "-R", "0:0"]
+    with open(output, "wb") as out:
+        archiver = subprocess.Popen(
+            cpio, cwd=stage, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE if compress else out,
+        )  # fmt: skip
+        compressor = None
+        if compress:
+            assert archiver.stdout is not None
+            compressor = subprocess.Popen(
+                compress, stdin=archiver.stdout, stdout=out, stderr=subprocess.PIPE
+            )
+            archiver.stdout.close()  # the compressor holds it now
+        _, cpio_errors = archiver.communicate(listing)
+        if compressor is not None:
+            # Its failure first: cpio failing to write to it is only the consequence.
+            _, errors = compressor.communicate()
+            if compressor.returncode != 0:
+                detail = errors.decode(errors="replace").strip()
+                raise ImageError(f"{compress[0]} failed (exit {compressor.returncode}): {detail}")
+        if archiver.returncode != 0:
+            raise ImageError(f"cpio failed: {cpio_errors.decode(errors='replace').strip()}")
+
+
 def make_initramfs(root: Path, release: str, output: Path) -> None:
     modules_dir = root / "lib" / "modules" / release
     with tempfile.TemporaryDirectory() as tmp:
@@ -371,15 +439,20 @@ def make_initramfs(root: Path, release: str, output: Path) -> None:
         init = stage / "init"
         init.write_text(INIT_SCRIPT)
         init.chmod(0o755)
-        names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
-        listing = ("\n".join([".", *names]) + "\n").encode()
-        with open(output, "wb") as out:
-            result = subprocess.run(
-                ["cpio", "--quiet", "-o", "-H", "newc", "--reproducible", "-R", "0:0"],
-                cwd=stage, input=listing, stdout=out, stderr=subprocess.PIPE,
-            )  # fmt: skip
-        if result.returncode != 0:
-            raise ImageError(f"cpio failed: {result.stderr.decode(errors='replace').strip()}")
+        write_cpio(stage, output)
+
+
+def make_kata_initrd(root: Path, output: Path) -> None:
+    """The whole root file system as one initrd, for Kata's `initrd =` (adds /init to root)."""
+    if shutil.which(KATA_INITRD_COMPRESS[0]) is None:
+        raise ImageError(f"{KATA_INITRD_COMPRESS[0]} is not installed (apt-get install zstd)")
+    modules_dir = root / "lib" / "modules"
+    (release,) = (p.name for p in modules_dir.iterdir())
+    module_closure(modules_dir / release, KATA_DRIVERS)  # each one there, or say which is not
+    init = root / "init"
+    init.write_text(KATA_INIT_SCRIPT)
+    init.chmod(0o755)
+    write_cpio(root, output, KATA_INITRD_COMPRESS)
 
 
 def make_disk(root: Path, output: Path) -> None:
@@ -390,29 +463,44 @@ def make_disk(root: Path, output: Path) -> None:
     )  # fmt: skip
 
 
-def image(directory: Path, base_dir: Path, kernel_dir: Path, progress: Progress) -> GuestImage:
+def root_tree(stage: Path, base_dir: Path, kernel_dir: Path, requirements: list[str]) -> None:
+    """The guest's root file system in `stage`: the base, the kernel's modules, pykata."""
+    release = kernel_release(kernel_dir)
+    _run("cp", "-a", "--reflink=auto", str(base_dir), str(stage), what="copy base")
+    stage.chmod(0o755)  # the base's directory is private to the cache; a root is not
+    modules = stage / "lib" / "modules"
+    modules.mkdir(parents=True, exist_ok=True)
+    _run("cp", "-a", str(kernel_dir / "tree" / "lib" / "modules" / release),
+         str(modules), what="copy modules")  # fmt: skip
+    _run("chroot", str(stage), "depmod", release, what="depmod")
+    install_pykata(stage, requirements)
+    install_container_rootfs(stage)
+    (stage / "etc" / "hostname").write_text("pykata-guest\n")
+
+
+def image(
+    directory: Path, base_dir: Path, kernel_dir: Path, progress: Progress, *, kata_initrd: bool
+) -> GuestImage:
     requirements = guest_requirements()
     key = _key(base_dir.name, kernel_dir.name, sources_digest(), requirements)
     final = directory / f"image-{key}"
     if final.is_dir():
-        return GuestImage(final)
+        built = GuestImage(final)
+        if kata_initrd and not built.kata_initrd.exists():
+            add_kata_initrd(built, base_dir, kernel_dir, requirements, progress)
+        return built
     release = kernel_release(kernel_dir)
     with _building(final) as work:
         stage = work / "root"
         with progress.step("root file system: base + kernel modules + pykata"):
-            _run("cp", "-a", "--reflink=auto", str(base_dir), str(stage), what="copy base")
-            modules = stage / "lib" / "modules"
-            modules.mkdir(parents=True, exist_ok=True)
-            _run("cp", "-a", str(kernel_dir / "tree" / "lib" / "modules" / release),
-                 str(modules), what="copy modules")  # fmt: skip
-            _run("chroot", str(stage), "depmod", release, what="depmod")
-            install_pykata(stage, requirements)
-            install_container_rootfs(stage)
-            (stage / "etc" / "hostname").write_text("pykata-guest\n")
+            root_tree(stage, base_dir, kernel_dir, requirements)
         with progress.step("initramfs"):
             make_initramfs(stage, release, work / "initramfs.cpio")
         with progress.step("root disk (ext4)"):
             make_disk(stage, work / "root.img")
+        if kata_initrd:  # last: it adds /init to the tree
+            with progress.step("Kata initrd (the whole root, compressed)"):
+                make_kata_initrd(stage, work / KATA_INITRD)
         shutil.copy2(kernel_dir / "tree" / "boot" / f"vmlinuz-{release}", work / "vmlinuz")
         shutil.rmtree(stage)
         manifest = {
@@ -429,15 +517,36 @@ def image(directory: Path, base_dir: Path, kernel_dir: Path, progress: Progress)
     return GuestImage(final)
 
 
+def add_kata_initrd(
+    built: GuestImage, base_dir: Path, kernel_dir: Path, requirements: list[str],
+    progress: Progress,
+) -> None:  # fmt: skip
+    """The Kata initrd for an image built without it: the same root, made again."""
+    with tempfile.TemporaryDirectory(prefix=".kata-initrd.", dir=built.directory) as tmp:
+        stage = Path(tmp) / "root"
+        with progress.step("root file system: base + kernel modules + pykata"):
+            root_tree(stage, base_dir, kernel_dir, requirements)
+        with progress.step("Kata initrd (the whole root, compressed)"):
+            make_kata_initrd(stage, Path(tmp) / KATA_INITRD)
+        os.rename(Path(tmp) / KATA_INITRD, built.kata_initrd)
+
+
 #: An image no build has used for this long is removed (two checkouts of different
 #: sources share the cache: each keeps its own image while it is in use).
 KEEP_UNUSED_SECONDS = 24 * 3600
 
 
 def build(
-    directory: Path | None = None, *, rebuild: bool = False, quiet: bool = False
+    directory: Path | None = None,
+    *,
+    rebuild: bool = False,
+    quiet: bool = False,
+    kata_initrd: bool = False,
 ) -> GuestImage:
-    """Build (or find cached) the guest image; `directory/current` points at it."""
+    """Build (or find cached) the guest image; `directory/current` points at it.
+
+    With `kata_initrd`, the image also has the initrd for the real Kata runtime.
+    """
     directory = (directory or default_dir()).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     progress = Progress(quiet)
@@ -447,7 +556,7 @@ def build(
     started = time.monotonic()
     base_dir = base(directory, progress)
     kernel_dir = kernel(directory, progress)
-    built = image(directory, base_dir, kernel_dir, progress)
+    built = image(directory, base_dir, kernel_dir, progress, kata_initrd=kata_initrd)
     link = directory / "current"
     tmp_link = directory / ".current"
     tmp_link.unlink(missing_ok=True)
@@ -458,11 +567,18 @@ def build(
         unused = time.time() - old.stat().st_mtime > KEEP_UNUSED_SECONDS
         if old != built.directory and unused:
             shutil.rmtree(old, ignore_errors=True)
-    progress.say(
-        f"{built.directory} ready in {time.monotonic() - started:.1f}s: "
+    sizes = (
         f"kernel {_mib(_size(built.kernel))}, initramfs {_mib(_size(built.initramfs))}, "
         f"root disk {_mib(_size(built.root_disk))}"
     )
+    if built.kata_initrd.exists():
+        sizes += f", Kata initrd {_mib(_size(built.kata_initrd))}"
+    progress.say(f"{built.directory} ready in {time.monotonic() - started:.1f}s: {sizes}")
+    if kata_initrd:
+        progress.say(
+            f'for Kata (docs/kata-runtime.md): kernel = "{link / "vmlinuz"}", '
+            f'initrd = "{link / KATA_INITRD}" (copy them: `current` moves on a rebuild)'
+        )
     return built
 
 
@@ -473,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         "and `kata-agent-ctl vm`: kernel, initramfs, root disk with the agent. Cached: parts "
         "are rebuilt only when their inputs change.",
         epilog="examples:\n  kata-guest-image\n  kata-guest-image --output /var/tmp/guest "
-        "--rebuild\n  make guest-image",
+        "--rebuild\n  kata-guest-image --kata-initrd\n  make guest-image",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -483,13 +599,21 @@ def main(argv: list[str] | None = None) -> int:
         help=f"cache directory (default ${DEFAULT_DIR_ENV}, else ~/.cache/pykata/guest)",
     )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the image part")
+    parser.add_argument(
+        "--kata-initrd",
+        action="store_true",
+        help=f"also build {KATA_INITRD}: the whole guest as one initrd, for the real Kata "
+        "runtime's `initrd =` key with this image's vmlinuz (docs/kata-runtime.md)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("kata-guest-image: must run as root (debootstrap, chroot)", file=sys.stderr)
         return 1
     try:
-        built = build(args.output, rebuild=args.rebuild, quiet=args.quiet)
+        built = build(
+            args.output, rebuild=args.rebuild, quiet=args.quiet, kata_initrd=args.kata_initrd
+        )
     except ImageError as exc:
         print(f"kata-guest-image: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,11 @@ KVM_PROBE_SECONDS; otherwise software emulation (TCG). On these machines KVM
 enters the guest but the kernel stalls, so the verdict is remembered per host
 boot (`kvm.json` in the image cache) instead of being paid on every launch.
 
+Layout: "pykata" boots our initramfs and root disk; "kata-initrd" boots the
+image's Kata initrd the way Kata's runtime boots an initrd (q35, no disk, the
+console on virtio-serial hvc0, Kata's kernel command line), so what a Kata
+user would run can be tried, and tested, without Kata.
+
 Whatever happens, no QEMU is left behind: QEMU gets SIGKILL when the
 launching process dies (PR_SET_PDEATHSIG), and leaving `launched` stops it -
 gracefully (Ctrl-Alt-Del: the agent, as init, turns it into a shutdown and
@@ -57,6 +62,22 @@ VHOST_VSOCK = "/dev/vhost-vsock"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 AGENT_VSOCK_PORT = 1024
 CONSOLE_VSOCK_PORT = 1026
+LAYOUTS = ("pykata", "kata-initrd")
+
+#: The kernel command line Kata's Go runtime gives an initrd guest on x86_64 with
+#: configuration-qemu.toml's defaults (not debugging), before the channel's and the
+#: user's parameters: kata-containers src/runtime/virtcontainers/qemu_amd64.go
+#: (kernelParams), qemu_arch_base.go (appendConsole, kernelParamsNonDebug), qemu.go
+#: (kernelParameters), pkg/katautils/config.go (scsi_mod.scan, the agent's).
+KATA_KERNEL_PARAMS = (
+    "tsc=reliable", "no_timer_check", "rcupdate.rcu_expedited=1", "i8042.direct=1",
+    "i8042.dumbkbd=1", "i8042.nopnp=1", "i8042.noaux=1", "noreplace-smp", "reboot=k",
+    "cryptomgr.notests", "net.ifnames=0", "pci=lastbus=0",
+    "console=hvc0", "console=hvc1", "quiet", "panic=1",
+)  # fmt: skip
+#: Parameters that follow nr_cpus: SELinux off (disable_guest_selinux), virtio-scsi's
+#: scan mode (block_device_driver), the agent's cdh_api_timeout.
+KATA_KERNEL_PARAMS_AFTER = ("selinux=0", "scsi_mod.scan=none", "agent.cdh_api_timeout=50")
 
 
 class VmError(RuntimeError):
@@ -84,6 +105,8 @@ class VmOptions:
     run_dir: Path | None = None
     boot_timeout: float = 120.0
     extra_args: list[str] = field(default_factory=list)
+    #: "pykata" (initramfs + root disk) or "kata-initrd" (as Kata's runtime boots it).
+    layout: str = "pykata"
 
 
 @dataclass
@@ -240,17 +263,20 @@ class Channel:
 
 
 def kernel_command_line(options: VmOptions, channel: Channel) -> str:
-    params = ["console=ttyS0", "panic=-1", "quiet", *channel.kernel_params(options)]
+    if options.layout == "kata-initrd":
+        params = [*KATA_KERNEL_PARAMS, f"nr_cpus={options.cpus}", *KATA_KERNEL_PARAMS_AFTER]
+    else:
+        params = ["console=ttyS0", "panic=-1", "quiet"]
+    params += channel.kernel_params(options)
     if options.kernel_params:
         params.append(options.kernel_params)
     return " ".join(params)
 
 
-def qemu_command(options: VmOptions, run_dir: Path, accel: str, channel: Channel) -> list[str]:
+def _pykata_machine(options: VmOptions, run_dir: Path, accel: str) -> list[str]:
+    """Our layout: the `pc` machine, our initramfs, the root disk (a snapshot), ttyS0."""
     image = options.image
-    command = [
-        QEMU,
-        "-name", "pykata-guest",
+    return [
         "-machine", f"pc,accel={accel}",
         "-cpu", "max" if accel == "tcg" else "host",
         "-m", str(options.memory_mib),
@@ -258,20 +284,68 @@ def qemu_command(options: VmOptions, run_dir: Path, accel: str, channel: Channel
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(image.kernel),
         "-initrd", str(image.initramfs),
-        "-append", kernel_command_line(options, channel),
         # snapshot: the guest's writes go to a temporary overlay; the image stays as built.
         "-drive", f"file={image.root_disk},format=raw,if=virtio,snapshot=on",
         "-serial", f"file:{run_dir / 'console.log'}",
+    ]  # fmt: skip
+
+
+def _kata_initrd_machine(options: VmOptions, run_dir: Path, accel: str) -> list[str]:
+    """The machine Kata's runtime makes for an initrd guest (kata-containers
+    src/runtime/virtcontainers/qemu.go buildDevices, pkg/govmm/qemu/qemu.go): q35,
+    a PCI bridge, the console on a virtio-serial port (hvc0), virtio-scsi and
+    virtio-rng, the kernel and the initrd, no disk. Kata's console is a socket; here
+    it is the file console.log. Kata's vsock device is the channel's business.
+    """
+    image = options.image
+    if not image.kata_initrd.exists():
+        raise VmError(
+            f"{image.kata_initrd} is missing: build it with `kata-guest-image --kata-initrd`"
+        )
+    cpus = options.cpus
+    return [
+        "-machine", f"q35,accel={accel}",
+        "-cpu", "max" if accel == "tcg" else "host,pmu=off",
+        "-m", f"{options.memory_mib}M",
+        "-smp", f"{cpus},cores=1,threads=1,sockets={cpus},maxcpus={cpus}",
+        "-nodefaults", "-no-user-config", "-nographic", "--no-reboot", "-vga", "none",
+        "-rtc", "base=utc,driftfix=slew,clock=host",
+        "-device", "pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off,addr=2,"
+                   "io-reserve=4k,mem-reserve=1m,pref64-reserve=1m",
+        "-device", "virtio-serial-pci,disable-modern=false,id=serial0,max_ports=2",
+        "-device", "virtconsole,chardev=charconsole0,id=console0",
+        "-chardev", f"file,id=charconsole0,path={run_dir / 'console.log'}",
+        "-device", "virtio-scsi-pci,id=scsi0,disable-modern=false",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.kata_initrd),
+    ]  # fmt: skip
+
+
+def qemu_command(options: VmOptions, run_dir: Path, accel: str, channel: Channel) -> list[str]:
+    if options.layout not in LAYOUTS:
+        raise VmError(f"unknown layout {options.layout!r}: {' or '.join(LAYOUTS)}")
+    kata = options.layout == "kata-initrd"
+    machine = _kata_initrd_machine if kata else _pykata_machine
+    command = [
+        QEMU,
+        "-name", "pykata-guest",
+        *machine(options, run_dir, accel),
+        "-append", kernel_command_line(options, channel),
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
         *channel.qemu_args(options, run_dir),
     ]  # fmt: skip
     if options.shared_dir is not None:
-        # virtio-fs: virtiofsd serves the directory; guest memory must be shareable with it.
+        # virtio-fs: virtiofsd serves the directory; guest memory must be shareable with it
+        # (Kata backs it with a file in /dev/shm; we use a memfd).
+        backend = "memory-backend-file,mem-path=/dev/shm" if kata else "memory-backend-memfd"
         command += [
-            "-object", f"memory-backend-memfd,id=mem,size={options.memory_mib}M,share=on",
+            "-object", f"{backend},id=mem,size={options.memory_mib}M,share=on",
             "-numa", "node,memdev=mem",
             "-chardev", f"socket,id=virtiofs,path={run_dir / 'virtiofsd.sock'}",
-            "-device", f"vhost-user-fs-pci,chardev=virtiofs,tag={SHARE_TAG}",
+            "-device", f"vhost-user-fs-pci,chardev=virtiofs,tag={SHARE_TAG}"
+                       + (",queue-size=1024" if kata else ""),
         ]  # fmt: skip
     return command + options.extra_args
 
@@ -335,11 +409,14 @@ def _end(processes: list[subprocess.Popen[bytes]]) -> None:
         process.wait()
 
 
-def _kernel_started(process: subprocess.Popen[bytes], log: Path, timeout: float) -> bool:
+def _guest_started(
+    process: subprocess.Popen[bytes], log: Path, timeout: float, sign: bytes
+) -> bool:
+    """Did `sign` appear on the guest's console within `timeout`?"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         with contextlib.suppress(OSError):
-            if KERNEL_BANNER in log.read_bytes():
+            if sign in log.read_bytes():
                 return True
         time.sleep(0.1)
     return False
@@ -476,6 +553,18 @@ def choose_accel(options: VmOptions) -> tuple[list[str], str]:
     return ["kvm", "tcg"], "kvm"
 
 
+def _probe_seconds(options: VmOptions) -> float:
+    # Kata's guest is quiet until the agent speaks on hvc0, after the initrd is unpacked.
+    return KVM_PROBE_SECONDS * (2 if options.layout == "kata-initrd" else 1)
+
+
+def _kvm_works(vm: Vm, options: VmOptions) -> bool:
+    """Our kernel prints its banner on ttyS0 at once; Kata's layout has only hvc0, where
+    (quiet) the first line is the agent's JSON announce line."""
+    sign = b"{" if options.layout == "kata-initrd" else KERNEL_BANNER
+    return _guest_started(vm.process, vm.console_log, _probe_seconds(options), sign)
+
+
 def boot(options: VmOptions, run_dir: Path) -> Vm:
     """Start QEMU (probing KVM when it may work) and wait until the agent answers."""
     accels, reason = choose_accel(options)
@@ -485,10 +574,11 @@ def boot(options: VmOptions, run_dir: Path) -> Vm:
         process, helpers = _start(options, run_dir, accel, channel)
         vm = Vm(process, run_dir, channel, accel, reason, started, helpers)
         probing = accel == "kvm" and len(accels) > 1
-        if probing and not _kernel_started(process, vm.console_log, KVM_PROBE_SECONDS):
-            failure = f"the guest kernel printed nothing within {KVM_PROBE_SECONDS:.0f}s"
+        if probing and not _kvm_works(vm, options):
+            failure = f"the guest printed nothing within {_probe_seconds(options):.0f}s"
             stop_now(vm)
-            remember_kvm_verdict(options.image, failure)
+            if options.layout == "pykata":  # the verdict our own layout's kernel gave
+                remember_kvm_verdict(options.image, failure)
             reason = f"tcg (software emulation; KVM unusable here: {failure})"
             continue
         try:
