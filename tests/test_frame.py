@@ -75,3 +75,54 @@ def test_any_split_of_any_frames_decodes_to_the_same_frames(
         i += 1
     assert got == [Frame(*item) for item in items]
     assert decoder.at_frame_boundary()
+
+
+@given(
+    frames,
+    st.lists(st.tuples(st.integers(1, 64), st.integers(0, 3)), min_size=1),
+)
+def test_frames_taken_one_at_a_time_at_any_pace_are_the_same_and_counted(
+    items: list[tuple[int, int, int, bytes]], steps: list[tuple[int, int]]
+) -> None:
+    """A server may stop taking frames (backpressure) while bytes keep coming:
+    the frames come out the same, and `buffered` is always exactly the bytes
+    received and not yet handed out - what the server's memory bounds count."""
+    wire = b"".join(encode_frame(*item) for item in items)
+    sizes = [HEADER.size + len(item[3]) for item in items]
+    decoder = FrameDecoder()
+    got: list[Frame | OversizeFrame] = []
+    offset = i = 0
+    while offset < len(wire) or len(got) < len(items):
+        step, takes = steps[i % len(steps)]
+        i += 1
+        decoder.push(wire[offset : offset + step])
+        offset = min(offset + step, len(wire))
+        drained = False
+        for _ in range(takes if offset < len(wire) else len(items) + 1):
+            frame = decoder.next_frame()
+            if frame is None:
+                drained = True
+                break
+            got.append(frame)
+        assert decoder.buffered == offset - sum(sizes[: len(got)])
+        if drained:  # what is held now is the start of a frame, if anything
+            assert decoder.in_frame() == (decoder.buffered > 0)
+    assert got == [Frame(*item) for item in items]
+    assert decoder.frames == len(items)
+    assert decoder.buffered == 0 and not decoder.in_frame() and decoder.at_frame_boundary()
+
+
+def test_in_frame_tells_a_started_frame_from_a_boundary() -> None:
+    decoder = FrameDecoder()
+    data = encode_frame(1, MessageType.REQUEST, 0, b"x" * 100)
+    decoder.push(data[:4])
+    assert decoder.next_frame() is None and decoder.in_frame()
+    decoder.push(data[4:50])
+    assert decoder.next_frame() is None and decoder.in_frame()
+    assert decoder.buffered == 50
+    decoder.push(data[50:])
+    assert decoder.next_frame() == Frame(1, 1, 0, b"x" * 100)
+    assert not decoder.in_frame() and decoder.frames == 1
+    decoder.push(HEADER.pack(MAX_DATA_SIZE + 5, 3, 1, 0))  # oversize: skipped, never held
+    assert isinstance(decoder.next_frame(), OversizeFrame)
+    assert decoder.in_frame() and decoder.buffered == 0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from google.rpc import status_pb2
+from hypothesis import given
+from hypothesis import strategies as st
+
 from pykata.ttrpc.frame import Flags, FrameDecoder, MessageType, encode_frame
 from pykata.ttrpc.protocol import (
     ClientConnection,
@@ -106,3 +110,69 @@ def test_server_response_frames_decode_on_the_client() -> None:
     assert [f.type for f in frames] == [MessageType.RESPONSE, MessageType.DATA]
     assert Response.FromString(frames[0].data).payload == b"payload"
     assert frames[1].flags == Flags.REMOTE_CLOSED | Flags.NO_DATA
+
+
+OK = status_pb2.Status(code=Code.OK)
+
+# The calls-in-flight bound: a pure rule of the connection, so any interleaving
+# of requests (good, re-used, even ids) and answers can be checked without sockets.
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("request"), st.integers(0, 3)),  # 0: next odd id, else a re-used/even id
+        st.tuples(st.just("answer"), st.integers(0, 1000)),  # answer the n-th open call
+    ),
+    max_size=200,
+)
+
+
+@given(st.integers(1, 8), ops)
+def test_calls_in_flight_never_exceed_the_limit_and_every_excess_is_refused(
+    limit: int, script: list[tuple[str, int]]
+) -> None:
+    conn = ServerConnection(max_streams=limit)
+    open_calls: list[int] = []
+    next_id = 1
+    for op, n in script:
+        if op == "answer":
+            if open_calls:
+                conn.response(open_calls.pop(n % len(open_calls)), OK)
+            continue
+        new = n == 0 or next_id == 1
+        if new:
+            sid, next_id = next_id, next_id + 2
+        else:  # a re-used id (must not free the call it names) or an even one
+            sid = next_id - 2 if n == 1 else 2 * n
+        full = len(open_calls) == limit
+        [event] = conn.receive(request_frame(sid))
+        if new and not full:
+            assert isinstance(event, RequestReceived)
+            open_calls.append(sid)
+        else:
+            assert isinstance(event, StreamRejected)
+            exhausted = event.code == Code.RESOURCE_EXHAUSTED
+            assert exhausted == new
+            assert not exhausted or event.message.endswith(f"(limit {limit})")
+            conn.rejection(event)  # answering a rejection frees nothing
+        assert conn.open_streams == len(open_calls) <= limit
+
+
+def test_a_rejected_reused_id_keeps_the_call_it_names_counted() -> None:
+    conn = ServerConnection(max_streams=1)
+    [first] = conn.receive(request_frame(1))
+    [reused] = conn.receive(request_frame(1))
+    assert isinstance(first, RequestReceived) and isinstance(reused, StreamRejected)
+    conn.rejection(reused)
+    [refused] = conn.receive(request_frame(3))
+    assert isinstance(refused, StreamRejected) and refused.code == Code.RESOURCE_EXHAUSTED
+    conn.response(1, OK)
+    [accepted] = conn.receive(request_frame(5))
+    assert isinstance(accepted, RequestReceived)
+
+
+def test_events_wait_in_the_connection_until_taken() -> None:
+    conn = ServerConnection()
+    conn.receive_data(request_frame(1) + request_frame(3) + request_frame(5)[:7])
+    assert conn.buffered > 0
+    first, second = conn.next_event(), conn.next_event()
+    assert isinstance(first, RequestReceived) and isinstance(second, RequestReceived)
+    assert conn.next_event() is None and conn.in_frame() and conn.buffered == 7

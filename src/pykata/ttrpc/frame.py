@@ -66,61 +66,95 @@ def encode_frame(stream_id: int, type: int, flags: int, data: bytes) -> bytes:
 
 
 class FrameDecoder:
-    """Turns a byte stream into Frame and OversizeFrame events.
+    """Turns a byte stream into Frame and OversizeFrame events, one at a time.
 
-    An incomplete frame's chunks are kept as a list and joined once the
-    frame is whole (no quadratic copying of big frames). Oversize data is
-    never buffered: its bytes are counted off as they arrive, so a hostile
-    length costs no memory and the stream stays in sync.
+    push() takes bytes as they arrive; next_frame() returns the next whole
+    frame, or None until more bytes come (as h11's next_event). A caller that
+    wants to stop taking requests simply stops asking: the bytes wait here,
+    counted by `buffered`. An incomplete frame's chunks are kept as a list and
+    joined once the frame is whole (no quadratic copying of big frames).
+    Oversize data is never buffered: its bytes are counted off as they arrive,
+    so a hostile length costs no memory and the stream stays in sync.
     """
 
     def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._held = 0  # bytes in _chunks
-        self._needed = 0  # bytes _chunks must reach before decoding can progress
+        self._buf = b""  # input not decoded yet, from _pos on
+        self._pos = 0
+        self._chunks: list[bytes] = []  # input after _buf, joined only when it can help
+        self._held = 0  # undecoded bytes in _buf (from _pos) and _chunks
+        self._needed = HEADER_SIZE  # bytes that must be held before a frame can come out
         self._skip = 0  # bytes of an oversize frame still to drop
+        #: Frames (and oversize headers) decoded so far: a frame's identity for deadlines.
+        self.frames = 0
 
-    def feed(self, data: bytes) -> list[Frame | OversizeFrame]:
+    def push(self, data: bytes) -> None:
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             data = data[dropped:]
-        if self._chunks:
+        if data:
             self._chunks.append(data)
             self._held += len(data)
-            if self._held < self._needed:
-                return []
-            data = b"".join(self._chunks)
+
+    def next_frame(self) -> Frame | OversizeFrame | None:
+        if self._held < self._needed:
+            return None
+        if self._chunks:
+            rest = self._buf[self._pos :]
+            self._buf = rest + b"".join(self._chunks) if rest else b"".join(self._chunks)
+            self._pos = 0
             self._chunks.clear()
-            self._held = 0
+        buf, pos = self._buf, self._pos
+        length, stream_id, type_, flags = HEADER.unpack_from(buf, pos)
+        start = pos + HEADER_SIZE
+        if length > MAX_DATA_SIZE:
+            dropped = min(length, len(buf) - start)
+            self._skip = length - dropped
+            self._consumed(start + dropped)
+            return OversizeFrame(stream_id, type_, flags, length)
+        end = start + length
+        if end > len(buf):
+            self._needed = HEADER_SIZE + length
+            return None
+        self._consumed(end)
+        return Frame(stream_id, type_, flags, buf[start:end])
+
+    def _consumed(self, pos: int) -> None:
+        self.frames += 1
+        self._needed = HEADER_SIZE
+        self._held = len(self._buf) - pos
+        if self._held:
+            self._pos = pos
+        else:
+            self._buf, self._pos = b"", 0
+
+    def feed(self, data: bytes) -> list[Frame | OversizeFrame]:
+        """push() then every frame that is now whole."""
+        self.push(data)
         events: list[Frame | OversizeFrame] = []
-        offset = 0
-        end = len(data)
-        length = 0
-        while end - offset >= HEADER_SIZE:
-            length, stream_id, type_, flags = HEADER.unpack_from(data, offset)
-            start = offset + HEADER_SIZE
-            if length > MAX_DATA_SIZE:
-                events.append(OversizeFrame(stream_id, type_, flags, length))
-                dropped = min(length, end - start)
-                self._skip = length - dropped
-                offset = start + dropped
-                continue
-            if end - start < length:
-                break
-            offset = start + length
-            events.append(Frame(stream_id, type_, flags, data[start:offset]))
-        if offset < end:
-            rest = data[offset:]
-            self._chunks.append(rest)
-            self._held = len(rest)
-            self._needed = HEADER_SIZE + length if len(rest) >= HEADER_SIZE else HEADER_SIZE
+        while (event := self.next_frame()) is not None:
+            events.append(event)
         return events
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory: whole frames not taken yet, and an incomplete one."""
+        return self._held
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held (or still to skip)."""
         return self._held + self._skip
+
+    @property
+    def frame_size(self) -> int:
+        """Header and data of the frame begun, once its header is in; else 0.
+        (After next_frame() returned None; an oversize frame's is 0: never held.)"""
+        return self._needed if 0 < self._held < self._needed > HEADER_SIZE else 0
+
+    def in_frame(self) -> bool:
+        """True when a frame has started and the bytes held cannot finish it."""
+        return self._skip > 0 or 0 < self._held < self._needed
 
     def at_frame_boundary(self) -> bool:
         """True when end of stream here would cut no frame short."""

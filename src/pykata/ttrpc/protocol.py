@@ -82,18 +82,51 @@ def _data_frame(stream_id: int, data: bytes | None, end_stream: bool) -> bytes:
 
 
 class _Receiving(Generic[E]):
-    """Frames in, events out; each side says what a frame means to it."""
+    """Frames in, events out; each side says what a frame means to it.
+
+    h11-style: receive_data() takes bytes, next_event() hands out one event
+    at a time (None: more bytes needed). receive() does both for callers that
+    take every event at once.
+    """
 
     def __init__(self) -> None:
         self._decoder = FrameDecoder()
 
-    def receive(self, data: bytes) -> list[E]:
-        events: list[E] = []
-        for frame in self._decoder.feed(data):
+    def receive_data(self, data: bytes) -> None:
+        self._decoder.push(data)
+
+    def next_event(self) -> E | None:
+        while (frame := self._decoder.next_frame()) is not None:
             event = self._handle(frame)
             if event is not None:
-                events.append(event)
+                return event
+        return None
+
+    def receive(self, data: bytes) -> list[E]:
+        self._decoder.push(data)
+        events: list[E] = []
+        while (event := self.next_event()) is not None:
+            events.append(event)
         return events
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes held: events not taken yet, and an incomplete frame."""
+        return self._decoder.buffered
+
+    @property
+    def frames(self) -> int:
+        """Frames decoded so far (a frame's identity, for deadlines)."""
+        return self._decoder.frames
+
+    @property
+    def frame_size(self) -> int:
+        """After next_event() returned None: the size of the frame begun, once known."""
+        return self._decoder.frame_size
+
+    def in_frame(self) -> bool:
+        """After next_event() returned None: a frame has started and is not complete."""
+        return self._decoder.in_frame()
 
     def end_of_input_is_clean(self) -> bool:
         """False when the input ended in the middle of a frame."""
@@ -107,11 +140,25 @@ class _Receiving(Generic[E]):
 
 
 class ServerConnection(_Receiving[ServerEvent]):
-    def __init__(self) -> None:
+    """The server's side of one connection.
+
+    `max_streams` bounds the calls in flight: a request beyond it is answered
+    RESOURCE_EXHAUSTED and the connection goes on (a client whose long-poll
+    calls hold every slot can still make the calls that end them).
+    """
+
+    def __init__(self, max_streams: int | None = None) -> None:
         super().__init__()
+        self.max_streams = max_streams
         self._last_stream_id = 0
+        #: Streams accepted and not answered yet.
+        self._open: set[int] = set()
         #: Streams on which the client may still send data frames.
         self._receiving: set[int] = set()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._open)
 
     def _handle(self, frame: Frame | OversizeFrame) -> ServerEvent | None:
         sid = frame.stream_id
@@ -135,6 +182,12 @@ class ServerConnection(_Receiving[ServerEvent]):
                 f"(last was {self._last_stream_id})",
             )
         self._last_stream_id = sid
+        if self.max_streams is not None and len(self._open) >= self.max_streams:
+            return StreamRejected(
+                sid,
+                Code.RESOURCE_EXHAUSTED,
+                f"too many calls in flight on this connection (limit {self.max_streams})",
+            )
         request = Request()
         try:
             request.ParseFromString(frame.data)
@@ -143,6 +196,7 @@ class ServerConnection(_Receiving[ServerEvent]):
         streaming = bool(frame.flags & Flags.REMOTE_OPEN)
         if streaming:
             self._receiving.add(sid)
+        self._open.add(sid)
         return RequestReceived(sid, request, streaming)
 
     def _handle_data(self, frame: Frame) -> ServerEvent:
@@ -165,8 +219,16 @@ class ServerConnection(_Receiving[ServerEvent]):
     def response(self, stream_id: int, status: status_pb2.Status, payload: bytes = b"") -> bytes:
         """Bytes of the response that ends a stream."""
         self._receiving.discard(stream_id)
+        self._open.discard(stream_id)
         body = Response(status=status, payload=payload).SerializeToString()
         return encode_frame(stream_id, MessageType.RESPONSE, Flags.NONE, body)
+
+    def rejection(self, event: StreamRejected) -> bytes:
+        """Bytes answering a rejected stream. A call already running on that id
+        (a re-used id) stays open: it is still counted until its own response."""
+        status = status_pb2.Status(code=event.code, message=event.message)
+        body = Response(status=status).SerializeToString()
+        return encode_frame(event.stream_id, MessageType.RESPONSE, Flags.NONE, body)
 
     def data(self, stream_id: int, data: bytes | None, end_stream: bool = False) -> bytes:
         return _data_frame(stream_id, data, end_stream)
