@@ -214,6 +214,41 @@ def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, int, int] |
     return pid, uid, gid
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end of a connection, as far as the socket can tell:
+    a unix socket's process (SO_PEERCRED), or a vsock peer's CID and port."""
+
+    pid: int | None = None
+    uid: int | None = None
+    cid: int | None = None
+    port: int | None = None
+
+    @property
+    def key(self) -> tuple[str, int | None, int | None]:
+        """The same for every connection of one peer process (or one VM)."""
+        if self.cid is not None:
+            return ("cid", self.cid, None)
+        return ("process", self.uid, self.pid)
+
+    def log_fields(self) -> dict[str, int]:
+        names = {"peer_pid": self.pid, "peer_uid": self.uid}
+        names.update(peer_cid=self.cid, peer_port=self.port)
+        return {name: value for name, value in names.items() if value is not None}
+
+
+def peer_of(transport: asyncio.BaseTransport) -> Peer:
+    creds = peer_credentials(transport)
+    if creds is not None:
+        return Peer(pid=creds[0], uid=creds[1])
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == getattr(socket, "AF_VSOCK", None):
+        with contextlib.suppress(OSError):
+            cid, port = sock.getpeername()
+            return Peer(cid=cid, port=port)
+    return Peer()
+
+
 class Serving(Protocol):
     """What a listener stops: an asyncio.Server, or a virtio-serial port server."""
 

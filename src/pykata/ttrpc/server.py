@@ -7,10 +7,11 @@ bytes between it and a socket and runs handlers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
 from google.protobuf import message_factory
@@ -19,8 +20,9 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 
 from .. import transport as transport_mod
+from ..log import RateLimit
 from ..transport import Address, Listener
-from .frame import FrameTooLarge
+from .frame import HEADER_SIZE, MAX_DATA_SIZE, FrameTooLarge
 from .protocol import (
     DataReceived,
     RequestReceived,
@@ -115,36 +117,233 @@ class Service:
         return service
 
 
-class _Connection(asyncio.Protocol):
+@dataclass(frozen=True)
+class Limits:
+    """What one client, and all clients together, can make a Server hold.
+
+    Every field has a default that serves a Kata runtime (one long-lived
+    connection with many long-poll calls on it) with room to spare.
+    """
+
+    #: Connections open at once; one more is closed as soon as it is accepted.
+    max_connections: int = 128
+    #: Calls in flight on one connection; one more is answered RESOURCE_EXHAUSTED.
+    max_calls_per_connection: int = 1024
+    #: Calls in flight that every connection may have, whatever the others do.
+    guaranteed_calls: int = 16
+    #: Calls in flight beyond each connection's guaranteed ones, all connections
+    #: together; one more is answered RESOURCE_EXHAUSTED.
+    max_calls: int = 4096
+    #: Answer bytes queued for one connection (written, not yet taken by the
+    #: peer) above which no more of its requests are read.
+    reply_high_water: int = 1 << 20
+    #: Answer bytes queued for all connections together; past it, the
+    #: connection holding the most is closed (its peer does not read them).
+    max_queued_replies: int = 64 << 20
+    #: Bytes of frames not yet whole that every connection may hold, whatever the others do.
+    guaranteed_frame_bytes: int = 16 << 10
+    #: Bytes of frames not yet whole beyond each connection's guaranteed ones,
+    #: all connections together; a connection that needs more is not read
+    #: until there is room.
+    max_frame_bytes: int = 32 << 20
+    #: Seconds from a frame's first byte to its last; then the connection is closed.
+    frame_timeout: float = 10.0
+    #: Warnings about one peer's input: a burst of `peer_log_burst`, then
+    #: `peer_log_rate` per second; the rest are counted, and the count is
+    #: logged once the burst would have refilled.
+    peer_log_rate: float = 1.0
+    peer_log_burst: int = 10
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)!r}")
+        if self.guaranteed_frame_bytes < HEADER_SIZE:
+            raise ValueError(f"guaranteed_frame_bytes must be at least {HEADER_SIZE}")
+        if self.guaranteed_frame_bytes + self.max_frame_bytes < HEADER_SIZE + MAX_DATA_SIZE:
+            raise ValueError(
+                "guaranteed_frame_bytes + max_frame_bytes must hold the largest frame "
+                f"({HEADER_SIZE + MAX_DATA_SIZE} bytes)"
+            )
+        if self.max_queued_replies < self.reply_high_water:
+            raise ValueError(
+                f"max_queued_replies ({self.max_queued_replies}) must be at least "
+                f"reply_high_water ({self.reply_high_water})"
+            )
+
+
+#: Largest single read from a connection: bounds what one read can add to memory.
+READ_SIZE = 64 << 10
+#: Requests one connection may start before the other connections (and the
+#: calls just started) get a turn of the event loop.
+EVENTS_PER_TURN = 32
+
+#: Peers whose suppressed warnings wait for their count line at once (a bound
+#: on the timers; past it a count waits for the peer's next line instead).
+MAX_REPORTS = 1024
+
+# Why a connection is not being read (see _Connection._pause).
+_REPLIES = "replies"  # its peer is not taking its answers
+_FRAMES = "frames"  # the shared room for incomplete frames is full
+_TURN = "turn"  # it had its turn; others go first
+
+
+class _PeerWarnings:
+    """Warnings about what a peer sent, rate-limited per peer and naming it."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limit = RateLimit(limits.peer_log_rate, limits.peer_log_burst)
+        # A peer's suppressed warnings are counted in a line once its burst has refilled.
+        self._report_after = limits.peer_log_burst / limits.peer_log_rate
+        self._reports: dict[object, tuple[asyncio.TimerHandle, transport_mod.Peer]] = {}
+
+    def warn(self, peer: transport_mod.Peer, message: str, *args: object, **extra: object) -> None:
+        loop = asyncio.get_running_loop()
+        suppressed = self._limit.allow(peer.key, loop.time())
+        if suppressed is None:
+            if peer.key not in self._reports and len(self._reports) < MAX_REPORTS:
+                handle = loop.call_later(self._report_after, self._report, peer)
+                self._reports[peer.key] = (handle, peer)
+            return
+        fields: dict[str, object] = {**peer.log_fields(), **extra}
+        if suppressed:
+            fields["suppressed"] = suppressed
+        log.warning(message, *args, extra=fields)
+
+    def _report(self, peer: transport_mod.Peer) -> None:
+        self._reports.pop(peer.key, None)
+        suppressed = self._limit.take_suppressed(peer.key)
+        if suppressed:
+            log.warning(
+                "%d more warnings about this peer were suppressed",
+                suppressed,
+                extra={**peer.log_fields(), "suppressed": suppressed},
+            )
+
+    def close(self) -> None:
+        """Log every count still waiting for its line."""
+        for handle, peer in list(self._reports.values()):
+            handle.cancel()
+            self._report(peer)
+
+
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: Server, listener: Listener | None) -> None:
         self.server = server
+        self.limits = server.limits
         self.listener = listener
-        self.protocol = ServerConnection()
+        self.protocol = ServerConnection(max_streams=server.limits.max_calls_per_connection)
         # Kept, not looked up per call: on 3.11 each lookup costs a getpid() syscall.
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.streams: dict[int, ServerStream] = {}
         self.peer: tuple[int, int, int] | None = None
+        self.who = transport_mod.Peer()
         self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        #: Why reading is paused; empty while it is not.
+        self._paused: set[str] = set()
+        #: The transport asked us to stop writing (pause_writing).
+        self._write_blocked = False
+        #: Bytes of the shared room reserved for the frame being received.
+        self.reserved = 0
+        #: Answer bytes queued in the transport, as last counted in the server's total.
+        self.queued = 0
+        self._frame_timer: asyncio.TimerHandle | None = None
+        self._timed_frame = -1
+        self._open = False
 
-    # asyncio.Protocol
+    # asyncio.BufferedProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.peer = transport_mod.peer_credentials(transport)
+        self.who = transport_mod.peer_of(transport)
+        server = self.server
         if self.listener is not None and not self.listener.admits(transport):
-            log.warning(
+            server.warnings.warn(
+                self.who,
                 "refused connection from a peer of another user on %s",
                 self.listener.address,
-                extra={"peer_pid_uid_gid": self.peer},
             )
             self.transport.abort()
             return
-        self.server._connections.add(self)
+        if len(server._connections) >= self.limits.max_connections:
+            server.counters["connections_refused"] += 1
+            server.warnings.warn(
+                self.who,
+                "refused connection: %d connections open, the limit",
+                len(server._connections),
+            )
+            self.transport.abort()
+            return
+        self._open = True
+        server._connections.add(self)
+        self.transport.set_write_buffer_limits(high=self.limits.reply_high_water)
 
-    def data_received(self, data: bytes) -> None:
-        for event in self.protocol.receive(data):
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Read no more than this connection may hold: its guaranteed bytes and
+        # what it reserved for its frame. (At least one byte: asyncio needs a
+        # buffer; a connection with no room is paused, so this is a bound.)
+        room = self.limits.guaranteed_frame_bytes + self.reserved - self.protocol.buffered
+        return self.server._read_buffer[: max(1, min(room, READ_SIZE))]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.protocol.receive_data(bytes(self.server._read_buffer[:nbytes]))
+        self._process()
+
+    def eof_received(self) -> bool:
+        if not self.protocol.end_of_input_is_clean():
+            self.server.warnings.warn(
+                self.who,
+                "connection closed in the middle of a frame; dropping it",
+                held=self.protocol.buffered,
+            )
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._open:
+            return
+        self._open = False
+        server = self.server
+        server._connections.discard(self)
+        self._cancel_frame_timer()
+        server._forget_replies(self)
+        server._frame_waiters.pop(self, None)
+        server._release_frame_room(self)
+        for task in self.tasks.values():
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        # The peer is not taking its answers: stop taking requests from it.
+        self._write_blocked = True
+        self._pause(_REPLIES)
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self.server._count_replies(self)
+        if not self._replies_backlogged():
+            self._resume(_REPLIES)
+
+    # reading: one event at a time, while nothing says stop
+
+    def _process(self) -> None:
+        """Take events from the bytes received while this connection may."""
+        handled = 0
+        protocol = self.protocol
+        while not self._paused:
+            if handled >= EVENTS_PER_TURN and protocol.buffered:
+                self._pause(_TURN)
+                self.loop.call_soon(self._resume, _TURN)
+                break
+            if self._replies_backlogged():
+                self._pause(_REPLIES)
+                break
+            event = protocol.next_event()
+            if event is None:
+                break
+            handled += 1
             if isinstance(event, RequestReceived):
                 self._start_call(event)
             elif isinstance(event, DataReceived):
@@ -153,30 +352,74 @@ class _Connection(asyncio.Protocol):
                     stream._deliver(event.data)
                     if event.end_stream:
                         stream._deliver(None)
-            elif isinstance(event, StreamRejected):
-                log.warning("stream rejected: %s", event.message, extra={"stream": event.stream_id})
-                self._answer(
-                    event.stream_id, status_pb2.Status(code=event.code, message=event.message)
-                )
+            else:
+                self._reject(event)
+        if not self._paused:
+            self._reserve_frame_room()
+        self._watch_frame()
 
-    def eof_received(self) -> bool:
-        if not self.protocol.end_of_input_is_clean():
-            log.warning("connection closed in the middle of a frame; dropping it")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server._connections.discard(self)
-        for task in self.tasks.values():
-            task.cancel()
-
-    def pause_writing(self) -> None:
-        # The peer is not reading its answers: stop taking new requests from it.
-        if self.transport is not None:
+    def _pause(self, reason: str) -> None:
+        if not self._paused and self.transport is not None:
             self.transport.pause_reading()
+        self._paused.add(reason)
 
-    def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+    def _resume(self, reason: str) -> None:
+        if reason not in self._paused:
+            return
+        self._paused.discard(reason)
+        if self._paused or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        self._process()
+
+    def _reserve_frame_room(self) -> None:
+        """A frame bigger than the guaranteed bytes needs room in the shared pool,
+        all of it before more of it is read: a connection holding room can
+        always finish its frame (no two waiting on each other), and one that
+        cannot get it waits holding no more than its guaranteed bytes."""
+        need = max(0, self.protocol.frame_size - self.limits.guaranteed_frame_bytes)
+        if need == self.reserved:
+            return
+        server = self.server
+        if need < self.reserved:
+            server._release_frame_room(self, keep=need)
+        elif server._frame_waiters or not server._take_frame_room(self, need):
+            self._pause(_FRAMES)  # first come, first served: behind those already waiting
+            server._frame_waiters[self] = None
+
+    def _take_room_for_frame(self) -> bool:
+        need = max(0, self.protocol.frame_size - self.limits.guaranteed_frame_bytes)
+        return self.server._take_frame_room(self, need)
+
+    def _watch_frame(self) -> None:
+        """A frame that has started must end within frame_timeout of when we
+        let it come: not counting a wait for room (holding only guaranteed
+        bytes), while holding room or not reading answers counts."""
+        if _FRAMES in self._paused or not self.protocol.in_frame():
+            self._cancel_frame_timer()
+            return
+        frame = self.protocol.frames
+        if self._frame_timer is None or self._timed_frame != frame:
+            self._cancel_frame_timer()
+            self._timed_frame = frame
+            self._frame_timer = self.loop.call_later(self.limits.frame_timeout, self._frame_expired)
+
+    def _cancel_frame_timer(self) -> None:
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+
+    def _frame_expired(self) -> None:
+        self._frame_timer = None
+        self.server.counters["frame_timeouts"] += 1
+        self.server.warnings.warn(
+            self.who,
+            "closing connection: a frame begun %gs ago is still incomplete",
+            self.limits.frame_timeout,
+            held=self.protocol.buffered,
+        )
+        if self.transport is not None:
+            self.transport.abort()
 
     # sending: while several calls are in flight, coalesce the frames produced
     # in one loop iteration into one write (one syscall instead of many)
@@ -184,18 +427,32 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if len(self.tasks) <= 1 and not self._outbox:
             # The only call in flight: answer at once, no extra loop turn.
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(data)
+            self._write(data)
             return
         if not self._outbox:
             self.loop.call_soon(self._flush)
         self._outbox.append(data)
+        self._outbox_bytes += len(data)
 
     def _flush(self) -> None:
         data = b"".join(self._outbox)
         self._outbox.clear()
+        self._outbox_bytes = 0
+        self._write(data)
+        if _REPLIES in self._paused and not self._replies_backlogged():
+            self._resume(_REPLIES)
+
+    def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+            self.server._count_replies(self)
+
+    def _replies_backlogged(self) -> bool:
+        if self._write_blocked:
+            return True
+        transport = self.transport
+        queued = transport.get_write_buffer_size() if transport is not None else 0
+        return queued + self._outbox_bytes > self.limits.reply_high_water
 
     def _answer(self, stream_id: int, status: status_pb2.Status, payload: bytes = b"") -> None:
         try:
@@ -207,6 +464,17 @@ class _Connection(asyncio.Protocol):
             frame = self.protocol.response(stream_id, status)
         self.send(frame)
 
+    def _reject(self, event: StreamRejected) -> None:
+        self.server.counters["streams_rejected"] += 1
+        self.server.warnings.warn(
+            self.who,
+            "stream rejected: %s",
+            event.message,
+            stream=event.stream_id,
+            code=event.code.name,
+        )
+        self.send(self.protocol.rejection(event))
+
     # calls
 
     def _start_call(self, event: RequestReceived) -> None:
@@ -215,6 +483,16 @@ class _Connection(asyncio.Protocol):
         if self.server._draining:
             status = status_pb2.Status(code=Code.UNAVAILABLE, message="server is shutting down")
             self._answer(sid, status)
+            return
+        shared = len(self.tasks) >= self.limits.guaranteed_calls
+        if shared and self.server._shared_calls >= self.limits.max_calls:
+            message = (
+                f"too many calls in flight on the server (limit {self.limits.max_calls} "
+                f"beyond {self.limits.guaranteed_calls} per connection)"
+            )
+            self.server.counters["calls_refused"] += 1
+            self.server.warnings.warn(self.who, "call refused: %s", message, stream=sid)
+            self._answer(sid, status_pb2.Status(code=Code.RESOURCE_EXHAUSTED, message=message))
             return
         # Lookup and decoding failures answer as ttrpc-rust does (the Kata agent's
         # library): INVALID_ARGUMENT for an unknown service, UNIMPLEMENTED for an
@@ -248,6 +526,9 @@ class _Connection(asyncio.Protocol):
             self.streams[sid] = stream
             work = method.handler(stream, ctx)
         self.tasks[sid] = self.loop.create_task(self._run(ctx, work))
+        self.server.calls += 1
+        if shared:
+            self.server._shared_calls += 1
 
     async def _decode_and_handle(
         self, method: UnaryMethod, payload: bytes, ctx: ServerContext
@@ -287,7 +568,10 @@ class _Connection(asyncio.Protocol):
             self._call_done(ctx, status)
 
     def _call_done(self, ctx: ServerContext, status: status_pb2.Status) -> None:
-        self.tasks.pop(ctx.stream_id, None)
+        if self.tasks.pop(ctx.stream_id, None) is not None:
+            self.server.calls -= 1
+            if len(self.tasks) >= self.limits.guaranteed_calls:
+                self.server._shared_calls -= 1
         self.streams.pop(ctx.stream_id, None)
         if not self.tasks:
             self.server._maybe_idle()
@@ -329,10 +613,15 @@ class Server:
     """
 
     def __init__(
-        self, services: Iterable[Service] = (), *, call_hook: CallHook | None = None
+        self,
+        services: Iterable[Service] = (),
+        *,
+        call_hook: CallHook | None = None,
+        limits: Limits | None = None,
     ) -> None:
         #: Wraps every unary handler call, e.g. in a tracing span: hook(ctx, request).
         self.call_hook = call_hook
+        self.limits = limits or Limits()
         self._services: dict[str, Service] = {}
         for service in services:
             self.add_service(service)
@@ -340,6 +629,39 @@ class Server:
         self._connections: set[_Connection] = set()
         self._draining = False
         self._idle: asyncio.Event | None = None
+        #: Calls in flight on every connection.
+        self.calls = 0
+        #: Of those, calls beyond each connection's guaranteed ones.
+        self._shared_calls = 0
+        #: How often each bound was hit, since the server was made.
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.warnings = _PeerWarnings(self.limits)
+        # One read buffer for every connection: the loop reads one socket at a
+        # time and buffer_updated copies what it needs before the next read.
+        self._read_buffer = memoryview(bytearray(READ_SIZE))
+        #: Bytes of the shared room for incomplete frames reserved.
+        self._frame_room_reserved = 0
+        #: Connections waiting for room for their frame, first come first served.
+        self._frame_waiters: dict[_Connection, None] = {}
+        self._waking: asyncio.Handle | None = None
+        #: Answer bytes queued on all connections (as last counted), and who has some.
+        self._queued_replies = 0
+        self._backlogged: set[_Connection] = set()
+
+    def stats(self) -> dict[str, int]:
+        """What the server holds now, and how often each bound was hit."""
+        return {
+            "connections": len(self._connections),
+            "calls": self.calls,
+            "frame_bytes": sum(conn.protocol.buffered for conn in self._connections),
+            "frame_bytes_reserved": self._frame_room_reserved,
+            "queued_reply_bytes": sum(
+                conn.transport.get_write_buffer_size() + conn._outbox_bytes
+                for conn in self._connections
+                if conn.transport is not None
+            ),
+            **self.counters,
+        }
 
     def add_service(self, service: Service) -> None:
         if service.name in self._services:
@@ -364,16 +686,91 @@ class Server:
         self._listeners.append(listener)
         return listener
 
-    def connection_protocol(self) -> asyncio.Protocol:
+    def connection_protocol(self) -> asyncio.BaseProtocol:
         """A protocol for a connection made elsewhere (e.g. a socketpair in tests)."""
         return _Connection(self, None)
 
     def _in_flight(self) -> int:
-        return sum(len(conn.tasks) for conn in self._connections)
+        return self.calls
 
     def _maybe_idle(self) -> None:
-        if self._idle is not None and self._in_flight() == 0:
+        if self._idle is not None and self.calls == 0:
             self._idle.set()
+
+    # incomplete frames: each connection's own allowance, then a shared room
+
+    def _take_frame_room(self, conn: _Connection, need: int) -> bool:
+        extra = need - conn.reserved
+        if self._frame_room_reserved + extra > self.limits.max_frame_bytes:
+            return False
+        self._frame_room_reserved += extra
+        conn.reserved = need
+        return True
+
+    def _release_frame_room(self, conn: _Connection, keep: int = 0) -> None:
+        if conn.reserved <= keep:
+            return
+        self._frame_room_reserved -= conn.reserved - keep
+        conn.reserved = keep
+        if self._frame_waiters and self._waking is None:
+            self._waking = asyncio.get_running_loop().call_soon(self._wake_frame_waiters)
+
+    def _wake_frame_waiters(self) -> None:
+        """There is room again: waiting connections get it in the order they came;
+        the first that does not fit keeps its place (big frames are not starved)."""
+        self._waking = None
+        for conn in list(self._frame_waiters):
+            if not conn._take_room_for_frame():
+                break
+            del self._frame_waiters[conn]
+            conn._resume(_FRAMES)
+
+    # answers queued for peers that do not take them
+
+    def _count_replies(self, conn: _Connection) -> None:
+        transport = conn.transport
+        queued = transport.get_write_buffer_size() if transport is not None else 0
+        if queued == conn.queued:
+            return
+        self._queued_replies += queued - conn.queued
+        conn.queued = queued
+        if queued:
+            self._backlogged.add(conn)
+        else:
+            self._backlogged.discard(conn)
+        if self._queued_replies > self.limits.max_queued_replies:
+            self._shed_replies()
+
+    def _forget_replies(self, conn: _Connection) -> None:
+        self._queued_replies -= conn.queued
+        conn.queued = 0
+        self._backlogged.discard(conn)
+
+    def _shed_replies(self) -> None:
+        """Over the bound for all connections: close those holding the most."""
+        for conn in list(self._backlogged):  # the counts may be stale: buffers drain
+            self._count_replies_exactly(conn)
+        while self._queued_replies > self.limits.max_queued_replies and self._backlogged:
+            worst = max(self._backlogged, key=lambda conn: conn.queued)
+            self.counters["connections_shed"] += 1
+            self.warnings.warn(
+                worst.who,
+                "closing connection: its peer does not take its answers "
+                "(%d bytes queued; all connections together may hold %d)",
+                worst.queued,
+                self.limits.max_queued_replies,
+            )
+            self._forget_replies(worst)
+            if worst.transport is not None:
+                worst.transport.abort()
+
+    def _count_replies_exactly(self, conn: _Connection) -> None:
+        transport = conn.transport
+        queued = transport.get_write_buffer_size() if transport is not None else 0
+        self._queued_replies += queued - conn.queued
+        conn.queued = queued
+        if not queued:
+            self._backlogged.discard(conn)
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting; let in-flight calls finish for up to `grace` seconds.
@@ -402,6 +799,15 @@ class Server:
             conn._flush()
             if conn.transport is not None:
                 conn.transport.close()
+        # A peer that does not take its last answers must not hold the shutdown.
+        for _ in range(20):
+            if not self._connections:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self._connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self.warnings.close()
         for listener in self._listeners:
             await listener.wait_closed()
         self._listeners.clear()
