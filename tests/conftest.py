@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +56,7 @@ def run_agent(
     args: tuple[str, ...] = (),
     cmdline: str = "",
     tmp: Path,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[AgentProcess]:
     cmdline_file = tmp / "cmdline"
     cmdline_file.write_text(cmdline)
@@ -66,6 +67,7 @@ def run_agent(
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
+        preexec_fn=preexec_fn,
     )
     socket_path = address.removeprefix("unix://") if address.startswith("unix:///") else None
     agent = AgentProcess(proc, address, socket_path)

@@ -124,3 +124,47 @@ def test_bad_env_log_level_is_ignored_as_upstream_but_reported() -> None:
     config = apply_env(AgentConfig(log_level="debug"), {"KATA_AGENT_LOG_LEVEL": "loud"})
     assert config.log_level == "debug"
     assert config.ignored_options == ["KATA_AGENT_LOG_LEVEL=loud"]
+
+
+def test_limits_from_every_source_reach_the_server() -> None:
+    defaults = AgentConfig().server_limits()
+    assert (defaults.max_connections, defaults.max_calls_per_connection) == (128, 1024)
+    config = from_cmdline("agent.max_connections=7 agent.frame_timeout=2.5 agent.reserved_fds=64")
+    assert (config.max_connections, config.frame_timeout, config.reserved_fds) == (7, 2.5, 64)
+    env = {"KATA_AGENT_MAX_CALLS": "99", "KATA_AGENT_LOG_QUEUE_BYTES": "4096"}
+    config = apply_env(config, env)
+    limits = config.server_limits()
+    assert (limits.max_connections, limits.max_calls, limits.frame_timeout) == (7, 99, 2.5)
+    assert config.log_queue_bytes == 4096
+
+
+def test_limits_in_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("max_calls_per_connection = 64\nframe_timeout = 3\npeer_log_rate = 0.5\n")
+    config = from_file(str(path))
+    assert (config.max_calls_per_connection, config.frame_timeout) == (64, 3.0)
+    assert config.peer_log_rate == 0.5
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "env", "message"),
+    [
+        ("agent.max_connections=0", {}, "agent.max_connections: must be a positive number, got 0"),
+        ("agent.frame_timeout=soon", {}, "agent.frame_timeout: unable to parse number 'soon'"),
+        ("agent.frame_timeout=inf", {}, "agent.frame_timeout: must be a positive number"),
+        ("", {"KATA_AGENT_MAX_CALLS": "lots"}, "KATA_AGENT_MAX_CALLS: unable to parse number"),
+        (
+            "agent.reply_high_water=4096 agent.max_queued_replies=1024",
+            {},
+            "max_queued_replies .* must be at least reply_high_water",
+        ),
+        ("agent.max_frame_bytes=1024", {}, "must hold the largest frame"),
+    ],
+)
+def test_bad_limits_stop_the_agent_naming_them(
+    tmp_path: Path, cmdline: str, env: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "cmdline"
+    path.write_text(cmdline)
+    with pytest.raises(ConfigError, match=message):
+        load(cmdline_path=str(path), env=env)

@@ -12,17 +12,17 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from pykata.api.health_pb2 import CheckRequest
 from pykata.ttrpc import Client, Code, Server, ServerContext, Service, TtrpcError, UnaryMethod
-from pykata.ttrpc.frame import FrameDecoder, MessageType, encode_frame
 from pykata.ttrpc.server import EVENTS_PER_TURN, Limits
-from pykata.ttrpc.ttrpc_pb2 import Request, Response
+
+from . import attack
+from .attack import raw_socket, read_responses, send_what_fits, settled
 
 SERVICE = "pykata.test.Limits"
 
@@ -76,53 +76,7 @@ async def echo(client: Client, text: str = "still served") -> str:
 
 
 def request(sid: int, method: str, arg: str = "") -> bytes:
-    body = Request(
-        service=SERVICE, method=method, payload=CheckRequest(service=arg).SerializeToString()
-    ).SerializeToString()
-    return encode_frame(sid, MessageType.REQUEST, 0, body)
-
-
-@contextlib.contextmanager
-def raw_socket(address: str) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.connect(address.removeprefix("unix://"))
-    sock.setblocking(False)
-    try:
-        yield sock
-    finally:
-        sock.close()
-
-
-def send_what_fits(sock: socket.socket, data: bytes) -> int:
-    """Write as much as the kernel takes now (an attacker never waits)."""
-    sent = 0
-    with contextlib.suppress(BlockingIOError):
-        while sent < len(data):
-            sent += sock.send(data[sent : sent + 65536])
-    return sent
-
-
-async def read_responses(sock: socket.socket, count: int) -> list[tuple[int, Response]]:
-    loop = asyncio.get_running_loop()
-    decoder = FrameDecoder()
-    frames: list[tuple[int, Response]] = []
-    while len(frames) < count:
-        data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 30)
-        assert data, f"connection closed after {len(frames)} of {count} answers"
-        for frame in decoder.feed(data):
-            frames.append((frame.stream_id, Response.FromString(frame.data)))
-    return frames
-
-
-async def settled(value: object, *, rounds: int = 5) -> None:
-    """Let the loop run until `value()` stops changing (a wait, never an assertion)."""
-    get = value if callable(value) else (lambda: value)
-    last, same = get(), 0
-    while same < rounds:
-        await asyncio.sleep(0.05)
-        now = get()
-        same = same + 1 if now == last else 0
-        last = now
+    return attack.request(sid, SERVICE, method, CheckRequest(service=arg))
 
 
 async def test_calls_in_flight_per_connection_and_overall(tmp_path: Path) -> None:

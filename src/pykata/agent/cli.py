@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from ..transport import AddressError, TransportError
 from ..ttrpc import Server, ServerContext
 from ..ttrpc.server import CallHook
 from . import config as configmod
-from . import init, leftovers, lttng, reaper
+from . import init, leftovers, limits, lttng, reaper
 from . import runtime as runtime_mod
 from .console import DebugConsole, LogPort, shell_or_error
 from .copyfile import SharedFiles
@@ -60,6 +61,7 @@ environment:
                            (default vsock://-1:<agent.debug_console_vport>)
   KATA_AGENT_LOG_ADDR      serve log lines here too (default vsock://-1:<agent.log_vport>)
   KATA_AGENT_LTTNG         true: log records also as LTTng events (python3-lttngust)
+  KATA_AGENT_MAX_CONNECTIONS, KATA_AGENT_MAX_CALLS, ... every limit (docs/agent.md, Limits)
 
 examples:
   # stand-alone on a development host, talking to it with kata-agent-ctl
@@ -147,8 +149,15 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     if os.getpid() == 1:
         # As upstream's agent: the sandbox destroyed, the guest's work is done (power-off).
         parts.after_sandbox_destroyed = stop.set
+    loop.set_exception_handler(logsetup.loop_exception_handler)
     tracing = Tracing(config.trace_addr) if config.tracing else None
-    server = Server(services(parts), call_hook=call_hook(parts.policy, tracing))
+    server_limits = dataclasses.replace(
+        config.server_limits(),
+        max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),
+    )
+    server = Server(
+        services(parts), call_hook=call_hook(parts.policy, tracing), limits=server_limits
+    )
     await server.start(config.server_addr)
     console = await start_console(config)
     log_port = await start_log_port(config)
@@ -248,8 +257,19 @@ def agent_main(argv: list[str] | None, *, as_init: bool) -> int:
     except configmod.ConfigError as exc:
         print(f"kata-agent: {exc}", file=sys.stderr)
         return 1
-    logsetup.setup(config.logging_level, name="kata-agent", source="agent")
-    log.info("announce", extra={"version": __version__, "config": config.announce_fields()})
+    log_writer = logsetup.setup(
+        config.logging_level, name="kata-agent", source="agent", queue_bytes=config.log_queue_bytes
+    )
+    logsetup.install_hooks()
+    open_files, _ = limits.raise_fd_limit()
+    log.info(
+        "announce",
+        extra={
+            "version": __version__,
+            "config": config.announce_fields(),
+            "open_files_limit": open_files,
+        },
+    )
     if as_init:
         try:
             init.setup(config.unified_cgroup_hierarchy)
@@ -272,6 +292,8 @@ def agent_main(argv: list[str] | None, *, as_init: bool) -> int:
             runtime_mod.enter_private_mount_namespace()
         runtime_binary = runtime_mod.choose(config.oci_runtime)
         log.info("OCI runtime", extra={"runtime": runtime_binary})
+        # From here on log lines are written by a thread: a slow console never stalls a call.
+        log_writer.start()
         run(serve(config, runtime_binary, started))
     except (AddressError, TransportError, AgentError) as exc:
         log.critical(str(exc))

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..log import TRACE
+from ..log import DEFAULT_QUEUE_BYTES, TRACE
+from ..ttrpc.server import Limits
 
 DEFAULT_SERVER_ADDR = "vsock://-1:1024"
 
@@ -86,6 +88,21 @@ class AgentConfig:
     debug_console_addr: str = ""
     #: Log port address for stand-alone runs (else vsock://-1:<log_vport>).
     log_addr: str = ""
+    # Limits (docs/agent.md, "Limits"): what clients can make the agent hold.
+    max_connections: int = Limits.max_connections
+    #: File descriptors kept free of connections, for containers, execs and the runtime.
+    reserved_fds: int = 512
+    max_calls_per_connection: int = Limits.max_calls_per_connection
+    guaranteed_calls: int = Limits.guaranteed_calls
+    max_calls: int = Limits.max_calls
+    reply_high_water: int = Limits.reply_high_water
+    max_queued_replies: int = Limits.max_queued_replies
+    guaranteed_frame_bytes: int = Limits.guaranteed_frame_bytes
+    max_frame_bytes: int = Limits.max_frame_bytes
+    frame_timeout: float = Limits.frame_timeout
+    peer_log_rate: float = Limits.peer_log_rate
+    peer_log_burst: int = Limits.peer_log_burst
+    log_queue_bytes: int = DEFAULT_QUEUE_BYTES
     #: The config file this configuration came from, if any.
     config_file: str = ""
     #: Settings that were ignored: unknown agent.* options, bad env values (typos show up here).
@@ -109,6 +126,10 @@ class AgentConfig:
         if self.log_addr:
             return self.log_addr
         return f"vsock://-1:{self.log_vport}" if self.log_vport else ""
+
+    def server_limits(self) -> Limits:
+        """The ttRPC server's limits (max_connections as configured; see agent.limits)."""
+        return Limits(**{name: getattr(self, name) for name in SERVER_LIMITS})
 
     def announce_fields(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
@@ -161,6 +182,48 @@ def parse_pipe_size(option: str, value: str) -> int:
     return size
 
 
+def parse_count(option: str, value: str) -> int:
+    number = _parse_int(option, value, "number", 64, signed=True)
+    if number <= 0:
+        raise ConfigError(f"{option}: must be a positive number, got {number}")
+    return number
+
+
+def parse_positive_float(option: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{option}: unable to parse number {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"{option}: must be a positive number, got {value}")
+    return number
+
+
+#: Settings that are limits of the ttRPC server (ttrpc.server.Limits fields).
+SERVER_LIMITS = (
+    "max_connections",
+    "max_calls_per_connection",
+    "guaranteed_calls",
+    "max_calls",
+    "reply_high_water",
+    "max_queued_replies",
+    "guaranteed_frame_bytes",
+    "max_frame_bytes",
+    "frame_timeout",
+    "peer_log_rate",
+    "peer_log_burst",
+)
+#: Every limit setting -> its parser; each is agent.NAME on the kernel command
+#: line, NAME in the TOML file and KATA_AGENT_NAME (upper case) in the environment.
+LIMITS: dict[str, Callable[[str, str], Any]] = {
+    **{name: parse_count for name in SERVER_LIMITS},
+    "frame_timeout": parse_positive_float,
+    "peer_log_rate": parse_positive_float,
+    "reserved_fds": parse_count,
+    "log_queue_bytes": parse_count,
+}
+
+
 # --- kernel command line --------------------------------------------------------
 
 # option -> (field, parser, guard). Flags (parser None) may stand alone.
@@ -181,6 +244,7 @@ _OPTIONS: dict[str, tuple[str, _Parser | None, Callable[[Any], bool] | None]] = 
     "agent.policy_file": ("policy_file", lambda _o, v: v, None),
     "agent.trace_addr": ("trace_addr", lambda _o, v: v, None),
     "agent.debug_console_addr": ("debug_console_addr", lambda _o, v: v, None),
+    **{f"agent.{name}": (name, parser, None) for name, parser in LIMITS.items()},
 }
 CONFIG_FILE_OPTION = "agent.config_file"
 
@@ -229,6 +293,7 @@ _FILE_TYPES: dict[str, type[Any]] = {
     "policy_file": str,
     "debug_console_addr": str,
     "log_addr": str,
+    **{name: float if LIMITS[name] is parse_positive_float else int for name in LIMITS},
 }
 
 
@@ -236,6 +301,8 @@ def _file_value(path: str, key: str, value: Any) -> Any:
     if key == "hotplug_timeout" and isinstance(value, dict):  # serde's {secs, nanos} form
         value = value.get("secs", 0)
     expected = _FILE_TYPES[key]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(
             f"{path}: {key} must be a {expected.__name__}, got {type(value).__name__} {value!r}"
@@ -244,6 +311,8 @@ def _file_value(path: str, key: str, value: Any) -> Any:
         return parse_log_level(f"{path}: log_level", value)
     if key == "container_pipe_size" and value < 0:
         raise ConfigError(f"{path}: container_pipe_size should not be negative, got {value}")
+    if key in LIMITS:
+        return LIMITS[key](f"{path}: {key}", str(value))
     return value
 
 
@@ -270,6 +339,11 @@ def from_file(path: str) -> AgentConfig:
 # --- environment ----------------------------------------------------------------
 
 
+def _env_limit(name: str) -> Callable[[str], Any]:
+    variable = f"KATA_AGENT_{name.upper()}"
+    return lambda value: LIMITS[name](variable, value)
+
+
 #: Environment variable -> (setting, parser); the log level is handled on its own.
 _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     SERVER_ADDR_ENV: ("server_addr", str),
@@ -281,6 +355,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     POLICY_FILE_ENV: ("policy_file", str),
     DEBUG_CONSOLE_ADDR_ENV: ("debug_console_addr", str),
     LOG_ADDR_ENV: ("log_addr", str),
+    **{f"KATA_AGENT_{name.upper()}": (name, _env_limit(name)) for name in LIMITS},
 }
 
 
@@ -315,4 +390,9 @@ def load(
                 f"cannot read kernel command line {cmdline_path}: {exc.strerror}"
             ) from exc
         config = from_cmdline(cmdline)
-    return apply_env(config, os.environ if env is None else env)
+    config = apply_env(config, os.environ if env is None else env)
+    try:
+        config.server_limits()
+    except ValueError as exc:
+        raise ConfigError(f"agent limits: {exc}") from None
+    return config

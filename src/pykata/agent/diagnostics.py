@@ -48,7 +48,14 @@ class RecentLogs(logging.Handler):
         self.records.append(record)
 
     def text(self) -> str:
-        return "".join(self.format(record) + "\n" for record in list(self.records))
+        return "".join(self._line(record) for record in list(self.records))
+
+    def _line(self, record: logging.LogRecord) -> str:
+        # Each record is formatted once, however often it is asked for.
+        line = record.__dict__.get("_recent_line")
+        if line is None:
+            line = record.__dict__["_recent_line"] = self.format(record) + "\n"
+        return line
 
 
 class Diagnostics:

@@ -15,6 +15,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from .. import log as logsetup
 from .volumes import mounts
 
 log = logging.getLogger("pykata.agent.init")
@@ -135,6 +136,7 @@ def soft_ctrl_alt_del() -> None:
 def power_off() -> None:
     """Flush the disks and power off (in a child PID namespace: end the namespace)."""
     log.info("powering off")
+    logsetup.flush()  # the lines written by the log thread, before the machine goes
     os.sync()
     _libc.reboot(RB_POWER_OFF)
     os._exit(1)  # reboot() refused (no CAP_SYS_BOOT): at least do not linger
