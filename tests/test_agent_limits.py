@@ -42,6 +42,7 @@ from .attack import (
 )
 from .conftest import AgentProcess, run_agent, run_container_agent
 from .containers import process, spec
+from .peers import wait_for_socket
 
 AGENT_SERVICE = "grpc.AgentService"
 
@@ -315,3 +316,26 @@ def test_limits_are_announced(tmp_path: Path) -> None:
     [announce] = [r for r in json_only(stderr_lines(running)) if r["msg"] == "announce"]
     assert announce["config"]["max_calls"] == 77 and announce["config"]["frame_timeout"] == 4.0
     assert announce["open_files_limit"] > 0
+
+
+def test_log_port_readers_are_bounded(tmp_path: Path) -> None:
+    """Each log port reader may hold 1 MiB of lines: only so many are served."""
+    log_sock = f"{tmp_path}/log.sock"
+    env = {"KATA_AGENT_LOG_ADDR": f"unix://{log_sock}", "KATA_AGENT_LOG_PORT_READERS": "2"}
+    with agent(tmp_path, env) as running, contextlib.ExitStack() as stack:
+        wait_for_socket(log_sock, proc=running.proc)
+        readers = []
+        for _ in range(4):
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX))
+            sock.connect(log_sock)
+            sock.settimeout(10)
+            readers.append(sock)
+        turned_away = [sock.recv(4096) for sock in readers[2:]]
+        assert all(b"log port: 2 readers already" in note for note in turned_away)
+        assert all(sock.recv(1) == b"" for sock in readers[2:])
+        running.stop()
+        for sock in readers[:2]:
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            assert b'"msg": "agent stopped"' in received

@@ -200,7 +200,7 @@ async def start_log_port(config: configmod.AgentConfig) -> LogPort | None:
     address = config.log_port_address
     if not address:
         return None
-    port = LogPort(logsetup.JsonFormatter("kata-agent", "agent"))
+    port = LogPort(logsetup.JsonFormatter("kata-agent", "agent"), config.log_port_readers)
     await port.start(address)
     log.info("log port listening", extra={"address": address})
     return port

@@ -103,6 +103,7 @@ class AgentConfig:
     peer_log_rate: float = Limits.peer_log_rate
     peer_log_burst: int = Limits.peer_log_burst
     log_queue_bytes: int = DEFAULT_QUEUE_BYTES
+    log_port_readers: int = 8
     #: The config file this configuration came from, if any.
     config_file: str = ""
     #: Settings that were ignored: unknown agent.* options, bad env values (typos show up here).
@@ -221,6 +222,7 @@ LIMITS: dict[str, Callable[[str, str], Any]] = {
     "peer_log_rate": parse_positive_float,
     "reserved_fds": parse_count,
     "log_queue_bytes": parse_count,
+    "log_port_readers": parse_count,
 }
 
 

@@ -32,6 +32,8 @@ log = logging.getLogger("pykata.agent.console")
 
 SHELLS = ("/bin/bash", "/bin/sh")
 LOG_BUFFER_LIMIT = 1 << 20
+#: Log port readers at once (each may hold LOG_BUFFER_LIMIT); more are closed at once.
+MAX_LOG_READERS = 8
 
 
 def find_shell() -> str | None:
@@ -189,6 +191,11 @@ class _LogReader(asyncio.Protocol):
         if listener is not None and not listener.admits(transport):
             transport.close()
             return
+        if len(self.port.readers) >= self.port.max_readers:
+            note = f'{{"msg": "log port: {self.port.max_readers} readers already"}}\n'
+            cast(asyncio.Transport, transport).write(note.encode())
+            transport.close()
+            return
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.port.readers.add(self)
 
@@ -213,9 +220,10 @@ class _LogReader(asyncio.Protocol):
 class LogPort(logging.Handler):
     """A logging handler that also serves every line to the log port's readers."""
 
-    def __init__(self, formatter: logging.Formatter) -> None:
+    def __init__(self, formatter: logging.Formatter, max_readers: int = MAX_LOG_READERS) -> None:
         super().__init__()
         self.setFormatter(formatter)
+        self.max_readers = max_readers
         self.listener: transport.Listener | None = None
         self.readers: set[_LogReader] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
