@@ -176,7 +176,7 @@ class Limits:
 READ_SIZE = 64 << 10
 #: Requests one connection may start before the other connections (and the
 #: calls just started) get a turn of the event loop.
-EVENTS_PER_TURN = 32
+EVENTS_PER_TURN = 16
 
 #: Peers whose suppressed warnings wait for their count line at once (a bound
 #: on the timers; past it a count waits for the peer's next line instead).
