@@ -13,7 +13,7 @@ import threading
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pykata.log import JsonFormatter, LineWriter, RateLimit
+from pykata.log import JsonFormatter, LineWriter, RateLimit, _whole_lines
 
 
 @given(
@@ -49,6 +49,20 @@ def test_rate_limit_remembers_a_bounded_number_of_keys() -> None:
     for key in range(1000):
         limit.allow(key, 0.0)
     assert len(limit._buckets) == 10
+
+
+@given(st.lists(st.integers(0, 9000), max_size=40), st.integers(16, 4096))
+def test_lines_are_written_in_whole_lines_a_pipe_takes_at_once(
+    lengths: list[int], size: int
+) -> None:
+    """Pieces of at most PIPE_BUF bytes are written to a pipe all or nothing: if
+    the agent ends while its console is stuck, no half line is left behind."""
+    data = b"".join(b"x" * n + b"\n" for n in lengths)
+    pieces = list(_whole_lines(data, size))
+    assert b"".join(pieces) == data
+    for piece in pieces:
+        assert piece.endswith(b"\n")
+        assert len(piece) <= size or piece.count(b"\n") == 1
 
 
 def test_a_stuck_output_never_blocks_logging_and_drops_are_counted() -> None:

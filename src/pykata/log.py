@@ -26,6 +26,7 @@ import select
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -202,16 +203,17 @@ class LineWriter(logging.Handler):
                 return True
             except (OSError, ValueError):
                 return False
-        data = memoryview(text.encode())
         try:
             self.stream.flush()  # anything printed to the same stream goes first
-            while data:
-                try:
-                    data = data[os.write(fd, data) :]
-                except BlockingIOError:
-                    poller = select.poll()
-                    poller.register(fd, select.POLLOUT)
-                    poller.poll()
+            for piece in _whole_lines(text.encode()):
+                data = memoryview(piece)
+                while data:
+                    try:
+                        data = data[os.write(fd, data) :]
+                    except BlockingIOError:
+                        poller = select.poll()
+                        poller.register(fd, select.POLLOUT)
+                        poller.poll()
         except (OSError, ValueError):
             return False
         return True
@@ -231,6 +233,21 @@ class LineWriter(logging.Handler):
         if self._thread is not None:
             self._thread.join(FLUSH_TIMEOUT)
         super().close()
+
+
+def _whole_lines(data: bytes, size: int = select.PIPE_BUF) -> Iterator[bytes]:
+    """`data` in pieces of whole lines of at most `size` bytes (a longer line alone).
+
+    A write of up to PIPE_BUF bytes to a pipe is all or nothing: if the process
+    ends while the output is stuck, the pipe holds whole lines only.
+    """
+    start = 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + size) + 1
+        if end <= start:  # one line longer than `size`
+            end = data.find(b"\n", start) + 1 or len(data)
+        yield data[start:end]
+        start = end
 
 
 class RateLimit:
