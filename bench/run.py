@@ -35,8 +35,8 @@ from tests.peers import (  # noqa: E402
 import containers as containers_bench  # noqa: E402
 import containertrace as containertrace_bench  # noqa: E402
 import guest as guest_bench  # noqa: E402
-import streams as streams_bench  # noqa: E402
 import limits as limits_bench  # noqa: E402
+import streams as streams_bench  # noqa: E402
 import tracing as tracing_bench  # noqa: E402
 import vm as vm_bench  # noqa: E402
 

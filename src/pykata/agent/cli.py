@@ -133,6 +133,7 @@ def call_hook(policy: Enforcer, tracing: Tracing | None) -> CallHook:
 
 
 async def serve(config: configmod.AgentConfig, runtime_binary: str, started: float) -> None:
+    asyncio.get_running_loop().set_exception_handler(logsetup.loop_exception_handler)
     run_dir = Path(config.run_dir)
     runtime = OciRuntime(runtime_binary, run_dir / "runtime", no_pivot=root_is_initial_ramfs())
     recent = RecentLogs(logsetup.JsonFormatter("kata-agent", "agent"))
@@ -149,7 +150,6 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     if os.getpid() == 1:
         # As upstream's agent: the sandbox destroyed, the guest's work is done (power-off).
         parts.after_sandbox_destroyed = stop.set
-    loop.set_exception_handler(logsetup.loop_exception_handler)
     tracing = Tracing(config.trace_addr) if config.tracing else None
     server_limits = dataclasses.replace(
         config.server_limits(),
