@@ -240,20 +240,20 @@ async def test_a_connection_flood_leaves_fds_for_containers(tmp_path: Path, root
 
                 await api.CreateContainer(
                     agent_pb2.CreateContainerRequest(
-                        container_id="c", exec_id="c", OCI=spec(rootfs, "/bin/sleep", "60")
+                        container_id="c1", exec_id="c1", OCI=spec(rootfs, "/bin/sleep", "60")
                     )
                 )
-                await api.StartContainer(agent_pb2.StartContainerRequest(container_id="c"))
+                await api.StartContainer(agent_pb2.StartContainerRequest(container_id="c1"))
                 await api.ExecProcess(
                     agent_pb2.ExecProcessRequest(
-                        container_id="c", exec_id="e", process=process("/bin/sh", "-c", "exit 3")
+                        container_id="c1", exec_id="e1", process=process("/bin/sh", "-c", "exit 3")
                     )
                 )
                 status = await api.WaitProcess(
-                    agent_pb2.WaitProcessRequest(container_id="c", exec_id="e")
+                    agent_pb2.WaitProcessRequest(container_id="c1", exec_id="e1")
                 )
                 assert status.status == 3
-                await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="c"))
+                await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="c1"))
     lines = json_only(stderr_lines(running))
     assert any(r["msg"].startswith("serving at most") for r in lines)
     refusals = [r for r in lines if r["msg"].startswith("refused connection")]
