@@ -7,7 +7,8 @@ the numbers include what the attack costs the agent in CPU on this 2-CPU
 machine, not the attacker's own event loop.
 
     python bench/limits.py                          # prints JSON results
-    python bench/limits.py --into bench/results.json  # and stores them there
+    python bench/limits.py --into bench/results.json --section BENCHMARKS.md
+                                                    # stores them, rewrites this part
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tests.peers import wait_for_socket  # noqa: E402
 
 from pykata.api import agent_pb2  # noqa: E402
 from pykata.ttrpc.frame import HEADER, FrameDecoder, MessageType  # noqa: E402
+from pykata.ttrpc.server import EVENTS_PER_TURN  # noqa: E402
 
 CHECKS = 2000
 HELD = 2000
@@ -43,6 +45,7 @@ HELD = 2000
 MAX_CONNECTIONS = 2100
 FLOOD_CONNECTIONS = 4
 PIPELINED = 2000
+COMMAND = ".venv/bin/python bench/limits.py --into bench/results.json --section BENCHMARKS.md"
 
 
 def _raise_open_files() -> None:
@@ -244,6 +247,70 @@ def measure() -> dict[str, Any]:
     return results
 
 
+def _rows(lim: dict[str, Any]) -> str:
+    rows = [
+        ("idle", "idle"),
+        (
+            f"{lim['held_target']:,} idle connections held "
+            f"({lim['held_agent_fds']:,} fds open in the agent)",
+            "held",
+        ),
+        (
+            f"a flood of bad frames ({lim['flood_frames_per_s']:,.0f} frames/s answered "
+            f"INVALID_ARGUMENT, on {FLOOD_CONNECTIONS} connections)",
+            "flood",
+        ),
+        (f"{PIPELINED:,} pipelined GetDiagnosticData (~200 KB answers) never read", "pipeline"),
+    ]
+    return "\n".join(
+        f"| {label} | {lim[key]['median_us']:.0f} us | {lim[key]['p99_us']:.0f} us "
+        f"| {lim[f'{key}_rss_mb']:.1f} MB |"
+        for label, key in rows
+    )
+
+
+def report_section(lim: dict[str, Any]) -> str:
+    """This part of BENCHMARKS.md."""
+    command = lim.get("command", "make bench")
+    return f"""## Under attack (the agent's limits)
+
+A well-behaved client's sequential `Health/Check` round trip ({lim["checks"]:,} calls
+per row, a process of its own) against one agent, in one run, while another
+process attacks it. Measured {lim["date"]} by `{command}`;
+the limits are in docs/agent.md.
+
+| while | median | p99 | agent RSS |
+|---|---:|---:|---:|
+{_rows(lim)}
+
+The flood's {lim["flood_frames"]:,} bad frames, each answered, cost
+{lim["flood_log_lines"]} log lines ({lim["flood_log_bytes"]:,} bytes) naming the peer; with
+their `suppressed` counts those lines account for {lim["flood_warnings_accounted"]:,} warnings
+(the frames, and the connections closed mid-frame when the attacker
+stopped). The agent used {lim["flood_agent_cpu_share"]:.0%} of a CPU meanwhile; a connection
+handles at most {EVENTS_PER_TURN} requests per turn of the event loop, so the bystander
+waits for one turn of each flooding connection, not for the flood.
+
+The agent runs with `max_connections={MAX_CONNECTIONS}` here, so that it really holds
+the {lim["held_target"]:,} connections (at the default, 128, it holds 128 and closes the
+rest at once), and at debug level, so that every call adds a line to the
+recent log that GetDiagnosticData returns.
+"""
+
+
+def replace_section(document: str, section: str) -> str:
+    """`document` with this part replaced (or put before the guest VM's)."""
+    title = section.splitlines()[0]
+    if title in document:
+        start = document.index(title)
+        end = document.find("\n## ", start + len(title))
+        return document[:start] + section + (document[end + 1 :] if end >= 0 else "")
+    anchor = document.find("## Guest VM")
+    if anchor < 0:
+        anchor = document.find("## Reproduce")
+    return document[:anchor] + section + "\n" + document[anchor:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,6 +318,9 @@ def main() -> None:
     parser.add_argument("--attack", nargs=2, metavar=("KIND", "ADDRESS"), help=argparse.SUPPRESS)
     parser.add_argument("--checks", metavar="ADDRESS", help=argparse.SUPPRESS)
     parser.add_argument("--into", metavar="RESULTS_JSON", help="store under 'limits' in this file")
+    parser.add_argument(
+        "--section", metavar="BENCHMARKS_MD", help="and rewrite this part of that file"
+    )
     args = parser.parse_args()
     if args.attack:
         ATTACKS[args.attack[0]](args.attack[1])
@@ -259,6 +329,11 @@ def main() -> None:
         checks(args.checks)
         return
     results = measure()
+    results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results["command"] = COMMAND
+    if args.section:
+        path = Path(args.section)
+        path.write_text(replace_section(path.read_text(), report_section(results)))
     if args.into:
         path = Path(args.into)
         stored = json.loads(path.read_text()) if path.exists() else {}

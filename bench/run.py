@@ -205,6 +205,7 @@ def measure(rounds: int) -> dict[str, object]:
     vm = vm_bench.measure()
     print("under attack", file=sys.stderr, flush=True)
     limits = limits_bench.measure()
+    limits["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return {
         "limits": limits,
         "vm": vm,
@@ -460,29 +461,7 @@ RPC name when it loads, so calls no rule names pay only the lookup.
 | trace size | {lt["trace_mb"]:.1f} MB |
 | reading it back with babeltrace2's Python bindings (summary) | {lt["read_events_per_s"]:,.0f} events/s |
 
-## Under attack (the agent's limits)
-
-A well-behaved client's sequential `Health/Check` round trip ({lim["checks"]:,}
-calls per row, its own process) against one agent, in one run, while
-another process attacks it (`bench/limits.py`; limits: docs/agent.md).
-
-| while | median | p99 | agent RSS |
-|---|---:|---:|---:|
-| idle | {lim["idle"]["median_us"]:.0f} us | {lim["idle"]["p99_us"]:.0f} us | {lim["idle_rss_mb"]:.1f} MB |
-| {lim["held_target"]:,} idle connections held ({lim["held_agent_fds"]:,} fds open in the agent) | {lim["held"]["median_us"]:.0f} us | {lim["held"]["p99_us"]:.0f} us | {lim["held_rss_mb"]:.1f} MB |
-| a flood of bad frames ({lim["flood_frames_per_s"]:,.0f} frames/s answered INVALID_ARGUMENT, on {limits_bench.FLOOD_CONNECTIONS} connections) | {lim["flood"]["median_us"]:.0f} us | {lim["flood"]["p99_us"]:.0f} us | {lim["flood_rss_mb"]:.1f} MB |
-| {limits_bench.PIPELINED:,} pipelined GetDiagnosticData whose answers are never read | {lim["pipeline"]["median_us"]:.0f} us | {lim["pipeline"]["p99_us"]:.0f} us | {lim["pipeline_rss_mb"]:.1f} MB |
-
-The flood's {lim["flood_frames"]:,} bad frames (each answered) cost {lim["flood_log_lines"]} log lines, {lim["flood_log_bytes"]:,}
-bytes, naming the peer; with their `suppressed` counts those lines account
-for {lim["flood_warnings_accounted"]:,} warnings (the frames, and the connections closed in
-the middle of one when the attacker stopped). The agent used
-{lim["flood_agent_cpu_share"]:.0%} of a CPU meanwhile. The agent
-runs here with `max_connections={limits_bench.MAX_CONNECTIONS}` so that it really holds
-the {lim["held_target"]:,} connections (at the default, 128, it would hold 128 and close
-the rest at once), and at debug level, so that every call adds a line to the
-recent log that GetDiagnosticData returns (answers of ~200 KB).
-
+{limits_bench.report_section(lim)}
 ## Guest VM (QEMU, software emulation)
 
 | measure | result |
@@ -542,7 +521,8 @@ one coalesced write, which is where Python keeps up best.
     .venv/bin/python bench/guest.py        # guest, network and policy, JSON
     .venv/bin/python bench/containertrace.py  # LTTng recording, JSON
     .venv/bin/python bench/vm.py           # the guest VM, JSON
-    .venv/bin/python bench/limits.py --into bench/results.json   # under attack alone, stored
+    .venv/bin/python bench/limits.py --into bench/results.json --section BENCHMARKS.md
+                                           # under attack alone, into both files
     .venv/bin/python bench/run.py --report-only   # rewrite this file from bench/results.json
 """
 
