@@ -180,10 +180,19 @@ async def test_kill_all_reaches_every_process_of_the_container(api: Any, rootfs:
     assert (init.status, exec_.status) == (128 + signal.SIGKILL, 128 + signal.SIGKILL)
 
 
-async def test_sigterm_to_an_init_without_a_handler_kills_it(api: Any, rootfs: Path) -> None:
+async def test_sigterm_to_an_init_without_a_handler_kills_it(
+    api: Any, rootfs: Path, tmp_path: Path
+) -> None:
     """PID 1 of a namespace never sees a signal it has no handler for: upstream sends
     SIGKILL instead, so `kill` (SIGTERM) from the runtime still stops the container."""
     await start(api, "stubborn", spec(rootfs, "/bin/sleep", "300"))
+    # Readiness by retry: right after StartContainer the process may still be the
+    # runtime's own init (runc's catches SIGTERM), not yet the container's command.
+    pid = (tmp_path / "run" / "containers" / "stubborn" / "init.pid").read_text()
+    for _ in range(500):
+        if os.readlink(f"/proc/{pid}/exe").endswith("busybox"):
+            break
+        await asyncio.sleep(0.01)
     await api.SignalProcess(R.SignalProcessRequest(container_id="stubborn", signal=signal.SIGTERM))
     status = await api.WaitProcess(R.WaitProcessRequest(container_id="stubborn"))
     assert status.status == 128 + signal.SIGKILL

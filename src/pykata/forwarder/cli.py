@@ -246,7 +246,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logsetup.setup(LEVELS[args.log_level], name="kata-trace-forwarder", source="forwarder")
+    writer = logsetup.setup(LEVELS[args.log_level], name="kata-trace-forwarder", source="forwarder")
+    logsetup.install_hooks()
+    writer.start()  # a console that stalls must not stall the forwarding
     try:
         return asyncio.run(serve(args))
     except (AddressError, TransportError, OSError) as exc:
