@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -84,6 +84,13 @@ async def settled(value: object, *, rounds: int = 5, interval: float = 0.05) -> 
         now = get()
         same = same + 1 if now == last else 0
         last = now
+
+
+async def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Let things run until `condition()` holds (a bound for "never", not a measurement)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def rss_mb(pid: int) -> float:

@@ -272,6 +272,13 @@ def test_trace_view_waterfall_and_chrome(tmp_path: Path) -> None:
     assert all(e["ph"] == "X" and e["dur"] >= 0 for e in events)
 
 
+def resource_spans(out: Path) -> list[dict[str, Any]]:
+    if not out.exists():
+        return []
+    requests = [json.loads(line) for line in out.read_text().splitlines()]
+    return [resource for request in requests for resource in request["resourceSpans"]]
+
+
 def test_hybrid_vsock_socket_path_and_trace_name(tmp_path: Path) -> None:
     """--socket-path: the forwarder listens where the VMM delivers guest port 10240."""
     out = tmp_path / "spans.jsonl"
@@ -294,17 +301,16 @@ def test_hybrid_vsock_socket_path_and_trace_name(tmp_path: Path) -> None:
         for _ in range(3):  # several agents (VMs) at once
             send(f"{tmp_path}/clh.sock_10240", some_spans(1))
         deadline = time.monotonic() + 30  # readiness by retry: until all three are written
-        while time.monotonic() < deadline and (
-            not out.exists() or len(out.read_text().splitlines()) < 3
-        ):
+        while time.monotonic() < deadline and len(resource_spans(out)) < 3:
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
-    requests = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(requests) == 3
-    for request in requests:
-        attributes = request["resourceSpans"][0]["resource"]["attributes"]
+    # One line per export request; a request may carry several agents' records.
+    resources = resource_spans(out)
+    assert len(resources) == 3
+    for resource in resources:
+        attributes = resource["resource"]["attributes"]
         assert {"key": "service.name", "value": {"stringValue": "my-agent"}} in attributes
 
 

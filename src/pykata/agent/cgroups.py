@@ -7,9 +7,8 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from ..api import agent_pb2
 
 ROOT = Path("/sys/fs/cgroup")
 
@@ -47,58 +46,78 @@ def _dir(controller: str, cgroup: str) -> Path:
     return ROOT / rel if is_v2() else ROOT / controller / rel
 
 
-def stats(cgroup: str) -> agent_pb2.CgroupStats:
+@dataclass
+class CgroupStats:
+    """A container's cgroup counters, v1 or v2 alike (times in ns, memory in bytes)."""
+
+    cpu_total: int = 0
+    cpu_per_cpu: list[int] = field(default_factory=list)
+    cpu_user: int = 0
+    cpu_system: int = 0
+    throttle_periods: int = 0
+    throttled_periods: int = 0
+    throttled_time: int = 0
+    memory_usage: int = 0
+    memory_max_usage: int = 0
+    memory_failcnt: int = 0
+    memory_limit: int = 0
+    memory_cache: int = 0
+    memory_stat: dict[str, int] = field(default_factory=dict)
+    pids_current: int = 0
+    pids_limit: int = 0
+
+
+def stats(cgroup: str) -> CgroupStats:
     return _stats_v2(cgroup) if is_v2() else _stats_v1(cgroup)
 
 
-def _stats_v1(cgroup: str) -> agent_pb2.CgroupStats:
-    s = agent_pb2.CgroupStats()
+def _stats_v1(cgroup: str) -> CgroupStats:
     cpuacct = _dir("cpuacct", cgroup)
-    s.cpu_stats.cpu_usage.total_usage = _int(cpuacct / "cpuacct.usage")
-    s.cpu_stats.cpu_usage.percpu_usage.extend(
-        int(v) for v in (_read(cpuacct / "cpuacct.usage_percpu") or "").split()
-    )
     ticks = _kv(cpuacct / "cpuacct.stat")
     hz = os.sysconf("SC_CLK_TCK")
-    s.cpu_stats.cpu_usage.usage_in_usermode = ticks.get("user", 0) * 1_000_000_000 // hz
-    s.cpu_stats.cpu_usage.usage_in_kernelmode = ticks.get("system", 0) * 1_000_000_000 // hz
     throttle = _kv(_dir("cpu", cgroup) / "cpu.stat")
-    s.cpu_stats.throttling_data.periods = throttle.get("nr_periods", 0)
-    s.cpu_stats.throttling_data.throttled_periods = throttle.get("nr_throttled", 0)
-    s.cpu_stats.throttling_data.throttled_time = throttle.get("throttled_time", 0)
     memory = _dir("memory", cgroup)
-    s.memory_stats.usage.usage = _int(memory / "memory.usage_in_bytes")
-    s.memory_stats.usage.max_usage = _int(memory / "memory.max_usage_in_bytes")
-    s.memory_stats.usage.failcnt = _int(memory / "memory.failcnt")
-    s.memory_stats.usage.limit = _int(memory / "memory.limit_in_bytes")
-    s.memory_stats.cache = _kv(memory / "memory.stat").get("cache", 0)
-    s.memory_stats.stats.update(_kv(memory / "memory.stat"))
+    memory_stat = _kv(memory / "memory.stat")
     pids = _dir("pids", cgroup)
-    s.pids_stats.current = _int(pids / "pids.current")
-    s.pids_stats.limit = _int(pids / "pids.max")
-    return s
+    return CgroupStats(
+        cpu_total=_int(cpuacct / "cpuacct.usage"),
+        cpu_per_cpu=[int(v) for v in (_read(cpuacct / "cpuacct.usage_percpu") or "").split()],
+        cpu_user=ticks.get("user", 0) * 1_000_000_000 // hz,
+        cpu_system=ticks.get("system", 0) * 1_000_000_000 // hz,
+        throttle_periods=throttle.get("nr_periods", 0),
+        throttled_periods=throttle.get("nr_throttled", 0),
+        throttled_time=throttle.get("throttled_time", 0),
+        memory_usage=_int(memory / "memory.usage_in_bytes"),
+        memory_max_usage=_int(memory / "memory.max_usage_in_bytes"),
+        memory_failcnt=_int(memory / "memory.failcnt"),
+        memory_limit=_int(memory / "memory.limit_in_bytes"),
+        memory_cache=memory_stat.get("cache", 0),
+        memory_stat=memory_stat,
+        pids_current=_int(pids / "pids.current"),
+        pids_limit=_int(pids / "pids.max"),
+    )
 
 
-def _stats_v2(cgroup: str) -> agent_pb2.CgroupStats:
-    s = agent_pb2.CgroupStats()
+def _stats_v2(cgroup: str) -> CgroupStats:
     d = _dir("", cgroup)
     cpu = _kv(d / "cpu.stat")
-    s.cpu_stats.cpu_usage.total_usage = cpu.get("usage_usec", 0) * 1000
-    s.cpu_stats.cpu_usage.usage_in_usermode = cpu.get("user_usec", 0) * 1000
-    s.cpu_stats.cpu_usage.usage_in_kernelmode = cpu.get("system_usec", 0) * 1000
-    s.cpu_stats.throttling_data.periods = cpu.get("nr_periods", 0)
-    s.cpu_stats.throttling_data.throttled_periods = cpu.get("nr_throttled", 0)
-    s.cpu_stats.throttling_data.throttled_time = cpu.get("throttled_usec", 0) * 1000
-    s.memory_stats.usage.usage = _int(d / "memory.current")
-    s.memory_stats.usage.max_usage = _int(d / "memory.peak")
-    s.memory_stats.usage.limit = _int(d / "memory.max")
-    s.memory_stats.usage.failcnt = _kv(d / "memory.events").get("max", 0)
-    mem = _kv(d / "memory.stat")
-    s.memory_stats.cache = mem.get("file", 0)
-    s.memory_stats.stats.update(mem)
-    s.pids_stats.current = _int(d / "pids.current")
-    s.pids_stats.limit = _int(d / "pids.max")
-    return s
+    memory_stat = _kv(d / "memory.stat")
+    return CgroupStats(
+        cpu_total=cpu.get("usage_usec", 0) * 1000,
+        cpu_user=cpu.get("user_usec", 0) * 1000,
+        cpu_system=cpu.get("system_usec", 0) * 1000,
+        throttle_periods=cpu.get("nr_periods", 0),
+        throttled_periods=cpu.get("nr_throttled", 0),
+        throttled_time=cpu.get("throttled_usec", 0) * 1000,
+        memory_usage=_int(d / "memory.current"),
+        memory_max_usage=_int(d / "memory.peak"),
+        memory_limit=_int(d / "memory.max"),
+        memory_failcnt=_kv(d / "memory.events").get("max", 0),
+        memory_cache=memory_stat.get("file", 0),
+        memory_stat=memory_stat,
+        pids_current=_int(d / "pids.current"),
+        pids_limit=_int(d / "pids.max"),
+    )
 
 
 def processes(cgroup: str) -> list[int]:

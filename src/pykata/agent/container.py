@@ -4,31 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import os
 import shutil
 import signal as signals
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import cgroups
+from . import bundle, cgroups
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, ProcessNotFound
 from .ids import check_id
+from .lifecycle import Action, Lifecycle, State
 from .process import Process
 from .reaper import WatchedProcess, orphans
 from .runtime import OciRuntime
 from .stdio import ConsoleSocket, PipeStdio, TerminalStdio
 
 log = logging.getLogger("pykata.agent.container")
-
-
-class State(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
 
 
 async def spawn(
@@ -75,47 +69,75 @@ async def _with_pipes(launch: Any, pid_file: Path, pipe_size: int) -> PipeStdio:
 
 
 class Container:
+    """A container created through the runtime.
+
+    `undo` holds, in the order they were done, the steps that undo its
+    creation (storages, bundle, runtime state, cgroup, registrations - the
+    sandbox's and its own): a failed create and `remove()` both close it, so
+    each step's undoing is written once, next to the step.
+    """
+
     def __init__(
         self,
         container_id: str,
+        init_exec_id: str,
         bundle: Path,
         config: dict[str, Any],
         runtime: OciRuntime,
         pipe_size: int,
+        undo: contextlib.AsyncExitStack,
     ) -> None:
         self.id = container_id
+        #: The exec id the runtime gave the init process at CreateContainer ("" names it too).
+        self.init_exec_id = init_exec_id
         self.bundle = bundle
         self.config = config
         self.runtime = runtime
         self.pipe_size = pipe_size
-        self.state = State.CREATED
-        self._state_before_pause = State.RUNNING
+        self.lifecycle = Lifecycle(container_id)
         self.init: Process | None = None
-        #: The exec id the runtime gave the init process at CreateContainer ("" also names it).
-        self.init_exec_id = ""
         self.execs: dict[str, Process] = {}
-        #: Storages mounted for this container, released when it is removed.
-        self.storage_points: list[Path] = []
+        self.undo = undo
         self._lock = asyncio.Lock()
 
     @property
     def cgroup(self) -> str:
         return str(self.config["linux"]["cgroupsPath"])
 
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    def stats(self) -> cgroups.CgroupStats:
+        return cgroups.stats(self.cgroup)
+
+    async def runtime_state(self) -> dict[str, Any]:
+        """The runtime's own view of the container (`state`)."""
+        return await self.runtime.state(self.id)
+
     async def create(self) -> None:
+        """The bundle and the runtime's container, its init process waiting to start."""
+        self.bundle.mkdir(parents=True, exist_ok=False)
+        self.undo.callback(shutil.rmtree, self.bundle, ignore_errors=True)
         (self.bundle / "config.json").write_text(json.dumps(self.config))
-        terminal = bool(self.config.get("process", {}).get("terminal"))
+        terminal = bool(self.config["process"].get("terminal"))
 
         async def launch(stdio: Any, console: Path | None, pid_file: Path) -> None:
             await self.runtime.create(
                 self.id, self.bundle, pid_file, console_socket=console, stdio=stdio
             )
 
+        # Pushed first, so they run last: the cgroup goes once the runtime let it go.
+        self.undo.callback(cgroups.remove, self.cgroup, stop_at=self.cgroup)
+        self.undo.push_async_callback(self.runtime.delete, self.id, force=True)
         self.init = await spawn(self.id, "", self.bundle, terminal, self.pipe_size, launch)
-        self.init.when_exited(self._init_exited)
+        self.undo.callback(self._close_processes)
+        self.init.when_exited(self.lifecycle.stopped)
 
-    def _init_exited(self) -> None:
-        self.state = State.STOPPED
+    def _close_processes(self) -> None:
+        for proc in [*self.execs.values(), *([self.init] if self.init else [])]:
+            proc.close()
+        self.execs.clear()
 
     def process(self, exec_id: str, *, for_output: bool = False) -> Process:
         """The init process ("" or the init's exec id) or an exec.
@@ -137,47 +159,66 @@ class Container:
             )
         return process
 
-    def _require(self, *states: State, action: str) -> None:
-        if self.state not in states:
-            raise FailedPrecondition(
-                f"cannot {action} container {self.id}: it is {self.state.value}"
-            )
+    async def _act(self, action: Action, step: Callable[[], Awaitable[None]]) -> None:
+        """One lifecycle action: allowed now (lifecycle.TABLE), done, state moved on."""
+        async with self._lock:
+            self.lifecycle.check(action)
+            await step()
+            self.lifecycle.done(action)
 
     async def start(self) -> None:
         # A second start answers an error; upstream's blocks for ever, holding its lock.
-        async with self._lock:
-            self._require(State.CREATED, action="start")
-            await self.runtime.start(self.id)
-            if self.state is State.CREATED:
-                self.state = State.RUNNING
+        await self._act(Action.START, lambda: self.runtime.start(self.id))
+
+    async def pause(self) -> None:
+        async def pause() -> None:
+            await self.runtime.pause(self.id)
+            await self._settle_freezer("FROZEN")
+
+        await self._act(Action.PAUSE, pause)
+
+    async def resume(self) -> None:
+        async def resume() -> None:
+            await self.runtime.resume(self.id)
+            await self._settle_freezer("THAWED")
+
+        await self._act(Action.RESUME, resume)
+
+    async def update(self, resources: dict[str, Any]) -> None:
+        resources_file = self.bundle / "resources.json"
+
+        async def update() -> None:
+            resources_file.write_text(json.dumps(resources))
+            await self.runtime.update(self.id, resources_file)
+
+        await self._act(Action.UPDATE, update)
 
     async def exec(self, exec_id: str, spec: dict[str, Any]) -> Process:
-        async with self._lock:
-            self._require(State.RUNNING, action=f"exec {exec_id} in")
-            if not exec_id:
-                raise InvalidArgument("exec_id is empty: an exec needs an id of its own")
-            check_id("exec_id", exec_id)
+        if not exec_id:
+            raise InvalidArgument("exec_id is empty: an exec needs an id of its own")
+        check_id("exec_id", exec_id)
+        process_spec = bundle.process_spec(spec, f"exec {exec_id}: process")
+        started: list[Process] = []
+
+        async def exec_() -> None:
             if exec_id in self.execs or exec_id == self.init_exec_id:
                 raise AlreadyExists(f"container {self.id} already has an exec {exec_id}")
-            spec = dict(spec)
-            if not spec.get("args"):
-                raise InvalidArgument(f"process.Args is empty for exec {exec_id}")
-            spec.setdefault("cwd", "/")
-            spec.setdefault("user", {"uid": 0, "gid": 0})
             process_file = self.bundle / f"{exec_id}.process.json"
-            process_file.write_text(json.dumps(spec))
+            process_file.write_text(json.dumps(process_spec))
 
             async def launch(stdio: Any, console: Path | None, pid_file: Path) -> None:
                 await self.runtime.exec(
                     self.id, process_file, pid_file, console_socket=console, stdio=stdio
                 )
 
-            proc = await spawn(
-                self.id, exec_id, self.bundle, bool(spec.get("terminal")), self.pipe_size, launch
-            )
+            terminal = bool(process_spec.get("terminal"))
+            proc = await spawn(self.id, exec_id, self.bundle, terminal, self.pipe_size, launch)
             proc.on_finished = lambda: self._forget(proc)
             self.execs[exec_id] = proc
-            return proc
+            started.append(proc)
+
+        await self._act(Action.EXEC, exec_)
+        return started[0]
 
     async def signal(self, exec_id: str, signum: int) -> None:
         """Signal one process; SIGKILL with no exec id kills every process of the container."""
@@ -191,7 +232,7 @@ class Container:
         can fork a new one between the listing and the kill (upstream: rpc.rs:580-622)."""
         async with cgroups.frozen(self.cgroup):
             for pid in cgroups.processes(self.cgroup):
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
                     os.kill(pid, signals.SIGKILL)
 
     async def wait(self, exec_id: str) -> int:
@@ -202,20 +243,6 @@ class Container:
         if self.execs.get(process.exec_id) is process:
             del self.execs[process.exec_id]
             process.close()
-
-    async def pause(self) -> None:
-        async with self._lock:
-            self._require(State.CREATED, State.RUNNING, action="pause")
-            await self.runtime.pause(self.id)
-            await self._settle_freezer("FROZEN")
-            self._state_before_pause, self.state = self.state, State.PAUSED
-
-    async def resume(self) -> None:
-        async with self._lock:
-            self._require(State.PAUSED, action="resume")
-            await self.runtime.resume(self.id)
-            await self._settle_freezer("THAWED")
-            self.state = self._state_before_pause
 
     async def _settle_freezer(self, wanted: str, timeout: float = 5.0) -> None:
         """Some runtimes return while the freezer is still FREEZING: answer when it is done."""
@@ -228,14 +255,8 @@ class Container:
                 )
             await asyncio.sleep(0.005)
 
-    async def update(self, resources: dict[str, Any]) -> None:
-        self._require(State.CREATED, State.RUNNING, State.PAUSED, action="update")
-        resources_file = self.bundle / "resources.json"
-        resources_file.write_text(json.dumps(resources))
-        await self.runtime.update(self.id, resources_file)
-
     async def remove(self, timeout: float | None) -> None:
-        """Stop everything in the container and delete all trace of it."""
+        """Stop everything in the container, then undo all its creation did."""
         async with self._lock:
             if self.init is not None and not self.init.exited:
                 await self.kill_all()  # thaws a paused container too
@@ -246,9 +267,5 @@ class Container:
                     raise FailedPrecondition(
                         f"container {self.id} did not stop within {timeout}s"
                     ) from None
-            await self.runtime.delete(self.id, force=True)
-            for proc in [*self.execs.values(), *([self.init] if self.init else [])]:
-                proc.close()
-            self.execs.clear()
-            self.state = State.STOPPED
-            shutil.rmtree(self.bundle, ignore_errors=True)
+            self.lifecycle.stopped()
+            await self.undo.aclose()

@@ -16,14 +16,12 @@ log_type selects what (container_id for "termination_log" and "container"):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 
-from google.protobuf import json_format
-
-from . import cgroups
 from .command import run
 from .errors import FailedPrecondition, InvalidArgument
 from .sandbox import Sandbox
@@ -110,8 +108,8 @@ class Diagnostics:
         if not container_id:
             raise InvalidArgument('log_type "container" needs a container_id')
         container = self.sandbox.container(container_id)
-        state = await self.sandbox.runtime.state(container_id)
-        stats = json_format.MessageToDict(cgroups.stats(container.cgroup))
+        state = await container.runtime_state()
+        stats = dataclasses.asdict(container.stats())
         report = {
             "state": state,
             "execs": sorted(container.execs),

@@ -16,9 +16,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import FailedPrecondition, InvalidArgument
 from .guest import Guest
@@ -53,19 +54,19 @@ class MemcgConfig:
     eviction_run_aging_count_min: int = 3
 
 
-def merged(current: Any, request: Any) -> Any:
-    """`current` with every field the request sets (proto3 optional) replaced."""
-    changes = {
-        f.name: getattr(request, f.name)
-        for f in dataclasses.fields(current)
-        if request.HasField(f.name)
-    }
-    for name, value in changes.items():
+Config = TypeVar("Config", CompactConfig, MemcgConfig)
+
+
+def merged(current: Config, changes: Mapping[str, int | bool]) -> Config:
+    """`current` with the settings in `changes` (the request's set fields) replaced."""
+    known = {f.name for f in dataclasses.fields(current)}
+    wanted: dict[str, Any] = {name: value for name, value in changes.items() if name in known}
+    for name, value in wanted.items():
         if name.endswith("percent_limit") and not 0 <= value <= 100:
             raise InvalidArgument(f"{name} {value} is not a percentage (0-100)")
         if name == "period_secs" and value == 0:
             raise InvalidArgument("period_secs must be at least 1")
-    return dataclasses.replace(current, **changes)
+    return dataclasses.replace(current, **wanted)
 
 
 class MemAgent:
@@ -75,16 +76,16 @@ class MemAgent:
         self.memcg = MemcgConfig()
         self._compactor: asyncio.Task[None] | None = None
 
-    def set_compact(self, request: Any) -> None:
-        config = merged(self.compact, request)
+    def set_compact(self, changes: Mapping[str, int | bool]) -> None:
+        config = merged(self.compact, changes)
         if not config.disabled:
             self.guest.require_ownership("running memory compaction")
         self.compact = config
         log.info("memory agent compaction", extra=dataclasses.asdict(config))
         self._restart_compactor()
 
-    def set_memcg(self, request: Any) -> None:
-        config = merged(self.memcg, request)
+    def set_memcg(self, changes: Mapping[str, int | bool]) -> None:
+        config = merged(self.memcg, changes)
         if not config.disabled:
             self.guest.require_ownership("running memcg reclaim")
             if not LRU_GEN.exists():

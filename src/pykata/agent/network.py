@@ -10,6 +10,7 @@ needs datagram endpoints uvloop does not offer): callers run them in a thread.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ipaddress
 import logging
@@ -146,9 +147,26 @@ class Network:
             return IPRoute()
         return IPRoute(fileno=netlink_socket_in(self.netns_path).detach())
 
+    # Netlink calls block: each runs in a worker thread, off the event loop.
+
+    async def list_interfaces(self) -> list[Interface]:
+        return await asyncio.to_thread(self._list_interfaces)
+
+    async def update_interface(self, wanted: Interface) -> Interface:
+        return await asyncio.to_thread(self._update_interface, wanted)
+
+    async def list_routes(self) -> list[Route]:
+        return await asyncio.to_thread(self._list_routes)
+
+    async def update_routes(self, routes: list[Route]) -> list[Route]:
+        return await asyncio.to_thread(self._update_routes, routes)
+
+    async def add_neighbors(self, neighbors: list[Neighbor]) -> None:
+        await asyncio.to_thread(self._add_neighbors, neighbors)
+
     # --- interfaces ---------------------------------------------------------------
 
-    def list_interfaces(self) -> list[Interface]:
+    def _list_interfaces(self) -> list[Interface]:
         with self._ipr() as ipr:
             links = list(ipr.link("dump"))
             addrs = list(ipr.addr("dump"))
@@ -176,7 +194,7 @@ class Network:
             )
         return found
 
-    def update_interface(self, wanted: Interface) -> Interface:
+    def _update_interface(self, wanted: Interface) -> Interface:
         """Name, MTU, addresses and up state of the link found by hwAddr (else by name)."""
         for address in wanted.addresses:
             _prefix(address)
@@ -204,7 +222,7 @@ class Network:
                     exc, f"cannot update interface {wanted.name or wanted.hw_addr}"
                 ) from None
         log.info("interface updated", extra={"interface": wanted.name, "hwaddr": wanted.hw_addr})
-        current = self.list_interfaces()
+        current = self._list_interfaces()
         return next(i for i in current if i.hw_addr == wanted.hw_addr or i.name == wanted.name)
 
     def _find_link(self, ipr: Any, wanted: Interface) -> int:
@@ -221,7 +239,7 @@ class Network:
 
     # --- routes -------------------------------------------------------------------
 
-    def list_routes(self) -> list[Route]:
+    def _list_routes(self) -> list[Route]:
         with self._ipr() as ipr:
             names = {link["index"]: link.get("ifname") for link in ipr.link("dump")}
             routes = list(ipr.route("dump", table=RT_TABLE_MAIN))
@@ -245,7 +263,7 @@ class Network:
             )
         return found
 
-    def update_routes(self, routes: list[Route]) -> list[Route]:
+    def _update_routes(self, routes: list[Route]) -> list[Route]:
         """Replace the main table's routes (but the kernel's own) with `routes`."""
         for route in routes:
             self._check_route(route)
@@ -269,7 +287,7 @@ class Network:
                 except _netlink_error() as exc:
                     raise _error(exc, f"cannot add route {route.dest or 'default'}") from None
         log.info("routes updated", extra={"routes": len(routes)})
-        return self.list_routes()
+        return self._list_routes()
 
     @staticmethod
     def _check_route(route: Route) -> None:
@@ -289,7 +307,7 @@ class Network:
 
     # --- neighbours ---------------------------------------------------------------
 
-    def add_neighbors(self, neighbors: Iterable[Neighbor]) -> None:
+    def _add_neighbors(self, neighbors: Iterable[Neighbor]) -> None:
         with self._ipr() as ipr:
             indexes = {link.get("ifname"): link["index"] for link in ipr.link("dump")}
             for n in neighbors:

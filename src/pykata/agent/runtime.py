@@ -8,9 +8,9 @@ host's default (/run/runc, /run/crun).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
-import functools
 import json
 import logging
 import os
@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -105,6 +105,7 @@ class OciRuntime:
     #: Create containers with --no-pivot: pivot_root(2) refuses to leave the initial
     #: ramfs, so a guest whose root is its initrd needs it (as upstream's agent does).
     no_pivot: bool = False
+    _seccomp: bool | None = field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -249,16 +250,32 @@ class OciRuntime:
             "update", "--resources", str(resources_file), container_id, container_id=container_id
         )
 
-    @functools.cached_property  # asked on GetGuestDetails, once: not at start-up
-    def supports_seccomp(self) -> bool:
-        """Whether the runtime was built with seccomp (crun: +SECCOMP, runc: libseccomp)."""
-        try:
-            out = subprocess.run(
-                [self.binary, "--version"], capture_output=True, text=True, timeout=10
-            ).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        return "+SECCOMP" in out or "libseccomp" in out
+    async def supports_seccomp(self) -> bool:
+        """Whether the runtime was built with seccomp (crun: +SECCOMP, runc: libseccomp).
+
+        Asked on GetGuestDetails, once (not at start-up): its `--version` is cached.
+        """
+        if self._seccomp is None:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.binary,
+                    "--version",
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            except OSError as exc:
+                log.warning("cannot ask %s --version: %s", self.binary, exc)
+                return False
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                log.warning("%s --version did not answer in 10 s", self.binary)
+                return False
+            text = out.decode(errors="replace")
+            self._seccomp = "+SECCOMP" in text or "libseccomp" in text
+        return self._seccomp
 
     async def state(self, container_id: str) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, leftovers
+from . import bundle, cgroups, leftovers
 from .container import Container
 from .errors import (
     AlreadyExists,
@@ -30,7 +30,9 @@ from .errors import (
     Unsupported,
 )
 from .ids import check_id
+from .network import Network
 from .oom import OomEvents
+from .process import Process
 from .reaper import orphans
 from .runtime import OciRuntime
 from .storage import Storages, StorageSpec
@@ -64,13 +66,15 @@ class Sandbox:
         self.settings: SandboxSettings | None = None
         self.containers: dict[str, Container] = {}
         self._holder: asyncio.subprocess.Process | None = None
+        #: In a guest the sandbox's network is the agent's own; stand-alone, the holder's.
+        self._network: Network | None = Network(None) if owns_machine else None
         self.storages = Storages(run_dir, owns_machine)
         self.oom = OomEvents()
-        self._storage_points: list[Path] = []
+        #: Undoes, in reverse, what CreateSandbox did (storages, holder, files).
+        self._undo = contextlib.AsyncExitStack()
         self._instance = f"agent-{os.getpid()}"
-        #: The PID namespace containers created with sandbox_pidns share, and its container.
+        #: The PID namespace containers created with sandbox_pidns share.
         self._pidns: str | None = None
-        self._pidns_holder = ""
 
     # --- the sandbox itself ---------------------------------------------------
 
@@ -101,19 +105,22 @@ class Sandbox:
             )
         for storage in settings.storages:
             self.storages.check(storage)
-        if settings.kernel_modules:
-            await self._load_modules(settings.kernel_modules)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if settings.dns:
-            (self.dir / "resolv.conf").write_text("".join(f"{line}\n" for line in settings.dns))
         if settings.hostname and len(settings.hostname) > 64:
             raise InvalidArgument(f"hostname {settings.hostname!r} is longer than 64 characters")
-        self._storage_points = await self._mount_all(settings.storages)
+        if settings.kernel_modules:
+            await self._load_modules(settings.kernel_modules)
+        undo = self._undo = contextlib.AsyncExitStack()
         try:
-            self._holder = await self._start_holder(settings.hostname)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            undo.callback(shutil.rmtree, self.dir, ignore_errors=True)
+            if settings.dns:
+                resolv = "".join(f"{line}\n" for line in settings.dns)
+                (self.dir / "resolv.conf").write_text(resolv)
+            for storage in settings.storages:
+                undo.push_async_callback(self.storages.release, await self.storages.add(storage))
+            await self._start_holder(settings.hostname)
         except BaseException:
-            for point in self._storage_points:
-                await self.storages.release(point)
+            await undo.aclose()
             raise
         if settings.sandbox_id:
             self._instance = settings.sandbox_id
@@ -138,18 +145,16 @@ class Sandbox:
                 raise FailedPrecondition(f"modprobe {name} failed: {err.decode().strip()}")
 
     @property
-    def netns_path(self) -> str | None:
-        """The sandbox's network namespace: None for the agent's own (it owns the machine)."""
-        if self.owns_machine:
-            return None
-        if self._holder is None:
+    def network(self) -> Network:
+        """The sandbox's network: the guest's own when the agent owns the machine."""
+        if self._network is None:
             raise FailedPrecondition(
                 "no sandbox network yet: CreateSandbox first (stand-alone, the agent "
                 "configures only the sandbox's own network namespace, never the host's)"
             )
-        return f"/proc/{self._holder.pid}/ns/net"
+        return self._network
 
-    async def _start_holder(self, hostname: str) -> asyncio.subprocess.Process:
+    async def _start_holder(self, hostname: str) -> None:
         """A process sitting in the sandbox's own UTS, IPC (and network) namespaces."""
         script = (
             'if [ -n "$1" ]; then hostname -- "$1" || exit 1; fi; '
@@ -173,6 +178,8 @@ class Sandbox:
             stderr=asyncio.subprocess.PIPE,
         )
         orphans.kept.add(holder.pid)  # asyncio reaps it, not the sweeper
+        self._holder = holder
+        self._undo.push_async_callback(self._stop_holder)
         leftovers.record_holder(self.dir, holder.pid)  # for an agent after us, if we die
         assert holder.stdout is not None
         line = await holder.stdout.readline()
@@ -181,7 +188,18 @@ class Sandbox:
             raise FailedPrecondition(
                 f"cannot create the sandbox namespaces: {err.decode().strip()}"
             )
-        return holder
+        if not self.owns_machine:
+            self._network = Network(f"/proc/{holder.pid}/ns/net")
+
+    async def _stop_holder(self) -> None:
+        holder, self._holder = self._holder, None
+        assert holder is not None
+        with contextlib.suppress(ProcessLookupError):  # it is gone already
+            holder.kill()
+        await holder.wait()
+        orphans.kept.discard(holder.pid)
+        if not self.owns_machine:
+            self._network = None
 
     async def destroy(self) -> None:
         """Remove every container and everything the sandbox created."""
@@ -190,21 +208,15 @@ class Sandbox:
                 await self.remove_container(container_id, timeout=10)
             except Exception as exc:
                 log.error("cannot remove container %s: %s", container_id, exc)
-        if self._holder is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._holder.kill()
-            await self._holder.wait()
-            orphans.kept.discard(self._holder.pid)
-            self._holder = None
-        for point in self._storage_points:
-            await self.storages.release(point)
-        self._storage_points = []
-        shutil.rmtree(self.dir, ignore_errors=True)
+        await self._undo.aclose()
         cgroups.remove(self.cgroup_parent, stop_at=CGROUP_ROOT)
         self.oom.close()
         self.settings = None
         self._pidns = None
         self._instance = f"agent-{os.getpid()}"
+
+    async def runtime_supports_seccomp(self) -> bool:
+        return await self.runtime.supports_seccomp()
 
     # --- containers ------------------------------------------------------------
 
@@ -214,46 +226,20 @@ class Sandbox:
             raise ContainerNotFound(f"no container {container_id!r}")
         return found
 
-    def _config(
-        self, container_id: str, spec: dict[str, Any], sandbox_pidns: bool
-    ) -> dict[str, Any]:
-        """The bundle's config.json from a request's spec (which it takes over and edits)."""
-        config = spec
-        process = config.get("process") or {}
-        if not process.get("args"):
-            raise InvalidArgument("OCI.Process.Args is empty: a container needs a command to run")
-        root = (config.get("root") or {}).get("path", "")
-        if not root or not os.path.isabs(root):
-            raise InvalidArgument(f"OCI.Root.Path {root!r} must be an absolute path to the rootfs")
-        if not os.path.isdir(root):
-            raise InvalidArgument(f"OCI.Root.Path {root!r} is not a directory")
-        process.setdefault("cwd", "/")
-        process.setdefault("user", {"uid": 0, "gid": 0})
-        config.setdefault("ociVersion", "1.0.2")
-        if config.pop("hooks", None):
-            # Hooks in the request are the host's; run in the guest they would run
-            # host-side programs with the agent's privileges.
-            log.warning("ignoring OCI hooks in the spec of container %s", container_id)
-        linux = config.setdefault("linux", {})
-        linux["cgroupsPath"] = f"{self.cgroup_parent}/{container_id}"
-        linux["namespaces"] = [
-            *(ns for ns in linux.get("namespaces", []) if ns.get("type") != "pid"),
-            self._pid_namespace(sandbox_pidns),
-        ]
+    def _placement(self, container_id: str, sandbox_pidns: bool) -> bundle.Placement:
+        shared: dict[str, str | None] = {}
         if self._holder is not None:
-            self._join_sandbox_namespaces(config)
-        if self.settings and self.settings.dns:
-            mounts = config.setdefault("mounts", [])
-            if not any(m.get("destination") == "/etc/resolv.conf" for m in mounts):
-                mounts.append(
-                    {
-                        "destination": "/etc/resolv.conf",
-                        "type": "bind",
-                        "source": str(self.dir / "resolv.conf"),
-                        "options": ["rbind", "ro"],
-                    }
-                )
-        return config
+            for kind, name in SHARED_NAMESPACES.items():
+                # In a guest the sandbox's network is the agent's own.
+                own = kind == "network" and self.owns_machine
+                shared[kind] = None if own else f"/proc/{self._holder.pid}/ns/{name}"
+        dns = self.settings is not None and bool(self.settings.dns)
+        return bundle.Placement(
+            cgroups_path=f"{self.cgroup_parent}/{container_id}",
+            pid_namespace=self._pid_namespace(sandbox_pidns),
+            shared_namespaces=shared,
+            resolv_conf=self.dir / "resolv.conf" if dns else None,
+        )
 
     def _pid_namespace(self, shared: bool) -> dict[str, str]:
         """A new PID namespace, or with `shared` the sandbox's (rpc.rs:2143-2165).
@@ -274,95 +260,75 @@ class Sandbox:
             )
         return {"type": "pid"}  # the first container's becomes the sandbox's
 
-    def _join_sandbox_namespaces(self, config: dict[str, Any]) -> None:
-        assert self._holder is not None
-        namespaces = [
-            ns
-            for ns in config["linux"].get("namespaces", [])
-            if ns.get("type") not in SHARED_NAMESPACES
-        ]
-        for kind, name in SHARED_NAMESPACES.items():
-            if kind == "network" and self.owns_machine:
-                continue  # the guest's own network: the container stays in the agent's
-            namespaces.append({"type": kind, "path": f"/proc/{self._holder.pid}/ns/{name}"})
-        config["linux"]["namespaces"] = namespaces
-        config.pop("hostname", None)  # the sandbox's hostname applies
-
-    async def _mount_all(self, storages: list[StorageSpec]) -> list[Path]:
-        points: list[Path] = []
-        try:
-            for storage in storages:
-                points.append(await self.storages.add(storage))
-        except BaseException:
-            for point in points:
-                await self.storages.release(point)
-            raise
-        return points
-
     async def create_container(
         self,
         container_id: str,
+        init_exec_id: str,
         spec: dict[str, Any],
         storages: Sequence[StorageSpec] = (),
-        init_exec_id: str = "",
+        *,
         sandbox_pidns: bool = False,
     ) -> Container:
-        """`init_exec_id`: the id the runtime gives the init process ("" names it too);
-        `sandbox_pidns`: share the sandbox's PID namespace instead of a new one."""
+        """A container whose init waits to start. `init_exec_id`: the id the runtime
+        gives the init process ("" names it too); `sandbox_pidns`: share the sandbox's
+        PID namespace instead of a new one. A failure leaves nothing behind."""
         check_id("container_id", container_id)
         check_id("exec_id", init_exec_id, may_be_empty=True)
         if container_id in self.containers:
             raise AlreadyExists(f"container {container_id!r} already exists")
         for storage in storages:
             self.storages.check(storage)
-        points = await self._mount_all(list(storages))
+        undo = contextlib.AsyncExitStack()
         try:
-            container = await self._create_container(container_id, spec, sandbox_pidns)
-        except BaseException:
-            for point in points:
-                await self.storages.release(point)
-            raise
-        container.storage_points = points
-        container.init_exec_id = init_exec_id
-        self.oom.watch(container_id, container.cgroup)
-        return container
-
-    async def _create_container(
-        self, container_id: str, spec: dict[str, Any], sandbox_pidns: bool
-    ) -> Container:
-        config = self._config(container_id, spec, sandbox_pidns)
-        first = not self.containers
-        bundle = self.run_dir / "containers" / container_id
-        bundle.mkdir(parents=True, exist_ok=False)
-        container = Container(container_id, bundle, config, self.runtime, self.pipe_size)
-        self.containers[container_id] = container
-        try:
+            for storage in storages:  # first: the rootfs may be one
+                undo.push_async_callback(self.storages.release, await self.storages.add(storage))
+            config = bundle.container_config(
+                container_id, spec, self._placement(container_id, sandbox_pidns)
+            )
+            container = Container(
+                container_id,
+                init_exec_id,
+                self.run_dir / "containers" / container_id,
+                config,
+                self.runtime,
+                self.pipe_size,
+                undo,
+            )
+            self.containers[container_id] = container
+            undo.callback(self.containers.pop, container_id, None)
             await container.create()
+            self.oom.watch(container_id, container.cgroup)
+            undo.callback(self.oom.forget, container_id)
+            self._share_pid_namespace(container)
         except BaseException:
-            self.containers.pop(container_id, None)
-            with contextlib.suppress(Exception):
-                await self.runtime.delete(container_id, force=True)
-            shutil.rmtree(bundle, ignore_errors=True)
-            cgroups.remove(container.cgroup, stop_at=container.cgroup)
+            await _undo_after_failure(container_id, undo)
             raise
-        if first and self._pidns is None:
-            # The first container is the sandbox's infra container (sandbox.rs:268-290).
-            assert container.init is not None
-            self._pidns = f"/proc/{container.init.pid}/ns/pid"
-            self._pidns_holder = container_id
         log.info("container created", extra={"container": container_id})
         return container
 
+    def _share_pid_namespace(self, container: Container) -> None:
+        """The first container is the sandbox's infra container (sandbox.rs:268-290)."""
+        if self._pidns is not None or len(self.containers) > 1:
+            return
+        assert container.init is not None
+        self._pidns = f"/proc/{container.init.pid}/ns/pid"
+
+        def forget() -> None:  # the namespace ends with its init
+            self._pidns = None
+
+        container.undo.callback(forget)
+
+    def process(self, container_id: str, exec_id: str, *, for_output: bool = False) -> Process:
+        """The process a request names by (container_id, exec_id); "" is the init process."""
+        return self.container(container_id).process(exec_id, for_output=for_output)
+
     async def remove_container(self, container_id: str, timeout: float | None) -> None:
-        container = self.container(container_id)
-        await container.remove(timeout)
-        self.containers.pop(container_id, None)
-        self.oom.forget(container_id)
-        if container_id == self._pidns_holder:
-            self._pidns, self._pidns_holder = None, ""  # the namespace ended with its init
-        # Only the container's own: the sandbox's parent cgroup stays until the sandbox
-        # goes (creating and removing cgroups costs milliseconds each).
-        cgroups.remove(container.cgroup, stop_at=container.cgroup)
-        for point in container.storage_points:
-            await self.storages.release(point)
+        await self.container(container_id).remove(timeout)
         log.info("container removed", extra={"container": container_id})
+
+
+async def _undo_after_failure(container_id: str, undo: contextlib.AsyncExitStack) -> None:
+    try:
+        await undo.aclose()
+    except Exception as exc:  # the failure that got us here is the one to report
+        log.warning("cleaning up after container %s failed to create: %s", container_id, exc)

@@ -58,6 +58,40 @@ def _storages(storages: list[agent_pb2.Storage]) -> list[StorageSpec]:
     ]
 
 
+def _cgroup_stats(s: cgroups.CgroupStats) -> agent_pb2.CgroupStats:
+    return agent_pb2.CgroupStats(
+        cpu_stats=agent_pb2.CpuStats(
+            cpu_usage=agent_pb2.CpuUsage(
+                total_usage=s.cpu_total,
+                percpu_usage=s.cpu_per_cpu,
+                usage_in_usermode=s.cpu_user,
+                usage_in_kernelmode=s.cpu_system,
+            ),
+            throttling_data=agent_pb2.ThrottlingData(
+                periods=s.throttle_periods,
+                throttled_periods=s.throttled_periods,
+                throttled_time=s.throttled_time,
+            ),
+        ),
+        memory_stats=agent_pb2.MemoryStats(
+            cache=s.memory_cache,
+            usage=agent_pb2.MemoryData(
+                usage=s.memory_usage,
+                max_usage=s.memory_max_usage,
+                failcnt=s.memory_failcnt,
+                limit=s.memory_limit,
+            ),
+            stats=s.memory_stat,
+        ),
+        pids_stats=agent_pb2.PidsStats(current=s.pids_current, limit=s.pids_limit),
+    )
+
+
+def _fields_set(request: Message) -> dict[str, Any]:
+    """The fields a request sets (proto3 optional), by name."""
+    return {field.name: value for field, value in request.ListFields()}
+
+
 @dataclass
 class AgentParts:
     """Everything the agent's RPCs act on."""
@@ -146,9 +180,9 @@ class AgentService:
             raise MissingField("OCI is missing: CreateContainer needs an OCI spec")
         await self.sandbox.create_container(
             req.container_id,
+            req.exec_id,
             oci.to_json(req.OCI),
             _storages(list(req.storages)),
-            init_exec_id=req.exec_id,
             sandbox_pidns=req.sandbox_pidns,
         )
         return EMPTY
@@ -188,8 +222,8 @@ class AgentService:
     async def StatsContainer(
         self, req: agent_pb2.StatsContainerRequest, ctx: ServerContext
     ) -> agent_pb2.StatsContainerResponse:
-        container = self.sandbox.container(req.container_id)
-        return agent_pb2.StatsContainerResponse(cgroup_stats=cgroups.stats(container.cgroup))
+        stats = self.sandbox.container(req.container_id).stats()
+        return agent_pb2.StatsContainerResponse(cgroup_stats=_cgroup_stats(stats))
 
     async def GetOOMEvent(
         self, req: agent_pb2.GetOOMEventRequest, ctx: ServerContext
@@ -226,27 +260,27 @@ class AgentService:
     async def WriteStdin(
         self, req: agent_pb2.WriteStreamRequest, ctx: ServerContext
     ) -> agent_pb2.WriteStreamResponse:
-        process = self.sandbox.container(req.container_id).process(req.exec_id)
+        process = self.sandbox.process(req.container_id, req.exec_id)
         return agent_pb2.WriteStreamResponse(len=await process.write_stdin(req.data))
 
     async def ReadStdout(
         self, req: agent_pb2.ReadStreamRequest, ctx: ServerContext
     ) -> agent_pb2.ReadStreamResponse:
-        process = self.sandbox.container(req.container_id).process(req.exec_id, for_output=True)
+        process = self.sandbox.process(req.container_id, req.exec_id, for_output=True)
         return agent_pb2.ReadStreamResponse(data=await process.read("stdout", req.len))
 
     async def ReadStderr(
         self, req: agent_pb2.ReadStreamRequest, ctx: ServerContext
     ) -> agent_pb2.ReadStreamResponse:
-        process = self.sandbox.container(req.container_id).process(req.exec_id, for_output=True)
+        process = self.sandbox.process(req.container_id, req.exec_id, for_output=True)
         return agent_pb2.ReadStreamResponse(data=await process.read("stderr", req.len))
 
     async def CloseStdin(self, req: agent_pb2.CloseStdinRequest, ctx: ServerContext) -> Empty:
-        await self.sandbox.container(req.container_id).process(req.exec_id).close_stdin()
+        await self.sandbox.process(req.container_id, req.exec_id).close_stdin()
         return EMPTY
 
     async def TtyWinResize(self, req: agent_pb2.TtyWinResizeRequest, ctx: ServerContext) -> Empty:
-        process = self.sandbox.container(req.container_id).process(req.exec_id)
+        process = self.sandbox.process(req.container_id, req.exec_id)
         process.resize(req.row, req.column)
         return EMPTY
 
@@ -255,7 +289,7 @@ class AgentService:
     async def GetGuestDetails(
         self, req: agent_pb2.GuestDetailsRequest, ctx: ServerContext
     ) -> agent_pb2.GuestDetailsResponse:
-        seccomp = self.sandbox.runtime.supports_seccomp
+        seccomp = await self.sandbox.runtime_supports_seccomp()
         details = self.parts.guest.details(list(DRIVERS), seccomp)
         return agent_pb2.GuestDetailsResponse(
             mem_block_size_bytes=details.mem_block_size if req.mem_block_size else 0,
@@ -318,13 +352,13 @@ class AgentService:
     async def MemAgentMemcgSet(
         self, req: agent_pb2.MemAgentMemcgConfig, ctx: ServerContext
     ) -> Empty:
-        self.parts.memory.set_memcg(req)
+        self.parts.memory.set_memcg(_fields_set(req))
         return EMPTY
 
     async def MemAgentCompactSet(
         self, req: agent_pb2.MemAgentCompactConfig, ctx: ServerContext
     ) -> Empty:
-        self.parts.memory.set_compact(req)
+        self.parts.memory.set_compact(_fields_set(req))
         return EMPTY
 
     async def GetDiagnosticData(
@@ -375,13 +409,10 @@ class AgentService:
 
     # network
 
-    def _network(self) -> network.Network:
-        return network.Network(self.sandbox.netns_path)
-
     async def ListInterfaces(
         self, req: agent_pb2.ListInterfacesRequest, ctx: ServerContext
     ) -> agent_pb2.Interfaces:
-        found = await asyncio.to_thread(self._network().list_interfaces)
+        found = await self.sandbox.network.list_interfaces()
         return agent_pb2.Interfaces(Interfaces=[_interface(i) for i in found])
 
     async def UpdateInterface(
@@ -399,12 +430,12 @@ class AgentService:
             mtu=i.mtu,
             addresses=[network.Address(a.family, a.address, a.mask) for a in i.IPAddresses],
         )
-        return _interface(await asyncio.to_thread(self._network().update_interface, wanted))
+        return _interface(await self.sandbox.network.update_interface(wanted))
 
     async def ListRoutes(
         self, req: agent_pb2.ListRoutesRequest, ctx: ServerContext
     ) -> agent_pb2.Routes:
-        routes = await asyncio.to_thread(self._network().list_routes)
+        routes = await self.sandbox.network.list_routes()
         return agent_pb2.Routes(Routes=[_route(r) for r in routes])
 
     async def UpdateRoutes(
@@ -416,7 +447,7 @@ class AgentService:
             network.Route(r.dest, r.gateway, r.device, r.source, r.scope, r.family, r.flags, r.mtu)
             for r in req.routes.Routes
         ]
-        routes = await asyncio.to_thread(self._network().update_routes, wanted)
+        routes = await self.sandbox.network.update_routes(wanted)
         return agent_pb2.Routes(Routes=[_route(r) for r in routes])
 
     async def AddARPNeighbors(
@@ -428,18 +459,19 @@ class AgentService:
             network.Neighbor(n.toIPAddress.address, n.device, n.lladdr, n.state, n.flags)
             for n in req.neighbors.ARPNeighbors
         ]
-        await asyncio.to_thread(self._network().add_neighbors, neighbors)
+        await self.sandbox.network.add_neighbors(neighbors)
         return EMPTY
 
     async def GetIPTables(
         self, req: agent_pb2.GetIPTablesRequest, ctx: ServerContext
     ) -> agent_pb2.GetIPTablesResponse:
-        return agent_pb2.GetIPTablesResponse(data=await self._network().get_iptables(req.is_ipv6))
+        rules = await self.sandbox.network.get_iptables(req.is_ipv6)
+        return agent_pb2.GetIPTablesResponse(data=rules)
 
     async def SetIPTables(
         self, req: agent_pb2.SetIPTablesRequest, ctx: ServerContext
     ) -> agent_pb2.SetIPTablesResponse:
-        output = await self._network().set_iptables(req.is_ipv6, req.data)
+        output = await self.sandbox.network.set_iptables(req.is_ipv6, req.data)
         return agent_pb2.SetIPTablesResponse(data=output)
 
     # metrics and policy

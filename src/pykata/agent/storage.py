@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from .errors import InvalidArgument, NotFound, Unsupported
 
 log = logging.getLogger("pykata.agent.storage")
 
-DRIVERS = ("local", "bind", "ephemeral", "overlayfs", "virtio-fs")
 #: Directories of the run directory that hold the agent's own state (runtime, bundles).
 AGENT_STATE = ("runtime", "containers")
 
@@ -68,6 +68,63 @@ async def _umount(path: Path) -> None:
     _, err = await proc.communicate()
     if proc.returncode:
         log.warning("umount %s failed: %s", path, err.decode().strip())
+
+
+# --- the drivers: each prepares `point` for its storage; True when it mounted there ---
+
+
+def _options(spec: StorageSpec) -> list[str]:
+    return ["-o", ",".join(spec.options)] if spec.options else []
+
+
+async def _local(spec: StorageSpec, point: Path, owns_machine: bool) -> bool:
+    mode = next((o[5:] for o in spec.options if o.startswith("mode=")), "0777")
+    point.chmod(int(mode, 8))
+    return False
+
+
+async def _bind(spec: StorageSpec, point: Path, owns_machine: bool) -> bool:
+    if not os.path.exists(spec.source):
+        raise InvalidArgument(f"bind storage source {spec.source!r} does not exist")
+    await _mount("--bind", spec.source, str(point))
+    if "ro" in spec.options:
+        await _mount("-o", "remount,bind,ro", str(point))
+    return True
+
+
+async def _ephemeral(spec: StorageSpec, point: Path, owns_machine: bool) -> bool:
+    # mode= is a tmpfs option too (the runtime's shm storage sends mode=1777)
+    await _mount("-t", "tmpfs", *_options(spec), spec.source or "tmpfs", str(point))
+    return True
+
+
+async def _virtio_fs(spec: StorageSpec, point: Path, owns_machine: bool) -> bool:
+    # source: the VMM's tag for the shared directory (Kata's kataShared)
+    if owns_machine:
+        await run("modprobe", "virtiofs")
+    await _mount("-t", "virtiofs", *_options(spec), spec.source, str(point))
+    return True
+
+
+async def _overlayfs(spec: StorageSpec, point: Path, owns_machine: bool) -> bool:
+    for option in spec.options:
+        key, _, value = option.partition("=")
+        if key in ("upperdir", "workdir"):
+            Path(value).mkdir(parents=True, exist_ok=True)
+    await _mount("-t", "overlay", *_options(spec), spec.source or "overlay", str(point))
+    return True
+
+
+Handler = Callable[[StorageSpec, Path, bool], Awaitable[bool]]
+#: driver -> what the agent does for it (upstream's STORAGE_HANDLERS).
+HANDLERS: dict[str, Handler] = {
+    "local": _local,
+    "bind": _bind,
+    "ephemeral": _ephemeral,
+    "overlayfs": _overlayfs,
+    "virtio-fs": _virtio_fs,
+}
+DRIVERS = tuple(HANDLERS)
 
 
 class Storages:
@@ -118,42 +175,7 @@ class Storages:
             self._users[point] += 1
             return point
         point.mkdir(parents=True, exist_ok=True)
-        options = list(spec.options)  # mode= is a tmpfs option too; "local" reads it
-        if spec.driver == "local":
-            mode = next((o[5:] for o in spec.options if o.startswith("mode=")), "0777")
-            point.chmod(int(mode, 8))
-        elif spec.driver == "bind":
-            if not os.path.exists(spec.source):
-                raise InvalidArgument(f"bind storage source {spec.source!r} does not exist")
-            await _mount("--bind", spec.source, str(point))
-            if "ro" in options:
-                await _mount("-o", "remount,bind,ro", str(point))
-            self._mounted[point] = spec.driver
-        elif spec.driver == "ephemeral":
-            await _mount(
-                "-t",
-                "tmpfs",
-                *(["-o", ",".join(options)] if options else []),
-                spec.source or "tmpfs",
-                str(point),
-            )
-            self._mounted[point] = spec.driver
-        elif spec.driver == "virtio-fs":  # source: the VMM's tag for the shared directory
-            if self.owns_machine:
-                await run("modprobe", "virtiofs")
-            await _mount(
-                "-t", "virtiofs", *(["-o", ",".join(options)] if options else []),
-                spec.source, str(point),
-            )  # fmt: skip
-            self._mounted[point] = spec.driver
-        else:  # overlayfs
-            for option in options:
-                key, _, value = option.partition("=")
-                if key in ("upperdir", "workdir"):
-                    Path(value).mkdir(parents=True, exist_ok=True)
-            await _mount(
-                "-t", "overlay", "-o", ",".join(options), spec.source or "overlay", str(point)
-            )
+        if await HANDLERS[spec.driver](spec, point, self.owns_machine):
             self._mounted[point] = spec.driver
         self._users[point] = 1
         log.info("storage mounted", extra={"driver": spec.driver, "mount_point": str(point)})
