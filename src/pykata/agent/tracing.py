@@ -18,7 +18,8 @@ from types import TracebackType
 from typing import Any
 
 from .. import __version__, otlp
-from ..spans import Exporter, Limits, RemoteParent, Span, SpanContext, Tracer
+from ..spanexport import Exporter
+from ..spans import Limits, RemoteParent, Span, SpanContext, Tracer
 from ..ttrpc import ServerContext
 
 ID_FIELDS = ("container_id", "exec_id", "sandbox_id")

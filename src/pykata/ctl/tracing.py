@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from .. import __version__, otlp
-from ..spans import Exporter, Tracer
+from ..spanexport import Exporter
+from ..spans import Tracer
 
 
 class ClientTracing:
