@@ -1,27 +1,46 @@
 """ttRPC for asyncio: framing, a server and a client, usable outside Kata.
 
-frame     the 10-byte header format, sans-IO
-protocol  per-connection state machines (bytes in, events out), sans-IO
-status    Code and TtrpcError
-server    Server, Service, ServerContext
-client    Client, ClientStream
-testing   a service and a client wired together in-process
+frame        the 10-byte header format, sans-IO
+protocol     per-connection state machines (bytes in, events out), sans-IO
+status       Code and TtrpcError
+server       Server, Service, ServerContext
+client       Client, ClientStream, ClientContext
+interceptor  chains of interceptors around calls, on either side
+testing      a service and a client wired together in-process
 """
 
-from .client import Client, ClientStream, Stub
-from .server import Server, ServerContext, ServerStream, Service, StreamMethod, UnaryMethod
+from .client import Client, ClientContext, ClientStream, Invoker, Stub, UnaryClientInterceptor
+from .server import (
+    Server,
+    ServerContext,
+    ServerStream,
+    Service,
+    StreamHandler,
+    StreamMethod,
+    StreamServerInterceptor,
+    UnaryHandler,
+    UnaryMethod,
+    UnaryServerInterceptor,
+)
 from .status import Code, TtrpcError
 
 __all__ = [
     "Client",
+    "ClientContext",
     "ClientStream",
     "Code",
+    "Invoker",
     "Server",
     "ServerContext",
     "ServerStream",
     "Service",
+    "StreamHandler",
     "StreamMethod",
+    "StreamServerInterceptor",
     "Stub",
     "TtrpcError",
+    "UnaryClientInterceptor",
+    "UnaryHandler",
     "UnaryMethod",
+    "UnaryServerInterceptor",
 ]

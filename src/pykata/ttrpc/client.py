@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from google.protobuf import message_factory
@@ -13,11 +15,32 @@ from google.protobuf.message import DecodeError, Message
 from .. import transport as transport_mod
 from ..transport import Address
 from .frame import FrameTooLarge
+from .interceptor import chain
 from .protocol import ClientConnection, DataReceived, ResponseReceived
 from .status import Code, TtrpcError
 
 M = TypeVar("M", bound=Message)
 Metadata = Mapping[str, str | Iterable[str]]
+
+
+@dataclass(slots=True)
+class ClientContext:
+    """A unary call as client interceptors see it, before it is sent: they may
+    change its metadata and timeout."""
+
+    service: str
+    method: str
+    #: Request metadata; a key may carry several values.
+    metadata: dict[str, list[str]]
+    #: Seconds the caller waits for the answer (also the server's deadline); None: no limit.
+    timeout: float | None
+
+
+#: The rest of a client chain: `await invoker(request, ctx)` sends the call.
+Invoker = Callable[[Any, ClientContext], Awaitable[Any]]
+#: Runs around a unary call: `await interceptor(request, ctx, invoker)`, where the
+#: request is the message given to Client.call (bytes for call_raw) and so is the answer.
+UnaryClientInterceptor = Callable[[Any, ClientContext, Invoker], Awaitable[Any]]
 
 
 def _metadata_pairs(metadata: Metadata | None) -> list[tuple[str, str]]:
@@ -30,8 +53,25 @@ def _metadata_pairs(metadata: Metadata | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def _metadata_lists(metadata: Metadata | None) -> dict[str, list[str]]:
+    return {
+        key: [value] if isinstance(value, str) else list(value)
+        for key, value in (metadata or {}).items()
+    }
+
+
 def _timeout_nano(timeout: float | None) -> int:
     return int(timeout * 1e9) if timeout else 0
+
+
+def _decode(response_type: type[M], payload: bytes, service: str, method: str) -> M:
+    try:
+        return response_type.FromString(payload)
+    except DecodeError as exc:
+        expected = response_type.DESCRIPTOR.full_name
+        raise TtrpcError(
+            Code.INTERNAL, f"cannot decode {expected} from {service}/{method}: {exc}"
+        ) from None
 
 
 class ClientStream:
@@ -71,9 +111,13 @@ class Client:
 
     >>> client = await Client.connect("unix:///run/agent.sock")
     >>> reply = await client.call("grpc.Health", "Check", CheckRequest(), HealthCheckResponse)
+
+    `interceptors` run around every unary call (call, call_raw, Stub), the first
+    outermost; the list may be changed between calls. Streams are not intercepted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, interceptors: Iterable[UnaryClientInterceptor] = ()) -> None:
+        self.interceptors: list[UnaryClientInterceptor] = list(interceptors)
         self._protocol = ClientConnection()
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[bytes]] = {}
@@ -83,9 +127,15 @@ class Client:
         self.address: Address | None = None
 
     @classmethod
-    async def connect(cls, address: str | Address, *, timeout: float | None = 10.0) -> Client:
+    async def connect(
+        cls,
+        address: str | Address,
+        *,
+        timeout: float | None = 10.0,
+        interceptors: Iterable[UnaryClientInterceptor] = (),
+    ) -> Client:
         address = transport_mod.as_address(address)
-        client = cls()
+        client = cls(interceptors=interceptors)
         client.address = address
         await transport_mod.connect(address, lambda: _ClientProtocol(client), timeout=timeout)
         return client
@@ -116,16 +166,14 @@ class Client:
         metadata: Metadata | None = None,
     ) -> M:
         """One unary call. Raises TtrpcError for any failure, with its status code."""
-        payload = await self.call_raw(
-            service, method, request.SerializeToString(), timeout=timeout, metadata=metadata
+        if self.interceptors:
+            ctx = ClientContext(service, method, _metadata_lists(metadata), timeout)
+            invoke = partial(self._invoke, response_type)
+            return await chain(self.interceptors, invoke)(request, ctx)
+        payload = await self._unary(
+            service, method, request.SerializeToString(), timeout, _metadata_pairs(metadata)
         )
-        try:
-            return response_type.FromString(payload)
-        except DecodeError as exc:
-            expected = response_type.DESCRIPTOR.full_name
-            raise TtrpcError(
-                Code.INTERNAL, f"cannot decode {expected} from {service}/{method}: {exc}"
-            ) from None
+        return _decode(response_type, payload, service, method)
 
     async def call_raw(
         self,
@@ -135,6 +183,30 @@ class Client:
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+    ) -> bytes:
+        """One unary call with the request and answer payloads as bytes."""
+        if self.interceptors:
+            ctx = ClientContext(service, method, _metadata_lists(metadata), timeout)
+            return await chain(self.interceptors, self._invoke_raw)(payload, ctx)
+        return await self._unary(service, method, payload, timeout, _metadata_pairs(metadata))
+
+    async def _invoke(self, response_type: type[M], request: Message, ctx: ClientContext) -> M:
+        """The end of a client chain for call()."""
+        payload = await self._invoke_raw(request.SerializeToString(), ctx)
+        return _decode(response_type, payload, ctx.service, ctx.method)
+
+    async def _invoke_raw(self, payload: bytes, ctx: ClientContext) -> bytes:
+        """The end of a client chain for call_raw()."""
+        pairs = _metadata_pairs(ctx.metadata)
+        return await self._unary(ctx.service, ctx.method, payload, ctx.timeout, pairs)
+
+    async def _unary(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        timeout: float | None,
+        metadata: list[tuple[str, str]],
     ) -> bytes:
         future = self._open(service, method, payload, timeout, metadata, streaming=False)[1]
         try:
@@ -156,7 +228,12 @@ class Client:
     ) -> ClientStream:
         """Open a streaming call. With `payload`, the request side is that one message."""
         sid, future = self._open(
-            service, method, payload or b"", timeout, metadata, streaming=payload is None
+            service,
+            method,
+            payload or b"",
+            timeout,
+            _metadata_pairs(metadata),
+            streaming=payload is None,
         )
         stream = ClientStream(self, sid)
         stream._response = future
@@ -169,7 +246,7 @@ class Client:
         method: str,
         payload: bytes,
         timeout: float | None,
-        metadata: Metadata | None,
+        metadata: list[tuple[str, str]],
         streaming: bool,
     ) -> tuple[int, asyncio.Future[bytes]]:
         if self._lost is not None:
@@ -180,7 +257,7 @@ class Client:
                 method,
                 payload,
                 timeout_nano=_timeout_nano(timeout),
-                metadata=_metadata_pairs(metadata),
+                metadata=metadata,
                 streaming=streaming,
             )
         except FrameTooLarge as exc:

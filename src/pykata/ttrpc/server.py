@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
 from google.protobuf import message_factory
@@ -23,6 +23,7 @@ from .. import transport as transport_mod
 from ..log import RateLimit
 from ..transport import Address, Listener
 from .frame import HEADER_SIZE, MAX_DATA_SIZE, FrameTooLarge
+from .interceptor import chain
 from .protocol import (
     DataReceived,
     RequestReceived,
@@ -39,7 +40,7 @@ _OK = status_pb2.Status(code=Code.OK)
 
 @dataclass(slots=True)
 class ServerContext:
-    """What a handler may know about its call besides the request."""
+    """What a handler (and an interceptor) may know about its call besides the request."""
 
     service: str
     method: str
@@ -57,6 +58,9 @@ class ServerContext:
 
 
 UnaryHandler = Callable[[Any, ServerContext], Awaitable[Message]]
+#: Runs around a unary handler: `await interceptor(request, ctx, handler)`, where
+#: `handler(request, ctx)` is the rest of the chain (see Server).
+UnaryServerInterceptor = Callable[[Any, ServerContext, UnaryHandler], Awaitable[Message]]
 CallHook = Callable[[ServerContext, Message], AbstractContextManager[None]]
 
 
@@ -79,7 +83,11 @@ class ServerStream:
         self._inbox.put_nowait(payload)
 
 
-StreamHandler = Callable[[ServerStream, ServerContext], Coroutine[Any, Any, bytes | None]]
+StreamHandler = Callable[[ServerStream, ServerContext], Awaitable[bytes | None]]
+#: Runs around a streaming handler: `await interceptor(stream, ctx, handler)`.
+StreamServerInterceptor = Callable[
+    [ServerStream, ServerContext, StreamHandler], Awaitable[bytes | None]
+]
 
 
 @dataclass(frozen=True)
@@ -497,14 +505,14 @@ class _Connection(asyncio.BufferedProtocol):
         # Lookup and decoding failures answer as ttrpc-rust does (the Kata agent's
         # library): INVALID_ARGUMENT for an unknown service, UNIMPLEMENTED for an
         # unknown method, UNKNOWN for a payload that does not decode.
-        service = self.server._services.get(request.service)
-        if service is None:
+        methods = self.server._methods.get(request.service)
+        if methods is None:
             status = status_pb2.Status(
                 code=Code.INVALID_ARGUMENT, message=f"unknown service {request.service}"
             )
             self._answer(sid, status)
             return
-        method = service.methods.get(request.method)
+        method = methods.get(request.method)
         if method is None:
             message = f"method {request.service}/{request.method} is not implemented"
             self._answer(sid, status_pb2.Status(code=Code.UNIMPLEMENTED, message=message))
@@ -515,7 +523,7 @@ class _Connection(asyncio.BufferedProtocol):
                 metadata.setdefault(kv.key, []).append(kv.value)
         timeout = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
         ctx = ServerContext(request.service, request.method, sid, metadata, timeout, self.peer)
-        work: Coroutine[Any, Any, bytes | None]
+        work: Awaitable[bytes | None]
         if isinstance(method, UnaryMethod):
             work = self._decode_and_handle(method, request.payload, ctx)
         else:
@@ -524,7 +532,7 @@ class _Connection(asyncio.BufferedProtocol):
                 stream._deliver(request.payload)
                 stream._deliver(None)
             self.streams[sid] = stream
-            work = method.handler(stream, ctx)
+            work = self._handle_stream(method, stream, ctx)
         self.tasks[sid] = self.loop.create_task(self._run(ctx, work))
         self.server.calls += 1
         if shared:
@@ -542,13 +550,19 @@ class _Connection(asyncio.BufferedProtocol):
         del payload  # decoded: a call that waits long must not hold its bytes twice
         hook = self.server.call_hook
         if hook is None:
-            response = await method.handler(request, ctx)
+            response = await method.handler(request, ctx)  # the interceptors, then the handler
         else:
             with hook(ctx, request):
                 response = await method.handler(request, ctx)
         return response.SerializeToString()
 
-    async def _run(self, ctx: ServerContext, work: Coroutine[Any, Any, bytes | None]) -> None:
+    async def _handle_stream(
+        self, method: StreamMethod, stream: ServerStream, ctx: ServerContext
+    ) -> bytes | None:
+        # Called here, in the call's task: what the chain raises fails this call only.
+        return await method.handler(stream, ctx)
+
+    async def _run(self, ctx: ServerContext, work: Awaitable[bytes | None]) -> None:
         """Run one call to its end and answer it, whatever happens."""
         status, body = _OK, b""
         deadline: asyncio.Timeout | None = None
@@ -610,19 +624,31 @@ class Server:
     >>> server = Server([Service.from_descriptor(health_descriptor, HealthImpl())])
     >>> await server.start("unix:///run/agent.sock")
     >>> await server.shutdown(grace=5)
+
+    `interceptors` run around every unary call, the first outermost, once its
+    request is decoded: `await interceptor(request, ctx, handler)`;
+    `stream_interceptors` likewise around streaming calls, with the stream in
+    place of the request. One that raises fails the call, with the status of
+    its TtrpcError (INTERNAL for any other exception).
     """
 
     def __init__(
         self,
         services: Iterable[Service] = (),
         *,
+        interceptors: Sequence[UnaryServerInterceptor] = (),
+        stream_interceptors: Sequence[StreamServerInterceptor] = (),
         call_hook: CallHook | None = None,
         limits: Limits | None = None,
     ) -> None:
         #: Wraps every unary handler call, e.g. in a tracing span: hook(ctx, request).
         self.call_hook = call_hook
+        self.interceptors = tuple(interceptors)
+        self.stream_interceptors = tuple(stream_interceptors)
         self.limits = limits or Limits()
         self._services: dict[str, Service] = {}
+        #: Per service, its methods as called: each handler behind the interceptors.
+        self._methods: dict[str, dict[str, UnaryMethod | StreamMethod]] = {}
         for service in services:
             self.add_service(service)
         self._listeners: list[Listener] = []
@@ -664,9 +690,23 @@ class Server:
         }
 
     def add_service(self, service: Service) -> None:
+        """Serve `service`: the methods it has now, each behind the interceptors."""
         if service.name in self._services:
             raise ValueError(f"service {service.name} is already registered")
         self._services[service.name] = service
+        self._methods[service.name] = {
+            name: self._intercepted(method) for name, method in service.methods.items()
+        }
+
+    def _intercepted(self, method: UnaryMethod | StreamMethod) -> UnaryMethod | StreamMethod:
+        # The chain is built once per method, not per call.
+        if isinstance(method, UnaryMethod):
+            if not self.interceptors:
+                return method
+            return replace(method, handler=chain(self.interceptors, method.handler))
+        if not self.stream_interceptors:
+            return method
+        return replace(method, handler=chain(self.stream_interceptors, method.handler))
 
     @property
     def services(self) -> Mapping[str, Service]:
