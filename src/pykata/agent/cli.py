@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -12,19 +11,16 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
-
-from google.protobuf.message import Message
 
 from .. import __version__
 from .. import log as logsetup
 from ..transport import AddressError, TransportError
-from ..ttrpc import Server, ServerContext
-from ..ttrpc.server import CallHook
+from ..ttrpc import Server, UnaryServerInterceptor
 from . import config as configmod
-from . import init, leftovers, limits, lttng, reaper
+from . import init, interceptors, leftovers, limits, lttng, reaper
 from . import runtime as runtime_mod
 from .console import DebugConsole, LogPort, shell_or_error
 from .copyfile import SharedFiles
@@ -112,24 +108,13 @@ def agent_parts(
     )
 
 
-def call_hook(policy: Enforcer, tracing: Tracing | None) -> CallHook:
-    """Every call: its span (if tracing), inside which the policy decides."""
-
-    @contextlib.contextmanager
-    def checked(ctx: ServerContext, request: Message) -> Iterator[None]:
-        policy.check(ctx.method, request)
-        yield
-
-    if tracing is None:
-        return checked
-
-    @contextlib.contextmanager
-    def traced(ctx: ServerContext, request: Message) -> Iterator[None]:
-        with tracing.rpc_span(ctx, request):
-            policy.check(ctx.method, request)
-            yield
-
-    return traced
+def call_interceptors(policy: Enforcer, tracing: Tracing | None) -> list[UnaryServerInterceptor]:
+    """Around every call, outermost first: its span (if tracing), inside which the policy
+    decides (so a denied call is a failed span)."""
+    chain = [interceptors.policy(policy)]
+    if tracing is not None:
+        chain.insert(0, interceptors.rpc_spans(tracing.tracer, tracing.root_context))
+    return chain
 
 
 async def serve(config: configmod.AgentConfig, runtime_binary: str, started: float) -> None:
@@ -156,7 +141,9 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
         max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),
     )
     server = Server(
-        services(parts), call_hook=call_hook(parts.policy, tracing), limits=server_limits
+        services(parts),
+        interceptors=call_interceptors(parts.policy, tracing),
+        limits=server_limits,
     )
     await server.start(config.server_addr)
     console = await start_console(config)

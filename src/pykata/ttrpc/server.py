@@ -10,7 +10,6 @@ import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
@@ -61,7 +60,6 @@ UnaryHandler = Callable[[Any, ServerContext], Awaitable[Message]]
 #: Runs around a unary handler: `await interceptor(request, ctx, handler)`, where
 #: `handler(request, ctx)` is the rest of the chain (see Server).
 UnaryServerInterceptor = Callable[[Any, ServerContext, UnaryHandler], Awaitable[Message]]
-CallHook = Callable[[ServerContext, Message], AbstractContextManager[None]]
 
 
 class ServerStream:
@@ -548,12 +546,7 @@ class _Connection(asyncio.BufferedProtocol):
                 Code.UNKNOWN, f"cannot decode {method.request_type.DESCRIPTOR.full_name}: {exc}"
             ) from None
         del payload  # decoded: a call that waits long must not hold its bytes twice
-        hook = self.server.call_hook
-        if hook is None:
-            response = await method.handler(request, ctx)  # the interceptors, then the handler
-        else:
-            with hook(ctx, request):
-                response = await method.handler(request, ctx)
+        response = await method.handler(request, ctx)  # the interceptors, then the handler
         return response.SerializeToString()
 
     async def _handle_stream(
@@ -638,11 +631,8 @@ class Server:
         *,
         interceptors: Sequence[UnaryServerInterceptor] = (),
         stream_interceptors: Sequence[StreamServerInterceptor] = (),
-        call_hook: CallHook | None = None,
         limits: Limits | None = None,
     ) -> None:
-        #: Wraps every unary handler call, e.g. in a tracing span: hook(ctx, request).
-        self.call_hook = call_hook
         self.interceptors = tuple(interceptors)
         self.stream_interceptors = tuple(stream_interceptors)
         self.limits = limits or Limits()

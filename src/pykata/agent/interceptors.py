@@ -1,0 +1,87 @@
+"""The agent's ttRPC server interceptors, run around every RPC's handler.
+
+cli.py chains them in this order, the first outermost:
+
+rpc_spans  (tracing on) the RPC's span: kind SERVER, named after the method, a
+           child of the caller's W3C traceparent from the ttRPC metadata, else of
+           the agent's root span; the RPC's steps (tracing.step) are its children
+policy     the agent policy decides; a call it denies fails PERMISSION_DENIED
+           before its handler runs, and its span records the error
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from google.protobuf.message import Message
+
+from .. import otlp
+from ..spans import RemoteParent, Span, SpanContext, Tracer
+from ..ttrpc import ServerContext, UnaryHandler, UnaryServerInterceptor
+from . import tracing
+from .policy import Enforcer
+
+#: Request fields an RPC span carries as attributes.
+ID_FIELDS = ("container_id", "exec_id", "sandbox_id")
+
+#: Per request type: which of ID_FIELDS it has.
+_id_fields: dict[type, tuple[str, ...]] = {}
+#: Per (service, method): its span's rpc.* attributes, encoded.
+_rpc_attributes: dict[tuple[str, str], bytes] = {}
+
+
+def _ids(request: Any) -> tuple[str, ...]:
+    fields = _id_fields.get(type(request))
+    if fields is None:
+        names = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
+        fields = _id_fields[type(request)] = tuple(f for f in ID_FIELDS if f in names)
+    return fields
+
+
+def rpc_spans(tracer: Tracer, root: SpanContext) -> UnaryServerInterceptor:
+    """Each call in its span, made by `tracer`; `root` is the parent when the caller sent none."""
+    max_length = tracer.limits.max_attribute_length
+
+    async def traced(request: Message, ctx: ServerContext, handler: UnaryHandler) -> Message:
+        metadata = ctx.metadata
+        traceparent = metadata.get("traceparent")
+        parent: SpanContext | RemoteParent = root
+        if traceparent:  # parsed by the export thread (or by a step that needs it)
+            state = ",".join(metadata.get("tracestate", ()))
+            parent = RemoteParent(traceparent[0], state, root)
+        method = (ctx.service, ctx.method)
+        rpc_attributes = _rpc_attributes.get(method)
+        if rpc_attributes is None:
+            rpc_attributes = _rpc_attributes[method] = otlp.encode_attributes(
+                {"rpc.system": "ttrpc", "rpc.service": ctx.service, "rpc.method": ctx.method}
+            )
+        attributes: dict[str, otlp.AttributeValue] = {}
+        for name in _ids(request):
+            value = getattr(request, name)
+            if value:
+                attributes[name] = value if len(value) <= max_length else value[:max_length]
+        span = Span(
+            tracer, ctx.method, parent, otlp.SERVER, attributes, time.time_ns(), rpc_attributes
+        )
+        token = tracing.current.set(span)
+        try:
+            return await handler(request, ctx)
+        except BaseException as exc:
+            span.record_error(exc)
+            raise
+        finally:
+            tracing.current.reset(token)
+            span.end()
+
+    return traced
+
+
+def policy(enforcer: Enforcer) -> UnaryServerInterceptor:
+    """The policy in force (SetPolicy may replace it) decides each call."""
+
+    async def checked(request: Message, ctx: ServerContext, handler: UnaryHandler) -> Message:
+        enforcer.check(ctx.method, request)
+        return await handler(request, ctx)
+
+    return checked
