@@ -1,14 +1,22 @@
-"""Interceptor chains around calls, on the server and the client (in-process, real framing)."""
+"""Interceptor chains around calls, on the server and the client (in-process, real framing),
+and the agent's interceptors (policy, RPC spans)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf.message import Message
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 
+from pykata import otlp
+from pykata.api import agent_pb2
 from pykata.api.health_pb2 import CheckRequest
 from pykata.ttrpc import (
     ClientContext,
@@ -288,3 +296,123 @@ async def test_a_client_interceptor_may_fail_a_call_before_it_is_sent() -> None:
             await client.call("no.Such", "Thing", CheckRequest(), CheckRequest, timeout=5)
     await server.shutdown(grace=0)
     assert seen == [("Echo", Code.FAILED_PRECONDITION), ("Thing", Code.INVALID_ARGUMENT)]
+
+
+# --- the agent's interceptors ------------------------------------------------
+
+
+class SpanListener:
+    """A unix socket taking span records, as kata-trace-forwarder would; decoded at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.address = f"unix://{path}"
+        self._sock = socket.socket(socket.AF_UNIX)
+        self._sock.bind(str(path))
+        self._sock.listen(4)
+        self._data = bytearray()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._sock.accept()
+        with conn:
+            while chunk := conn.recv(1 << 16):
+                self._data += chunk
+
+    def spans(self) -> list[OtlpSpan]:
+        """The spans received (once the exporter has stopped)."""
+        self._thread.join(5)
+        self._sock.close()
+        spans: list[OtlpSpan] = []
+        for payload in otlp.RecordDecoder().feed(bytes(self._data)):
+            assert isinstance(payload, bytes)
+            request = otlp.decode_request(payload)
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    spans.extend(scope.spans)
+        return spans
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[SpanListener]:
+    yield SpanListener(tmp_path / "spans.sock")
+
+
+async def test_agent_rpc_spans_hold_the_policy_decision_and_the_steps(
+    listener: SpanListener,
+) -> None:
+    """The agent's chain: the RPC's span (a child of the caller's traceparent, else of the
+    root), inside which the policy decides and the handler's steps are children."""
+    from pykata.agent import interceptors, tracing
+    from pykata.agent.policy import Enforcer
+    from pykata.agent.traceprovider import TraceProvider
+
+    Pause = agent_pb2.PauseContainerRequest
+
+    async def pause(request: Any, ctx: ServerContext) -> Message:
+        with tracing.step("runtime pause", {"container_id": request.container_id}):
+            return Pause()
+
+    enforcer = Enforcer()
+    enforcer.replace(
+        '[[rules]]\nname = "keep c9"\nmethods = ["PauseContainer"]\ndecision = "deny"\n'
+        'when = { container_id = ["c9"] }\n',
+        "test",
+    )
+    provider = TraceProvider(listener.address)
+    server = Server(
+        [Service("grpc.AgentService", {"PauseContainer": UnaryMethod(Pause, pause)})],
+        interceptors=[
+            interceptors.rpc_spans(provider.tracer, provider.root_context),
+            interceptors.policy(enforcer),
+        ],
+    )
+    try:
+        async with connected(server) as client:
+            meta = {"traceparent": TRACEPARENT}
+            await client.call(
+                "grpc.AgentService",
+                "PauseContainer",
+                Pause(container_id="c1"),
+                Pause,
+                metadata=meta,
+            )
+            with pytest.raises(TtrpcError) as exc:
+                await client.call(
+                    "grpc.AgentService", "PauseContainer", Pause(container_id="c9"), Pause
+                )
+            assert exc.value.code == Code.PERMISSION_DENIED and "keep c9" in exc.value.message
+    finally:
+        await server.shutdown(grace=0)
+        provider.stop(timeout=5)
+    spans = listener.spans()
+    assert sorted(s.name for s in spans) == [
+        "PauseContainer",
+        "PauseContainer",
+        "kata-agent",
+        "runtime pause",
+    ]
+    (root,) = [s for s in spans if s.name == "kata-agent"]
+    (step,) = [s for s in spans if s.name == "runtime pause"]
+    allowed, denied = sorted(
+        (s for s in spans if s.name == "PauseContainer"), key=lambda s: s.start_time_unix_nano
+    )
+    assert allowed.kind == otlp.SERVER and allowed.trace_id.hex() == TRACE_ID
+    assert allowed.parent_span_id.hex() == PARENT_SPAN
+    assert attributes(allowed)["container_id"] == "c1"
+    assert attributes(allowed)["rpc.method"] == "PauseContainer"
+    assert allowed.status.code != otlp.STATUS_ERROR
+    assert step.parent_span_id == allowed.span_id and step.trace_id == allowed.trace_id
+    # denied: no traceparent, so a child of the root; failed, with the error the caller got
+    assert denied.parent_span_id == root.span_id
+    assert denied.status.code == otlp.STATUS_ERROR and "keep c9" in denied.status.message
+    assert [e.name for e in denied.events] == ["exception"]
+    assert attributes(denied)["container_id"] == "c9"
+
+
+def attributes(span: OtlpSpan) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for kv in span.attributes:
+        kind = kv.value.WhichOneof("value")
+        values[kv.key] = getattr(kv.value, kind) if kind else None
+    return values

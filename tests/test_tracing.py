@@ -421,10 +421,11 @@ def test_dropped_spans_are_counted_logged_and_in_the_metrics(
     """With the forwarder away and the buffer full, the oldest spans go: every one counted."""
     from pykata.agent import tracing
     from pykata.agent.metrics import Metrics
+    from pykata.agent.traceprovider import TraceProvider
     from pykata.spans import Limits
 
     limits = Limits(max_buffered_bytes=20_000, interval=0.05)
-    traced = tracing.Tracing(f"unix://{tmp_path}/absent.sock", limits)
+    traced = TraceProvider(f"unix://{tmp_path}/absent.sock", limits)
     try:
         for n in range(100):
             with tracing.step("runtime state", {"container_id": f"{n:0200d}"}):

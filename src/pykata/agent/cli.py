@@ -32,7 +32,7 @@ from .policy import Enforcer
 from .runtime import OciRuntime
 from .sandbox import Sandbox
 from .service import AgentParts, services
-from .tracing import Tracing
+from .traceprovider import TraceProvider
 from .volumes import Volumes, mount_at
 
 log = logging.getLogger("pykata.agent")
@@ -108,7 +108,9 @@ def agent_parts(
     )
 
 
-def call_interceptors(policy: Enforcer, tracing: Tracing | None) -> list[UnaryServerInterceptor]:
+def call_interceptors(
+    policy: Enforcer, tracing: TraceProvider | None
+) -> list[UnaryServerInterceptor]:
     """Around every call, outermost first: its span (if tracing), inside which the policy
     decides (so a denied call is a failed span)."""
     chain = [interceptors.policy(policy)]
@@ -135,7 +137,7 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     if os.getpid() == 1:
         # As upstream's agent: the sandbox destroyed, the guest's work is done (power-off).
         parts.after_sandbox_destroyed = stop.set
-    tracing = Tracing(config.trace_addr) if config.tracing else None
+    tracing = TraceProvider(config.trace_addr) if config.tracing else None
     server_limits = dataclasses.replace(
         config.server_limits(),
         max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),

@@ -1,32 +1,51 @@
-"""The agent's spans, sent to kata-trace-forwarder as OTLP records (pykata.spans).
+"""The span API of the agent's domain: `step(...)` spans one step of an RPC.
 
-A root span covers the agent's run; each RPC's span is made by the tracing
-interceptor (interceptors.rpc_spans), which makes it `current`; runtime
-invocations and mounts are children of the RPC they run in (`step`).
+A step (a runtime invocation, a mount) is a child of the step it runs in,
+else of the RPC's span (which the tracing interceptor makes `current`),
+else of the agent's root span. While tracing is off - nothing activated -
+`step` makes nothing. The spans leave the agent through the export
+machinery in traceprovider.py; this module knows neither it nor ttRPC.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
-from .. import __version__, otlp
-from ..spanexport import Exporter
-from ..spans import Limits, Span, Tracer
+from .. import otlp
+from ..spans import Span, SpanContext, Tracer
 
 #: The span the code running now is part of: a step, or its RPC's span.
 current: contextvars.ContextVar[Span | None] = contextvars.ContextVar("pykata_span", default=None)
+
+
+class _Active(NamedTuple):
+    tracer: Tracer
+    root: SpanContext
+
+
 #: The agent's tracing while it is on (one per process).
-_active: Tracing | None = None
+_active: _Active | None = None
+
+
+def activate(tracer: Tracer, root: SpanContext) -> None:
+    """Tracing is on: steps are made by `tracer`, with `root` as the parent of last resort."""
+    global _active
+    _active = _Active(tracer, root)
+
+
+def deactivate() -> None:
+    global _active
+    _active = None
 
 
 def counters() -> tuple[int, int]:
     """(spans exported, spans dropped) so far; (0, 0) when tracing is off."""
-    if _active is None:
+    exporter = _active.tracer.exporter if _active is not None else None
+    if exporter is None:
         return 0, 0
-    exporter = _active.exporter
     return exporter.exported_spans, exporter.dropped_spans
 
 
@@ -34,13 +53,13 @@ def counters() -> tuple[int, int]:
 def step(name: str, attributes: Mapping[str, otlp.AttributeValue]) -> Iterator[Span | None]:
     """A span for one step of an RPC (a runtime run, a mount): a child of the step
     it runs in, else of the RPC. Nothing when tracing is off."""
-    tracing = _active
-    if tracing is None:
+    active = _active
+    if active is None:
         yield None
         return
     parent = current.get()
-    span = tracing.tracer.start(
-        name, parent.context if parent else tracing.root_context, attributes=attributes
+    span = active.tracer.start(
+        name, parent.context if parent else active.root, attributes=attributes
     )
     token = current.set(span)
     try:
@@ -51,27 +70,3 @@ def step(name: str, attributes: Mapping[str, otlp.AttributeValue]) -> Iterator[S
     finally:
         current.reset(token)
         span.end()
-
-
-class Tracing:
-    """Tracing for one agent run: the exporter, the root span."""
-
-    def __init__(self, address: str, limits: Limits | None = None) -> None:
-        global _active
-        resource: dict[str, otlp.AttributeValue] = {
-            "service.name": "kata-agent",
-            "service.version": __version__,
-            "process.pid": os.getpid(),
-        }
-        self.exporter = Exporter(address, resource, "pykata.agent", __version__, limits)
-        self.tracer = Tracer(self.exporter)
-        self.root = self.tracer.start("kata-agent")
-        self.root_context = self.root.context
-        _active = self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """End the root span and send everything, for up to `timeout` seconds."""
-        global _active
-        self.root.end()
-        _active = None
-        self.exporter.stop(timeout)
