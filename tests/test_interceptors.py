@@ -1,5 +1,5 @@
 """Interceptor chains around calls, on the server and the client (in-process, real framing),
-and the agent's interceptors (policy, RPC spans)."""
+and the interceptors of the agent (policy, RPC spans) and of kata-agent-ctl --trace."""
 
 from __future__ import annotations
 
@@ -298,7 +298,7 @@ async def test_a_client_interceptor_may_fail_a_call_before_it_is_sent() -> None:
     assert seen == [("Echo", Code.FAILED_PRECONDITION), ("Thing", Code.INVALID_ARGUMENT)]
 
 
-# --- the agent's interceptors ------------------------------------------------
+# --- the agent's interceptors and kata-agent-ctl's ----------------------------------
 
 
 class SpanListener:
@@ -408,6 +408,37 @@ async def test_agent_rpc_spans_hold_the_policy_decision_and_the_steps(
     assert denied.status.code == otlp.STATUS_ERROR and "keep c9" in denied.status.message
     assert [e.name for e in denied.events] == ["exception"]
     assert attributes(denied)["container_id"] == "c9"
+
+
+async def test_ctl_tracing_interceptor_sends_the_calls_span_as_traceparent(
+    listener: SpanListener,
+) -> None:
+    from pykata.ctl.tracing import ClientTracing
+
+    calls = Calls()
+    tracing = ClientTracing(listener.address, "unix:///agent.sock")
+    server = Server([calls.service()])
+    try:
+        async with connected(server, interceptors=[tracing.intercept]) as client:
+            with tracing.command("Echo", "Echo service=x"):
+                sent = await echo(client)
+            with pytest.raises(TtrpcError):
+                await client.call("no.Such", "Thing", CheckRequest(), CheckRequest)
+    finally:
+        await server.shutdown(grace=0)
+        tracing.stop(failed=False)
+    spans = {s.name: s for s in listener.spans()}
+    call, command, run = spans[f"{SERVICE}/Echo"], spans["Echo"], spans["kata-agent-ctl"]
+    # the server got the call's own span as its parent: traceparent version-trace-span-flags
+    assert sent == f"traceparent=00-{call.trace_id.hex()}-{call.span_id.hex()}-01"
+    assert call.kind == otlp.CLIENT and call.parent_span_id == command.span_id
+    assert command.parent_span_id == run.span_id and run.trace_id == call.trace_id
+    assert attributes(call)["rpc.grpc.status_code"] == 0
+    failed = spans["no.Such/Thing"]
+    assert failed.parent_span_id == run.span_id  # outside any command line: the run's child
+    assert attributes(failed)["rpc.grpc.status_code"] == Code.INVALID_ARGUMENT
+    assert failed.status.code == otlp.STATUS_ERROR
+    assert failed.status.message.startswith("INVALID_ARGUMENT: unknown service no.Such")
 
 
 def attributes(span: OtlpSpan) -> dict[str, Any]:

@@ -215,13 +215,14 @@ def run_commands(args: argparse.Namespace, *, shared_bundle: bool = False) -> in
         guest_bundle=GUEST_SHARE if shared_bundle else None,
     )
     tracing = ClientTracing(args.trace, str(address_of(args))) if args.trace else None
+    if tracing is not None:
+        client.interceptors.append(tracing.intercept)
     session = Session(
         client,
         None if args.no_auto_values else auto,
         output=args.output,
         timeout=args.timeout,
-        tracer=tracing.tracer if tracing else None,
-        trace_parent=tracing.root.context if tracing else None,
+        tracing=tracing,
     )
     try:
         for command in args.cmd:

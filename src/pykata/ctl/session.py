@@ -17,10 +17,10 @@ from google.protobuf.message import Message
 
 from .. import otlp
 from ..api import agent_pb2
-from ..spans import SpanContext, Tracer
 from ..ttrpc import Client, Code, TtrpcError
 from .api import METHODS, CommandError, Method, build_request, describe
 from .autovalues import AutoValues, new_id
+from .tracing import ClientTracing
 
 log = logging.getLogger("pykata.ctl")
 
@@ -73,8 +73,7 @@ class Session:
         output: str = "text",
         timeout: float | None = None,
         out: TextIO = sys.stdout,
-        tracer: Tracer | None = None,
-        trace_parent: SpanContext | None = None,
+        tracing: ClientTracing | None = None,
     ) -> None:
         self.client = client
         self.auto = auto
@@ -82,9 +81,8 @@ class Session:
         self.timeout = timeout
         self.out = out
         self.failures = 0
-        #: --trace: a span per command line and per call, the calls' traceparent.
-        self.tracer = tracer
-        self._trace_parent = trace_parent
+        #: --trace: a span per command line (the client's interceptor makes the calls').
+        self.tracing = tracing
 
     # --- one line ------------------------------------------------------------------
 
@@ -96,18 +94,13 @@ class Session:
             return self._report(Outcome(line, Code.INVALID_ARGUMENT, f"cannot parse: {exc}"))
         if not words:
             return True
-        if self.tracer is None:
+        if self.tracing is None:
             return await self._execute(words)
-        span = self.tracer.start(words[0], self._trace_parent, attributes={"command": line})
-        outer, self._trace_parent = self._trace_parent, span.context
-        try:
+        with self.tracing.command(words[0], line) as span:
             ok = await self._execute(words)
             if not ok:
                 span.status, span.status_message = otlp.STATUS_ERROR, "the command failed"
             return ok
-        finally:
-            self._trace_parent = outer
-            span.end()
 
     async def _execute(self, words: list[str]) -> bool:
         name, args = words[0], words[1:]
@@ -143,34 +136,9 @@ class Session:
                 "request": json_format.MessageToDict(request),
             },
         )
-        if self.tracer is None:
-            return await self._call(method, request, None)
-        span = self.tracer.start(
-            f"{method.service}/{method.name}",
-            self._trace_parent,
-            kind=otlp.CLIENT,
-            attributes={
-                "rpc.system": "ttrpc",
-                "rpc.service": method.service,
-                "rpc.method": method.name,
-            },
-        )
-        try:
-            outcome = await self._call(method, request, {"traceparent": span.context.traceparent()})
-        except BaseException as exc:
-            span.record_error(exc)
-            span.end()
-            raise
-        span.set_attribute("rpc.grpc.status_code", int(outcome.code))
-        if outcome.code != Code.OK:
-            span.status = otlp.STATUS_ERROR
-            span.status_message = f"{outcome.code.name}: {outcome.message}"
-        span.end()
-        return outcome
+        return await self._call(method, request)
 
-    async def _call(
-        self, method: Method, request: Message, metadata: dict[str, str] | None
-    ) -> Outcome:
+    async def _call(self, method: Method, request: Message) -> Outcome:
         try:
             response = await self.client.call(
                 method.service,
@@ -178,7 +146,6 @@ class Session:
                 request,
                 method.response_type,
                 timeout=self.timeout,
-                metadata=metadata,
             )
         except TtrpcError as exc:
             return Outcome(method.name, exc.code, exc.message)
