@@ -26,7 +26,10 @@ import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .virtio_serial import Boundaries
 
 FORMS = "vsock://CID:PORT, unix:///PATH, unix://@NAME, hvsock:///PATH:PORT, serial://NAME"
 #: The longest reply a VMM gives to CONNECT ("OK <u32>\n" with room to spare).
@@ -294,16 +297,17 @@ async def listen(
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     *,
     backlog: int = 128,
-    ttrpc: bool = False,
+    boundaries: Callable[[], Boundaries] | None = None,
 ) -> Listener:
-    """Serve `address`. `ttrpc`: the bytes are ttRPC frames, which lets a serial
-    port tell one client from the next (virtio_serial.ClientBoundaries)."""
+    """Serve `address`. `boundaries`: for a serial port, which has no connections,
+    makes the finder that tells one client from the next in the bytes (the
+    protocol's to know); other transports have connections and do not use it."""
     address = as_address(address)
     if isinstance(address, SerialAddress):
         from .virtio_serial import PortServer
 
         try:
-            return Listener(address, PortServer(address, protocol_factory, ttrpc=ttrpc))
+            return Listener(address, PortServer(address, protocol_factory, boundaries=boundaries))
         except OSError as exc:
             raise TransportError(f"cannot serve on {address}: {exc}") from exc
     loop = asyncio.get_running_loop()

@@ -10,9 +10,10 @@ goes and the guest learns of it only as end-of-file on read (nothing to read
 and no host connected); poll() cannot wait for a host to connect (it reports
 a hang-up at once), so while no one is connected the port is read every
 HOST_POLL seconds. Each host session - first bytes to end-of-file - becomes
-one connection of the ttRPC server, bridged through a socketpair so the
-server needs nothing special. The guest may miss a client's departure when
-the next one follows quickly; ClientBoundaries finds the change in the bytes.
+one connection of the server, bridged through a socketpair so the server
+needs nothing special. The guest may miss a client's departure when the next
+one follows quickly; a Boundaries finder handed in by the server, which knows
+the protocol, finds the change in the bytes.
 QEMU's socket takes one client at a time; on the host, pykata.ttrpc.relay
 puts many clients onto that one (the VM launcher always runs it).
 """
@@ -28,9 +29,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from .ttrpc.frame import HEADER, HEADER_SIZE, MessageType
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .transport import SerialAddress
@@ -101,62 +100,35 @@ async def _write_all(fd: int, data: bytes) -> None:
 Piece = tuple[bool, bytes]
 
 
-class ClientBoundaries:
-    """Finds where a new ttRPC client starts in the bytes from a port's host side (sans-IO).
+class Boundaries(Protocol):
+    """Finds where a new client starts in the bytes from a port's host side (sans-IO).
 
-    The guest often cannot see one client leave and the next arrive (both
-    happen between two reads), but the bytes tell: ttRPC clients number their
-    streams from 1, so a request on stream 1 after other requests is a new
-    client's first. Bytes of a header not yet complete are held back, so a
-    cut never falls inside a frame.
+    The guest may miss one host client leaving and the next arriving (both
+    between two reads); only the protocol spoken can tell from the bytes, so
+    the port's user hands a finder in. `feed` returns the bytes as pieces,
+    each marked True where a new client starts with it.
     """
 
-    def __init__(self) -> None:
-        self._held = b""
-        self._body_left = 0
-        self._requests = 0
-
-    def feed(self, data: bytes) -> list[Piece]:
-        data = self._held + data
-        pieces: list[Piece] = []
-        start = offset = 0
-        new_client = False
-        while offset < len(data):
-            if self._body_left:
-                step = min(self._body_left, len(data) - offset)
-                offset += step
-                self._body_left -= step
-                continue
-            if len(data) - offset < HEADER_SIZE:
-                break
-            length, stream_id, type_, _ = HEADER.unpack_from(data, offset)
-            if type_ == MessageType.REQUEST:
-                if stream_id == 1 and self._requests:
-                    if offset > start:
-                        pieces.append((new_client, data[start:offset]))
-                    start, new_client = offset, True
-                self._requests += 1
-            offset += HEADER_SIZE
-            self._body_left = length
-        self._held = data[offset:]
-        if offset > start:
-            pieces.append((new_client, data[start:offset]))
-        return pieces
+    def feed(self, data: bytes) -> list[Piece]: ...
 
 
 class PortServer:
-    """Serves one port: each host client becomes a connection of `protocol_factory`."""
+    """Serves one port: each host client becomes a connection of `protocol_factory`.
+
+    `boundaries` makes the finder that tells one client from the next; without
+    one a client lasts until the host side disconnects.
+    """
 
     def __init__(
         self,
         address: SerialAddress,
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         *,
-        ttrpc: bool = False,
+        boundaries: Callable[[], Boundaries] | None = None,
     ) -> None:
         self.address = address
         self._factory = protocol_factory
-        self._ttrpc = ttrpc
+        self._make_boundaries = boundaries
         self._fd = os.open(
             find_port(address.name, timeout=5.0), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC
         )
@@ -176,9 +148,8 @@ class PortServer:
             return None
         return self._boundaries.feed(data) if self._boundaries else [(False, data)]
 
-    def _new_boundaries(self) -> ClientBoundaries | None:
-        # Other streams (the debug console) have no frames to tell clients apart by.
-        return ClientBoundaries() if self._ttrpc else None
+    def _new_boundaries(self) -> Boundaries | None:
+        return self._make_boundaries() if self._make_boundaries else None
 
     async def _wait_for_host(self) -> list[Piece]:
         while True:

@@ -21,6 +21,7 @@ from google.rpc import status_pb2
 from .. import transport as transport_mod
 from ..log import RateLimit
 from ..transport import Address, Listener
+from .boundaries import ClientBoundaries
 from .frame import HEADER_SIZE, MAX_DATA_SIZE, FrameTooLarge
 from .interceptor import chain
 from .protocol import (
@@ -710,7 +711,7 @@ class Server:
         """Listen on `address`; may be called again for more addresses."""
         holder: list[Listener] = []
         listener = await transport_mod.listen(
-            address, lambda: _Connection(self, holder[0]), ttrpc=True
+            address, lambda: _Connection(self, holder[0]), boundaries=ClientBoundaries
         )
         holder.append(listener)
         self._listeners.append(listener)
