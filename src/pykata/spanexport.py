@@ -23,20 +23,21 @@ import threading
 import time
 from collections.abc import Mapping
 
-from . import otlp, transport, virtio_serial
+from . import otlp, transport
 from .spans import Limits, Span
+from .transport.serial import PortWriter
 
 # The name these log lines have always had.
 log = logging.getLogger("pykata.spans")
 
 
-Connection = socket.socket | virtio_serial.PortWriter
+Connection = socket.socket | PortWriter
 
 
 def _connect(address: str, timeout: float) -> Connection:
     parsed = transport.as_address(address)
     if isinstance(parsed, transport.SerialAddress):
-        return virtio_serial.PortWriter(parsed, timeout=timeout)
+        return PortWriter(parsed, timeout=timeout)
     return transport.connect_blocking(parsed, timeout=timeout)
 
 

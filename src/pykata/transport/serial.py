@@ -1,4 +1,4 @@
-"""virtio-serial ports: the agent's channel where the host has no vhost-vsock.
+"""virtio-serial ports (guest side): the agent's channel where the host has no vhost-vsock.
 
 This is a pykata extension. QEMU gives the guest a named port
 (`-device virtserialport,name=agent.channel.0,chardev=...`) and exposes it on
@@ -13,9 +13,9 @@ HOST_POLL seconds. Each host session - first bytes to end-of-file - becomes
 one connection of the server, bridged through a socketpair so the server
 needs nothing special. The guest may miss a client's departure when the next
 one follows quickly; a Boundaries finder handed in by the server, which knows
-the protocol, finds the change in the bytes.
-QEMU's socket takes one client at a time; on the host, pykata.ttrpc.relay
-puts many clients onto that one (the VM launcher always runs it).
+its protocol, finds the change in the bytes (this module knows none).
+QEMU's socket takes one client at a time; on the host the VM launcher runs a
+relay that puts many clients onto that one.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .transport import SerialAddress
+from .address import SerialAddress
 
 PORTS = Path("/sys/class/virtio-ports")
 HOST_POLL = 0.05

@@ -10,7 +10,7 @@ import pytest
 
 from pykata.agent import init
 from pykata.transport import AddressError, SerialAddress, parse_address
-from pykata.virtio_serial import PortError, find_port
+from pykata.transport.serial import PortError, find_port
 
 
 def test_serial_addresses_parse() -> None:
