@@ -5,7 +5,7 @@
 
 Channel: the agent serves on a virtio-serial port that QEMU exposes as the
 unix socket `agent.sock` in the VM's run directory (our extension: the hosts
-here have no /dev/vhost-vsock; see pykata.virtio_serial). Spans leave the
+here have no /dev/vhost-vsock; see pykata.transport.serial). Spans leave the
 guest on a second port, `trace.channel.0`, which QEMU connects to a
 forwarder's unix socket; a third port carries the debug console when asked.
 
