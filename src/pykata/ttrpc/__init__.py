@@ -7,6 +7,8 @@ server       Server, Service, ServerContext
 client       Client, ClientStream, ClientContext
 interceptor  chains of interceptors around calls, on either side
 testing      a service and a client wired together in-process
+boundaries   where a new client starts on a stream clients share in turn (a serial port),
+             sans-IO; the server hands it to the transport
 """
 
 from .client import Client, ClientContext, ClientStream, Invoker, Stub, UnaryClientInterceptor
