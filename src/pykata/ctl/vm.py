@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from ..clihelp import Formatter
 from ..vm import GUEST_ROOTFS
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
         "--guest-dir",
         type=Path,
         metavar="DIR",
-        help="where `make guest-image` put the image (default ~/.cache/pykata/guest)",
+        help="where `make guest-image` put the image (default: ~/.cache/pykata/guest)",
     )
     group.add_argument(
         "--accel",
@@ -54,21 +55,29 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (vsock if the host has /dev/vhost-vsock, else virtio-serial ports)",
     )
-    group.add_argument("--cpus", type=int, default=1, help="guest CPUs (default 1)")
-    group.add_argument("--memory", type=int, default=512, metavar="MIB", help="default 512")
+    group.add_argument("--cpus", type=int, default=1, help="guest CPUs")
+    group.add_argument("--memory", type=int, default=512, metavar="MIB", help="guest memory in MiB")
     group.add_argument(
-        "--kernel-params", default="", metavar="PARAMS", help="more guest kernel command line"
+        "--kernel-params",
+        default="",
+        metavar="PARAMS",
+        help="more guest kernel command line (default: none)",
     )
     group.add_argument(
         "--trace-socket",
         metavar="PATH",
-        help="turn on agent tracing; its spans go to a forwarder listening on this unix socket",
+        help="turn on agent tracing; its spans go to a forwarder listening on this unix "
+        "socket (default: tracing off)",
     )
     group.add_argument(
         "--debug-console", action="store_true", help="give the guest a debug console"
     )
     group.add_argument(
-        "--boot-timeout", type=float, default=180.0, metavar="SECONDS", help="default 180"
+        "--boot-timeout",
+        type=float,
+        default=180.0,
+        metavar="SECONDS",
+        help="how long the agent may take to answer",
     )
 
 
@@ -185,7 +194,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Boot a guest VM whose init is the agent, print how to reach it, and "
         "keep it running until Ctrl-C.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=Formatter,
     )
     add_vm_options(vm)
     vm.add_argument(
@@ -193,7 +202,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=Path,
         metavar="DIR",
         help="share DIR with the guest (virtio-fs) for containers: connect with "
-        "--bundle-dir DIR --shared-bundle",
+        "--bundle-dir DIR --shared-bundle (default: nothing shared)",
     )
     vm.add_argument(
         "--run-dir",
