@@ -252,7 +252,21 @@ def test_interactive_mode_with_completion_and_help(agent: AgentProcess, tmp_path
     term.expect("INTERNAL")
     term.expect("kata-agent-ctl> ")
     term.type("help CreateSandbox\n")
-    assert re.search(r"\n  hostname +string\r", term.expect("kata-agent-ctl> "))
+    fields = term.expect("kata-agent-ctl> ")
+    assert re.search(r"\n  hostname +string\r", fields)
+    # the types start in one column
+    rows = [line for line in fields.split("\r\n")[2:-1] if line.startswith("  ")]
+    assert len({len(re.match(r"(\s*\S+\s+)", row).group(1)) for row in rows}) == 1, rows  # type: ignore[union-attr]
+    term.type("help Sig\t")  # help <TAB>: a command's name
+    term.expect("help SignalProcess")
+    term.type("\n")
+    assert "signal        uint32" in term.expect("kata-agent-ctl> ")
+    term.type("help\n")
+    table = term.expect("kata-agent-ctl> ").split("Built-in commands:\r\n\r\n")[1]
+    table = table.split("\r\n\r\n")[0]
+    builtins = [line for line in table.split("\r\n") if re.match(r"  \w", line)]
+    starts = {re.match(r"  \S.*?  +\S", line).end() for line in builtins}  # type: ignore[union-attr]
+    assert len(builtins) == 7 and len(starts) == 1, builtins
     term.type("quit\n")
     assert term.close() == 1  # one command failed
     assert "StartContainer container_id=nope" in (tmp_path / "history").read_text()
