@@ -57,6 +57,16 @@ def containers_left(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "run" / "containers").glob("*"))
 
 
+def running_container(tmp_path: Path) -> str:
+    """The container a run made, once the agent has it, and its process has started."""
+    deadline = time.monotonic() + 60
+    while not (found := containers_left(tmp_path)):
+        assert time.monotonic() < deadline, "no container was created"
+        time.sleep(0.05)
+    time.sleep(0.5)  # created; now started too
+    return found[0]
+
+
 def terminal(agent: AgentProcess, rootfs: Path, home: Path, *args: str, **kw: int) -> Terminal:
     return Terminal(
         [*CTL, "connect", "--server-address", agent.address, "--bundle-dir", str(rootfs), *args],
@@ -94,10 +104,7 @@ def test_run_killed_by_a_signal_exits_128_plus_n_also_in_json(
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not containers_left(tmp_path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        (cid,) = containers_left(tmp_path)
+        cid = running_container(tmp_path)
         # another client kills it, as `docker kill` would
         killer = subprocess.run(
             [*args, "-c", f"SignalProcess container_id={cid} exec_id= signal=SIGKILL"],
@@ -264,9 +271,7 @@ def test_ctrl_c_goes_to_the_process_and_twice_kills_it(
 ) -> None:
     term = terminal(agent, rootfs, tmp_path, "-c", "run /bin/sleep 60")
     try:
-        while not containers_left(tmp_path):
-            time.sleep(0.05)
-        time.sleep(0.5)  # started
+        running_container(tmp_path)
         term.type("\x03")  # sleep, PID 1 of its namespace, ignores SIGINT
         term.expect("SIGINT passed to the container; again to kill it")
         term.type("\x03")
@@ -304,9 +309,7 @@ def test_sigterm_is_passed_on_and_the_container_removed(
         stderr=subprocess.PIPE,
     )
     try:
-        while not containers_left(tmp_path):
-            time.sleep(0.05)
-        time.sleep(0.5)
+        running_container(tmp_path)
         runner.send_signal(signal.SIGTERM)  # to init without a handler: the agent kills it
         _, err = runner.communicate(timeout=60)
     finally:
@@ -326,7 +329,9 @@ def test_ctrl_c_at_any_moment_leaves_nothing_behind(
         [*args, "-c", "run /bin/sleep 60"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     if moment == "creating":  # as soon as the agent has begun to make the container
+        deadline = time.monotonic() + 60
         while not containers_left(tmp_path) and runner.poll() is None:
+            assert time.monotonic() < deadline, "no container was created"
             time.sleep(0.002)
     else:
         time.sleep(float(moment))
@@ -351,9 +356,7 @@ def test_ctrl_c_in_interactive_mode_returns_to_a_clean_prompt(
     try:
         term.expect("kata-agent-ctl> ")
         term.type("run /bin/sleep 60\n")
-        while not containers_left(tmp_path):
-            time.sleep(0.05)
-        time.sleep(0.5)
+        running_container(tmp_path)
         term.type("\x03")
         term.expect("again to kill it")
         term.type("\x03")
