@@ -355,6 +355,7 @@ def test_field_names_are_shown_as_typed_in_errors_and_logs(agent: AgentProcess) 
         "-c", """CreateContainer 'OCI.Process={"argz": ["/bin/sh"]}'""",
         "-c", "OnlineCPUMem nb_cpus=-1",
         "-c", "StartContainer container_id=typed-id",
+        "-c", "CreateContainer file:///no/such.json",
     )  # fmt: skip
     lines = result.stdout.splitlines()
     assert lines[0] == (
@@ -364,6 +365,10 @@ def test_field_names_are_shown_as_typed_in_errors_and_logs(agent: AgentProcess) 
     assert "Process has no field 'argz' (in 'OCI.Process.argz')" in lines[1]
     assert "Args" in lines[1] and "camel" not in lines[1].lower()
     assert lines[2] == "OnlineCPUMem: INVALID_ARGUMENT: nb_cpus: -1 is out of range for a uint32"
+    assert lines[4] == (
+        "CreateContainer: INVALID_ARGUMENT: cannot read file:///no/such.json: "
+        "No such file or directory"
+    )
     assert "Traceback" not in result.stderr
     logged = [json.loads(line) for line in result.stderr.splitlines()]
     assert {"container_id": "typed-id"} in [line.get("request") for line in logged]

@@ -235,17 +235,8 @@ def test_command_line_errors_exit_2_in_one_line(name: str, args: list[str], says
             ["connect", "--server-address", "unix:///no/such.sock", "-c", "Check"],
             "cannot connect to unix:///no/such.sock: No such file or directory",
         ),
-        (
-            "kata-agent-ctl",
-            [
-                "connect",
-                "--server-address",
-                "unix:///x",
-                "-c",
-                "CreateContainer file:///no/such.json",
-            ],
-            None,
-        ),
+        # a guest's run directory that cannot be made (after "booting the guest ...")
+        ("kata-agent-ctl", ["vm", "--run-dir", "/proc/no/such"], None),
     ],
 )
 def test_a_users_mistake_is_one_line_never_a_traceback(

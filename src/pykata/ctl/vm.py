@@ -150,6 +150,9 @@ def connect(args: argparse.Namespace, run_commands: Callable[..., int]) -> int:
     except (ImageError, VmError) as exc:
         _say(str(exc))
         return 1
+    except OSError as exc:  # a path given that cannot be used (--run-dir, --guest-dir ...)
+        _say(_os_error(exc))
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -185,6 +188,13 @@ def run(args: argparse.Namespace) -> int:
     except (ImageError, VmError) as exc:
         _say(str(exc))
         return 1
+    except OSError as exc:
+        _say(_os_error(exc))
+        return 1
+
+
+def _os_error(exc: OSError) -> str:
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
