@@ -78,6 +78,21 @@ async def test_console_runs_one_command_with_output_and_status(tmp_path: Path) -
             )
 
 
+def test_a_client_leaving_a_busy_shell_is_no_error(tmp_path: Path) -> None:
+    """The shell's output still in the terminal when its client has gone is dropped."""
+    with console_agent(tmp_path) as (agent, _console):
+        for _ in range(5):
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(f"{tmp_path}/console.sock")
+                client.sendall(b"while :; do echo busy-busy-busy; done\n")
+                received = b""
+                while received.count(b"busy-busy-busy") < 50:
+                    received += client.recv(65536)
+        assert agent.stop() == 0
+    assert agent.proc.stderr is not None
+    assert "Traceback" not in agent.proc.stderr.read()
+
+
 def read_until(fd: int, wanted: bytes, timeout: float = 15) -> bytes:
     seen = b""
     deadline = time.monotonic() + timeout

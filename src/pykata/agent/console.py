@@ -104,6 +104,8 @@ class _ConsoleSession(asyncio.Protocol):
             asyncio.get_running_loop().remove_reader(self.master)
             return
         assert self.transport is not None
+        if self.transport.is_closing():
+            return  # the client has gone; the shell is being killed (uvloop raises here)
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
@@ -139,9 +141,9 @@ class _ConsoleSession(asyncio.Protocol):
         status = self.proc.wait()
         orphans.kept.discard(self.proc.pid)
         # What the shell wrote last is still in the terminal: pass it on.
+        assert self.transport is not None
         with contextlib.suppress(OSError):
-            while data := os.read(self.master, 65536):
-                assert self.transport is not None
+            while not self.transport.is_closing() and (data := os.read(self.master, 65536)):
                 self.transport.write(data)
         log.info("debug console closed", extra={"pid": self.proc.pid, "status": status})
         self._close_terminal()
