@@ -71,6 +71,8 @@ async def test_every_example_works_as_pasted(tmp_path: Path, rootfs: Path) -> No
     # run here), and the agent's run directory, out of the host's /run/kata-containers.
     clh = Path(f"/run/vc/vm/{sandbox_id}/clh.sock")
     firecracker = Path(f"/run/vc/firecracker/{sandbox_id}/root/kata.hvsock")
+    made = [p for p in (Path("/run/vc"), Path("/run/vc/vm"), Path("/run/vc/firecracker"))
+            if not p.exists()]  # fmt: skip
     for path in (clh, firecracker):
         path.parent.mkdir(parents=True)
     env = {
@@ -94,6 +96,9 @@ async def test_every_example_works_as_pasted(tmp_path: Path, rootfs: Path) -> No
     finally:
         for top in (clh.parent, firecracker.parent.parent):
             shutil.rmtree(top, ignore_errors=True)
+        for directory in reversed(made):  # only what this test made, and left empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
     out, err = out_bytes.decode(errors="replace"), err_bytes.decode(errors="replace")
     statuses = {int(n): int(s) for n, s in STATUS.findall(out)}
     assert sorted(statuses) == list(range(len(pasted))), out + err
