@@ -29,7 +29,13 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
 
 
 def ctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CTL, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*CTL, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def connect(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -100,9 +106,9 @@ def test_run_streams_output_and_exit_code(agent: AgentProcess, rootfs: Path) -> 
         "-c",
         "run /bin/sh -c 'echo to-out; echo to-err >&2; exit 3'",
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "to-out\nexit code 3\n"
-    assert "to-err" in result.stderr
+    assert result.returncode == 3, result.stderr  # the container's, as docker run's
+    assert result.stdout == "to-out\n"
+    assert result.stderr == "to-err\nexit code 3\n"
     # several runs one after another: nothing to clean up in between
     for _ in range(2):
         again = connect(
@@ -161,7 +167,7 @@ def test_unreachable_address_is_one_line_and_non_zero(tmp_path: Path) -> None:
         f"kata-agent-ctl: cannot connect to unix://{tmp_path}/none.sock: No such file or directory"
     ]
     bad = ctl("connect", "--server-address", "tcp://1.2.3.4:1", "-c", "Check")
-    assert bad.returncode == 1 and "accepted forms" in bad.stderr
+    assert bad.returncode == 2 and "accepted forms" in bad.stderr  # a command-line error
 
 
 async def test_hybrid_vsock_through_a_fake_vmm(agent: AgentProcess, tmp_path: Path) -> None:
@@ -246,7 +252,21 @@ def test_interactive_mode_with_completion_and_help(agent: AgentProcess, tmp_path
     term.expect("INTERNAL")
     term.expect("kata-agent-ctl> ")
     term.type("help CreateSandbox\n")
-    assert "hostname: string" in term.expect("kata-agent-ctl> ")
+    fields = term.expect("kata-agent-ctl> ")
+    assert re.search(r"\n  hostname +string\r", fields)
+    # the types start in one column
+    rows = [line for line in fields.split("\r\n")[2:-1] if line.startswith("  ")]
+    assert len({len(re.match(r"(\s*\S+\s+)", row).group(1)) for row in rows}) == 1, rows  # type: ignore[union-attr]
+    term.type("help Sig\t")  # help <TAB>: a command's name
+    term.expect("help SignalProcess")
+    term.type("\n")
+    assert "signal        uint32" in term.expect("kata-agent-ctl> ")
+    term.type("help\n")
+    table = term.expect("kata-agent-ctl> ").split("Built-in commands:\r\n\r\n")[1]
+    table = table.split("\r\n\r\n")[0]
+    builtins = [line for line in table.split("\r\n") if re.match(r"  \w", line)]
+    starts = {re.match(r"  \S.*?  +\S", line).end() for line in builtins}  # type: ignore[union-attr]
+    assert len(builtins) == 7 and len(starts) == 1, builtins
     term.type("quit\n")
     assert term.close() == 1  # one command failed
     assert "StartContainer container_id=nope" in (tmp_path / "history").read_text()
@@ -265,4 +285,111 @@ def test_bundle_with_config_json_gets_an_absolute_rootfs(
     (bundle / "config.json").write_text(json.dumps(config))
     result = connect(agent, "--bundle-dir", str(bundle), "-c", "run /bin/echo from-bundle")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout == "from-bundle\nexit code 0\n"
+    assert result.stdout == "from-bundle\n"
+
+
+# --- values as upstream's tool and the shell take them --------------------------------
+
+
+def test_signals_by_name_and_upstreams_short_names(agent: AgentProcess, rootfs: Path) -> None:
+    script = (
+        'trap "echo got-USR1" USR1; trap "echo got-TERM" TERM; echo ready; '
+        "while :; do sleep 0.1; done"
+    )
+    create = (
+        f"CreateContainer OCI.Process.Args=/bin/sh OCI.Process.Args=-c 'OCI.Process.Args={script}'"
+    )
+    result = ctl(
+        "-l", "debug", "connect", "--server-address", agent.address, "--bundle-dir", str(rootfs),
+        "-c", create,
+        "-c", "StartContainer", "-c", "ReadStdout",
+        "-c", "SignalProcess signal=usr1 sid=ignored-as-upstream-ignores-it", "-c", "sleep 0.5",
+        "-c", "SignalProcess signal=SIGTERM", "-c", "sleep 0.5",
+        "-c", "SignalProcess exec_id= signal=KILL",
+        "-c", "WaitProcess", "-c", "ReadStdout len=65536", "-c", "RemoveContainer",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    sent = [
+        line["request"]["signal"]
+        for line in map(json.loads, result.stderr.splitlines())
+        if line.get("call") == "grpc.AgentService/SignalProcess"
+    ]
+    assert sent == [10, 15, 9]
+    assert "got-USR1\ngot-TERM\n" in result.stdout and '"status": 137' in result.stdout
+    bad = connect(agent, "-c", "SignalProcess signal=SIGFOO")
+    assert bad.returncode == 1
+    assert "signal: 'SIGFOO' is not a valid signal (a number, or a name such as KILL" in bad.stdout
+    alias = connect(agent, "-c", "StatsContainer cid=no-such-container")
+    assert "no-such-container" in alias.stdout and "INVALID_ARGUMENT" in alias.stdout
+
+
+def test_words_follow_the_shells_quoting_and_bytes_take_escapes(
+    agent: AgentProcess, rootfs: Path
+) -> None:
+    said = connect(agent, "-c", r"""echo a\ b "c  \"d\"" 'e  \n' $'f\tg' h"i"j""")
+    assert said.stdout == 'a b c  "d" e  \\n f\tg hij\n'
+    unterminated = connect(agent, "-c", "echo 'open")
+    assert unterminated.returncode == 1 and "no closing '" in unterminated.stdout
+    # bytes fields: printf's escapes, hex: as upstream's tool, bash's $'...' before them
+    result = subprocess.run(
+        [
+            *CTL, "connect", "--server-address", agent.address, "--bundle-dir", str(rootfs),
+            "-c", "CreateContainer OCI.Process.Args=/bin/cat", "-c", "StartContainer",
+            "-c", r"WriteStdin data='tab\there\n'",
+            "-c", r'WriteStdin data="\x41\102\0"',
+            "-c", "WriteStdin data=hex:ff0a",
+            "-c", r"WriteStdin data=$'dollar\tquote\n'",
+            "-c", "CloseStdin", "-c", "WaitProcess", "-c", "ReadStdout len=65536",
+            "-c", "RemoveContainer",
+        ],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert b'"status": 0\n}\ntab\there\nAB\x00\xff\ndollar\tquote\nRemoveContainer' in result.stdout
+
+
+def test_field_names_are_shown_as_typed_in_errors_and_logs(agent: AgentProcess) -> None:
+    result = ctl(
+        "-l", "debug", "connect", "--server-address", agent.address, "--ignore-errors",
+        "-c", 'StartContainer json://{"containerid": "x"}',
+        "-c", """CreateContainer 'OCI.Process={"argz": ["/bin/sh"]}'""",
+        "-c", "OnlineCPUMem nb_cpus=-1",
+        "-c", "StartContainer container_id=typed-id",
+        "-c", "CreateContainer file:///no/such.json",
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        "StartContainer: INVALID_ARGUMENT: StartContainerRequest has no field 'containerid' "
+        "(in 'containerid'); its fields: container_id"
+    )
+    assert "Process has no field 'argz' (in 'OCI.Process.argz')" in lines[1]
+    assert "Args" in lines[1] and "camel" not in lines[1].lower()
+    assert lines[2] == "OnlineCPUMem: INVALID_ARGUMENT: nb_cpus: -1 is out of range for a uint32"
+    assert lines[4] == (
+        "CreateContainer: INVALID_ARGUMENT: cannot read file:///no/such.json: "
+        "No such file or directory"
+    )
+    assert "Traceback" not in result.stderr
+    logged = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {"container_id": "typed-id"} in [line.get("request") for line in logged]
+    assert "containerId" not in result.stderr
+
+
+def test_get_metrics_is_prometheus_text_and_json_only_when_asked(agent: AgentProcess) -> None:
+    text = connect(agent, "-c", "GetMetrics")
+    assert text.returncode == 0
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("# HELP ") and len(lines) > 20
+    assert all(re.match(r"(# (HELP|TYPE) \w+ |\w+(\{.*\})? \S+$)", line) for line in lines)
+    assert any(line.startswith("kata_agent_scrape_total ") for line in lines)
+    as_json = connect(agent, "--output", "json", "-c", "GetMetrics")
+    (reply,) = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert reply["command"] == "GetMetrics" and "# HELP" in reply["response"]["metrics"]
+
+
+def test_timeout_takes_upstreams_human_durations(agent: AgentProcess) -> None:
+    assert connect(agent, "--timeout", "500ms", "-c", "Check").returncode == 0
+    waited = connect(agent, "--timeout", "300ms", "-c", "GetOOMEvent")  # never answers
+    assert waited.returncode == 1 and "DEADLINE_EXCEEDED" in waited.stdout
+    bad = connect(agent, "--timeout", "soon", "-c", "Check")
+    assert bad.returncode == 2 and "is not a duration" in bad.stderr

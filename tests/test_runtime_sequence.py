@@ -471,6 +471,7 @@ async def test_destroy_sandbox_ends_a_pending_get_oom_event(
         api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
         await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="oom-watch"))
         pending = asyncio.ensure_future(api.GetOOMEvent(agent_pb2.GetOOMEventRequest()))
+        await asyncio.sleep(0)  # the task runs until it waits: its request is sent first
         try:
             await api.DestroySandbox(agent_pb2.DestroySandboxRequest())
             with pytest.raises(TtrpcError) as exc:

@@ -91,7 +91,9 @@ async def api(vm: qemu.Vm) -> AsyncIterator[Stub]:
 
 
 def ctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CTL, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*CTL, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def in_guest(vm: qemu.Vm, command: str) -> str:
@@ -126,13 +128,13 @@ def test_container_lifecycle_through_ctl(vm: qemu.Vm) -> None:
         "connect", "--server-address", vm.agent_address,
         "--guest-rootfs", image_mod.GUEST_ROOTFS,
         "-c", "CreateSandbox hostname=vmbox 'dns=nameserver 192.0.2.53'",
-        "-c", "run /bin/sh -c 'echo hello from $(uname -r); cat /proc/self/cgroup >&2; exit 3'",
         "-c", "run /bin/sh -c 'hostname; cat /etc/resolv.conf'",
+        "-c", "run /bin/sh -c 'echo hello from $(uname -r); cat /proc/self/cgroup >&2; exit 3'",
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 3, done.stdout + done.stderr  # the last run's status
     release = in_guest(vm, "uname -r")
     assert f"hello from {release}" in done.stdout
-    assert "exit code 3" in done.stdout
+    assert done.stderr.endswith("exit code 3\n")
     assert "vmbox\nnameserver 192.0.2.53" in done.stdout  # the sandbox's hostname and DNS
     # crun put the container in cgroups of the hierarchies the agent mounted.
     assert ":memory:/" in done.stderr
@@ -227,12 +229,12 @@ def test_ctl_vm_option_boots_shares_the_bundle_runs_and_stops(
     done = subprocess.run(
         [*CTL, "connect", "--vm", "qemu", "--bundle-dir", str(tmp_path / "bundle"),
          "-c", "Check", "-c", "run /bin/cat /marker",
-         "-c", "run /bin/sh -c 'echo from the guest > /written'"],
-        capture_output=True, text=True, timeout=240, env=env,
+         "-c", "run /bin/sh -c 'echo from the guest > /written; exit 7'"],
+        capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 7, done.stdout + done.stderr  # the container's, with --vm too
     # The bundle reached the guest over virtio-fs, both ways.
-    assert "from the host" in done.stdout and "exit code 0" in done.stdout
+    assert "from the host" in done.stdout and "exit code 0" in done.stderr
     assert (rootfs / "written").read_text() == "from the guest\n"
     accel_lines = [line for line in done.stderr.splitlines() if " accel " in line]
     assert len(accel_lines) == 1, done.stderr
@@ -276,7 +278,7 @@ def test_vm_command_prints_how_to_reach_the_guest_and_stops_on_sigterm(
         printed = shlex.split(proc.stdout.readline())
         assert printed[:2] == ["kata-agent-ctl", "connect"], printed
         done = ctl(*printed[1:])
-        assert "Linux" in done.stdout and "exit code 0" in done.stdout, done.stdout + done.stderr
+        assert "Linux" in done.stdout and "exit code 0" in done.stderr, done.stdout + done.stderr
         done = ctl(*printed[1:-2], "-c", "run /bin/cat /marker")
         assert "shared by vm" in done.stdout, done.stdout + done.stderr
     finally:

@@ -9,6 +9,9 @@ reader ignores fields it does not know.
 `dumps` writes that; `loads` reads it, and also the files older versions
 of kata-trace-forwarder wrote (base64 ids, enum names): an id's length says
 which (16 bytes: 32 hex digits or 24 base64 characters; 8 bytes: 16 or 12).
+It reads what other tools write as the specification allows a reader to
+take it: hex in either case, the proto field names (`trace_id`) as well as
+the JSON names (`traceId`), and OTLP before 0.19 (`instrumentationLibrarySpans`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ def loads(text: str | bytes) -> ExportTraceServiceRequest:
 
     Raises ValueError saying what is wrong.
     """
-    data = json.loads(text)
+    return from_data(json.loads(text))
+
+
+def from_data(data: Any) -> ExportTraceServiceRequest:
+    """As `loads`, from the JSON already parsed (it is changed in place)."""
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     _convert_ids(data, _to_base64)
@@ -52,26 +59,47 @@ def loads(text: str | bytes) -> ExportTraceServiceRequest:
 
 
 def _spans(data: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for resource_spans in _list(data.get("resourceSpans")):
-        for scope_spans in _list(_dict(resource_spans).get("scopeSpans")):
-            for span in _list(_dict(scope_spans).get("spans")):
+    for resource_spans in _list(_get(data, "resourceSpans")):
+        resource_spans = _dict(resource_spans)
+        for old in ("instrumentationLibrarySpans", "instrumentation_library_spans"):
+            # OTLP before 0.19: the same message under its old name
+            for library_spans in _list(resource_spans.pop(old, None)):
+                library_spans = _dict(library_spans)
+                library = library_spans.pop(
+                    "instrumentationLibrary", library_spans.pop("instrumentation_library", None)
+                )
+                if library is not None:
+                    library_spans["scope"] = library
+                resource_spans.setdefault("scopeSpans", []).append(library_spans)
+        for scope_spans in _list(_get(resource_spans, "scopeSpans")):
+            for span in _list(_get(_dict(scope_spans), "spans")):
                 yield _dict(span)
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+
+
+def _get(message: dict[str, Any], name: str) -> Any:
+    """A field by its JSON name or its proto name (a reader must accept both)."""
+    return message.get(name, message.get(_snake(name)))
 
 
 def _convert_ids(data: dict[str, Any], convert: Callable[[str, int], str]) -> None:
     for span in _spans(data):
         _convert_fields(span, SPAN_IDS, convert)
-        for link in _list(span.get("links")):
+        for link in _list(_get(span, "links")):
             _convert_fields(_dict(link), LINK_IDS, convert)
 
 
 def _convert_fields(
     message: dict[str, Any], fields: dict[str, int], convert: Callable[[str, int], str]
 ) -> None:
-    for name, size in fields.items():
-        value = message.get(name)
-        if isinstance(value, str) and value:
-            message[name] = convert(value, size)
+    for camel, size in fields.items():
+        for name in (camel, _snake(camel)):
+            value = message.get(name)
+            if isinstance(value, str) and value:
+                message[name] = convert(value, size)
 
 
 def _base64_to_hex(value: str, size: int) -> str:

@@ -76,13 +76,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--version", action="version", version=f"kata-agent {__version__}")
     parser.add_argument(
-        "-c", "--config", metavar="FILE", help="read the configuration from this TOML file"
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="read the configuration from this TOML file (default: none, the kernel "
+        "command line's options)",
     )
     parser.add_argument(
         "--kernel-cmdline",
         metavar="FILE",
         default="/proc/cmdline",
-        help="read agent.* options from FILE instead of /proc/cmdline (testing aid)",
+        help="read agent.* options from FILE (testing aid; default: /proc/cmdline)",
     )
     return parser.parse_args(argv)
 

@@ -4,6 +4,11 @@ Debug console (`agent.debug_console`, off by default): every connection
 gets its own shell (bash, else sh) on a fresh pseudo-terminal, in its own
 session; the bytes of the connection are the terminal's. Closing the
 connection hangs the shell up; the shell exiting closes the connection.
+A connection starts with RESIZE_ANNOUNCE, an OSC sequence terminals ignore,
+saying that a client may send its window size as xterm's resize request
+(CSI 8 ; rows ; cols t, which no key sends): the terminal takes that size
+and the shell never sees the sequence. (A client must not send it to an
+agent that did not announce it: a shell would take it as typed keys.)
 
 Log port (`agent.log_vport`): every connection receives the agent's log
 lines from then on, the same JSON lines as on stderr. A reader that falls
@@ -15,12 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import pty
+import re
 import shutil
 import signal
+import struct
 import subprocess
+import termios
 import threading
 from typing import cast
 
@@ -34,6 +43,10 @@ SHELLS = ("/bin/bash", "/bin/sh")
 LOG_BUFFER_LIMIT = 1 << 20
 #: Log port readers at once (each may hold LOG_BUFFER_LIMIT); more are closed at once.
 MAX_LOG_READERS = 8
+RESIZE_ANNOUNCE = b"\x1b]7041;pykata-console;resize\x07"
+_RESIZE = re.compile(rb"\x1b\[8;(\d{1,5});(\d{1,5})t")
+#: The start of a resize request cut at the end of what arrived: kept for the rest.
+_RESIZE_START = re.compile(rb"\x1b\[8;[\d;]{0,11}$")
 
 
 def find_shell() -> str | None:
@@ -49,6 +62,7 @@ class _ConsoleSession(asyncio.Protocol):
         self.master = -1
         self.proc: subprocess.Popen[bytes] | None = None
         self._pending = bytearray()  # input the terminal has not taken yet
+        self._partial = b""  # a resize request's start, the rest yet to come
         self.waiter: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -74,6 +88,7 @@ class _ConsoleSession(asyncio.Protocol):
         finally:
             os.close(slave)
         orphans.kept.add(self.proc.pid)
+        self.transport.write(RESIZE_ANNOUNCE)
         log.info("debug console opened", extra={"pid": self.proc.pid})
         loop = asyncio.get_running_loop()
         loop.add_reader(self.master, self._from_terminal)
@@ -91,11 +106,21 @@ class _ConsoleSession(asyncio.Protocol):
             asyncio.get_running_loop().remove_reader(self.master)
             return
         assert self.transport is not None
+        if self.transport.is_closing():
+            return  # the client has gone; the shell is being killed (uvloop raises here)
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         if self.master < 0:
             return  # the shell is gone; the connection is closing
+        data, self._partial = self._partial + data, b""
+        for match in _RESIZE.finditer(data):
+            rows, cols = int(match.group(1)), int(match.group(2))
+            with contextlib.suppress(OSError, struct.error):
+                fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        data = _RESIZE.sub(b"", data)
+        if cut := _RESIZE_START.search(data):
+            data, self._partial = data[: cut.start()], data[cut.start() :]
         self._pending += data
         self._to_terminal()
 
@@ -118,9 +143,9 @@ class _ConsoleSession(asyncio.Protocol):
         status = self.proc.wait()
         orphans.kept.discard(self.proc.pid)
         # What the shell wrote last is still in the terminal: pass it on.
+        assert self.transport is not None
         with contextlib.suppress(OSError):
-            while data := os.read(self.master, 65536):
-                assert self.transport is not None
+            while not self.transport.is_closing() and (data := os.read(self.master, 65536)):
                 self.transport.write(data)
         log.info("debug console closed", extra={"pid": self.proc.pid, "status": status})
         self._close_terminal()

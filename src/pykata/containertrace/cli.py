@@ -17,6 +17,7 @@ from types import FrameType
 
 from .. import __version__, traceview
 from .. import log as logsetup
+from ..clihelp import Formatter
 from ..ttrpc import TtrpcError
 from . import ctf, session
 from .workload import Workload, record_workload
@@ -39,27 +40,49 @@ def parser() -> argparse.ArgumentParser:
         prog="kata-container-trace",
         description="LTTng traces of container runs through the pykata agent.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=Formatter,
     )
     top.add_argument("--version", action="version", version=f"kata-container-trace {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    record = sub.add_parser("record", help="record a container run (root)")
-    record.add_argument("--name", help="session and trace name (default kata-<date>-<time>)")
-    record.add_argument(
-        "--command", dest="run", default="ls /", help="what the container runs (default: ls /)"
+    record = sub.add_parser(
+        "record",
+        help="record a container run (root)",
+        description="Run a container through a pykata agent while LTTng records it.",
+        formatter_class=Formatter,
     )
+    record.add_argument("--name", help="session and trace name (default: kata-<date>-<time>)")
+    record.add_argument("--command", dest="run", default="ls /", help="what the container runs")
     record.add_argument("--count", type=int, default=1, help="how many times it runs it")
-    record.add_argument("--runtime", default="auto", help="crun, runc, or auto (default)")
+    record.add_argument("--runtime", default="auto", help="crun, runc, or auto")
     record.add_argument(
-        "--output-dir", type=Path, default=Path("lttng-traces"), help="default ./lttng-traces"
+        "--output-dir",
+        type=Path,
+        default=Path("lttng-traces"),
+        metavar="DIR",
+        help="where the trace directory goes",
     )
-    summary = sub.add_parser("summary", help="events per type, process and container")
-    summary.add_argument("trace", type=Path)
-    chrome = sub.add_parser("chrome", help="convert to the Chrome trace-event JSON format")
-    chrome.add_argument("trace", type=Path)
-    chrome.add_argument("-o", "--output", type=Path, required=True)
+    summary = sub.add_parser(
+        "summary",
+        help="events per type, process and container",
+        description="Count a recorded trace's events per type, process and container.",
+        formatter_class=Formatter,
+    )
+    summary.add_argument("trace", type=Path, help="a directory record wrote")
+    chrome = sub.add_parser(
+        "chrome",
+        help="convert to the Chrome trace-event JSON format",
+        description="Convert a recorded trace for Perfetto or chrome://tracing.",
+        formatter_class=Formatter,
+    )
+    chrome.add_argument("trace", type=Path, help="a directory record wrote")
     chrome.add_argument(
-        "--spans", type=Path, help="OTLP JSON lines (kata-trace-forwarder --output)"
+        "-o", "--output", type=Path, required=True, help="the JSON file to write (required)"
+    )
+    chrome.add_argument(
+        "--spans",
+        type=Path,
+        help="OTLP JSON lines (kata-trace-forwarder --output) to merge (default: the "
+        "spans the recording kept, if any)",
     )
     return top
 
@@ -141,13 +164,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "record":
             return record(args)
+        _readable_trace(args)
         if args.command == "summary":
             print(ctf.summarise(args.trace).text(), end="")
             return 0
         return chrome(args)
-    except session.LttngError as exc:
+    except (session.LttngError, traceview.ViewError) as exc:
         print(f"kata-container-trace: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:  # babeltrace2 found no trace it can read
+        print(f"kata-container-trace: {args.trace}: no LTTng trace here ({exc})", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"kata-container-trace: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def _readable_trace(args: argparse.Namespace) -> None:
+    """The paths a user gave exist, before babeltrace2 says otherwise in a traceback."""
+    if not args.trace.is_dir():
+        raise traceview.ViewError(f"{args.trace}: no such trace directory")
+    spans = getattr(args, "spans", None)
+    if spans is not None and not spans.is_file():
+        raise traceview.ViewError(f"--spans {spans}: no such file")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ Field paths (names as in the protos):
     OCI.Process.Args='["/bin/ls","-l"]'   ... or a JSON list sets it whole
     storages[0].driver=local              an element of a repeated message field
     OCI.Annotations[io.kata.x]=y          a map entry
+
+Values: a bytes field takes printf's escapes (`data='hello\\n'`) or, as
+upstream's tool, `hex:68690a`; a `signal` field takes a number or a name as
+upstream's tool does (`KILL`, `SIGTERM`, `usr1`); upstream's `cid=` and
+`sid=` stand for `container_id=` and `sandbox_id=`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from ..api import agent_pb2, health_pb2
+from .words import c_escapes
 
 
 class CommandError(ValueError):
@@ -90,6 +96,49 @@ def _is_map(field: Any) -> bool:
     return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
+#: Upstream kata-agent-ctl's signal names (src/tools/agent-ctl/src/utils.rs), numbered
+#: as on Linux: SIGHUP is 1 ... SIGSYS is 31, and SIGCLD is SIGCHLD.
+_SIGNAL_NAMES = (
+    "HUP INT QUIT ILL TRAP ABRT BUS FPE KILL USR1 SEGV USR2 PIPE ALRM TERM STKFLT CHLD CONT "
+    "STOP TSTP TTIN TTOU URG XCPU XFSZ VTALRM PROF WINCH IO PWR SYS"
+)
+SIGNALS = {f"SIG{name}": n for n, name in enumerate(_SIGNAL_NAMES.split(" "), 1)} | {"SIGCLD": 17}
+
+#: Upstream kata-agent-ctl's short option names.
+ALIASES = {"cid": "container_id", "sid": "sandbox_id"}
+
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+    FieldDescriptor.TYPE_SINT32: (-(1 << 31), (1 << 31) - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(1 << 31), (1 << 31) - 1),
+    FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, (1 << 32) - 1),
+    FieldDescriptor.TYPE_INT64: (-(1 << 63), (1 << 63) - 1),
+    FieldDescriptor.TYPE_SINT64: (-(1 << 63), (1 << 63) - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(1 << 63), (1 << 63) - 1),
+    FieldDescriptor.TYPE_UINT64: (0, (1 << 64) - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, (1 << 64) - 1),
+}
+
+
+def signal_number(text: str) -> int:
+    """`9`, `KILL`, `SIGKILL`, `kill` -> 9, as upstream's tool reads a signal."""
+    if text.isdigit():
+        return int(text)
+    name = text.upper()
+    number = SIGNALS.get(name if name.startswith("SIG") else f"SIG{name}")
+    if number is None:
+        raise ValueError(text)
+    return number
+
+
+def bytes_value(text: str) -> bytes:
+    """A bytes field's value: `hex:...` (upstream's form), else the text with C escapes."""
+    if text.startswith("hex:"):
+        return bytes.fromhex(text[4:])
+    return c_escapes(text).encode("utf-8", "surrogateescape")
+
+
 def _scalar(field: Any, text: str, path: str) -> Any:
     t = field.type
     try:
@@ -100,15 +149,28 @@ def _scalar(field: Any, text: str, path: str) -> Any:
         if t in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
             return float(text)
         if t == FieldDescriptor.TYPE_BYTES:
-            return text.encode()
+            return bytes_value(text)
         if t == FieldDescriptor.TYPE_STRING:
+            text.encode()  # a $'\xff' byte is not UTF-8: say so here
             return text
         if t == FieldDescriptor.TYPE_ENUM:
             value = field.enum_type.values_by_name.get(text)
             return value.number if value is not None else int(text)
-        return int(text, 0)
-    except ValueError:
+        number = signal_number(text) if field.name == "signal" else int(text, 0)
+        low, high = _INT_RANGES.get(t, (number, number))
+        if not low <= number <= high:
+            raise CommandError(f"{path}: {text} is out of range for a {_type_name(field)}")
+        return number
+    except UnicodeEncodeError:
+        raise CommandError(f"{path}: a string must be UTF-8, not raw bytes") from None
+    except ValueError as exc:
+        if isinstance(exc, CommandError):
+            raise
         kind = field.enum_type.name if t == FieldDescriptor.TYPE_ENUM else _type_name(field)
+        if field.name == "signal":
+            kind = "signal (a number, or a name such as KILL, SIGTERM, usr1)"
+        if t == FieldDescriptor.TYPE_BYTES:
+            kind = "hex: value (hex:68690a)"
         raise CommandError(f"{path}: {text!r} is not a valid {kind}") from None
 
 
@@ -191,10 +253,12 @@ def _set_repeated(field: Any, container: Any, text: str, path: str) -> None:
             items = json.loads(text)
         except ValueError as exc:
             raise CommandError(f"{path}: not a JSON list: {exc}") from None
+        if not isinstance(items, list):
+            raise CommandError(f"{path}: not a JSON list")
         del container[:]
         for item in items:
             if field.message_type is not None:
-                json_format.ParseDict(item, container.add())
+                _parse_json_into(container.add(), item, path)
             else:
                 container.append(
                     _scalar(field, item if isinstance(item, str) else json.dumps(item), path)
@@ -208,7 +272,19 @@ def _set_repeated(field: Any, container: Any, text: str, path: str) -> None:
 
 def _set_json(message: Message, text: str, path: str) -> None:
     try:
-        json_format.Parse(text, message)
+        data = json.loads(text)
+    except ValueError as exc:
+        raise CommandError(
+            f"{path}: a {message.DESCRIPTOR.name} is given as JSON, and this is not JSON "
+            f"({exc}); quote it whole: {path}='{{...}}'"
+        ) from None
+    _parse_json_into(message, data, path)
+
+
+def _parse_json_into(message: Message, data: Any, path: str) -> None:
+    _check_json_fields(message.DESCRIPTOR, data, path)
+    try:
+        json_format.ParseDict(data, message)
     except json_format.ParseError as exc:
         raise CommandError(f"{path}: {exc}") from None
 
@@ -216,10 +292,43 @@ def _set_json(message: Message, text: str, path: str) -> None:
 def request_from_json(method: Method, text: str, source: str) -> Message:
     request = method.request_type()
     try:
-        json_format.Parse(text or "{}", request)
+        data = json.loads(text or "{}")
+    except ValueError as exc:
+        raise CommandError(f"{method.name} {source}: not JSON: {exc}") from None
+    _check_json_fields(request.DESCRIPTOR, data, "")
+    try:
+        json_format.ParseDict(data, request)
     except json_format.ParseError as exc:
         raise CommandError(f"{method.name} {source}: {exc}") from None
     return request
+
+
+def _check_json_fields(descriptor: Any, data: Any, path: str) -> None:
+    """A key no field has is refused as `key=value` refuses it: in the protos' names."""
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key) or next(
+            (f for f in descriptor.fields if f.json_name == key), None
+        )
+        where = f"{path}.{key}" if path else key
+        if field is None:
+            raise CommandError(
+                f"{descriptor.name} has no field {key!r} (in {where!r}); "
+                f"its fields: {', '.join(field_names(descriptor)) or '(none)'}"
+            )
+        if field.message_type is None or field.message_type.full_name.startswith("google."):
+            continue
+        if _is_map(field):
+            value_field = field.message_type.fields_by_name["value"]
+            if value_field.message_type is not None and isinstance(value, dict):
+                for k, v in value.items():
+                    _check_json_fields(value_field.message_type, v, f"{where}[{k}]")
+        elif field.is_repeated and isinstance(value, list):
+            for n, item in enumerate(value):
+                _check_json_fields(field.message_type, item, f"{where}[{n}]")
+        else:
+            _check_json_fields(field.message_type, value, where)
 
 
 def load_json_arg(arg: str) -> tuple[str, str]:
@@ -235,11 +344,20 @@ def load_json_arg(arg: str) -> tuple[str, str]:
 
 def build_request(method: Method, words: list[str]) -> Message:
     """The request from a command's words (after its name)."""
+    return build(method, words)[0]
+
+
+def build(method: Method, words: list[str]) -> tuple[Message, set[str]]:
+    """The request from a command's words, and the names of the fields they gave
+    (`exec_id=` gives exec_id, empty: auto values leave what was given alone)."""
     request = method.request_type()
+    given: set[str] = set()
     for word in words:
         if word.startswith(("json://", "file://")):
             text, source = load_json_arg(word)
-            request.MergeFrom(request_from_json(method, text, source))
+            part = request_from_json(method, text, source)
+            request.MergeFrom(part)
+            given |= {f.name for f, _ in part.ListFields()} | _json_keys(part, text)
             continue
         key, eq, value = word.partition("=")
         if not eq:
@@ -247,5 +365,17 @@ def build_request(method: Method, words: list[str]) -> Message:
                 f"{method.name}: {word!r} is not key=value, json://... or file://...; "
                 f"fields: {', '.join(field_names(method.request_type.DESCRIPTOR)) or '(none)'}"
             )
+        if key in ALIASES:
+            if ALIASES[key] not in request.DESCRIPTOR.fields_by_name:
+                continue  # upstream's tool also takes sid= where no sandbox id goes
+            key = ALIASES[key]
         assign(request, key, value)
-    return request
+        given.add(_parts(key)[0][0])
+    return request, given
+
+
+def _json_keys(request: Message, text: str) -> set[str]:
+    """Top-level fields a JSON request names, empty values included."""
+    data = json.loads(text or "{}")
+    by_json: dict[str, str] = {f.json_name: f.name for f in request.DESCRIPTOR.fields}
+    return {by_json.get(str(k), str(k)) for k in data} if isinstance(data, dict) else set()

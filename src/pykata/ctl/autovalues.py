@@ -8,7 +8,8 @@ Ids are generated when a command creates something and remembered, so
 - ExecProcess: container_id (remembered), exec_id (new), process (`/bin/sh`
   if none given).
 - Other container and process calls: container_id (remembered), exec_id
-  (the last exec started by ExecProcess, else the init process).
+  (the last exec started by ExecProcess, else the init process; `exec_id=`
+  given empty means the init process).
 - SetGuestDateTime: now. ReadStdout/ReadStderr: len 4096.
 """
 
@@ -71,7 +72,8 @@ class AutoValues:
     #: Ids this run created, so the next run needs no clean-up of its own.
     created: list[str] = field(default_factory=list)
 
-    def fill(self, method: Method, request: Any) -> None:
+    def fill(self, method: Method, request: Any, given: frozenset[str] = frozenset()) -> None:
+        """Fill in what was not `given` (`exec_id=`: the init process, not the last exec)."""
         fields = request.DESCRIPTOR.fields_by_name
         name = method.name
         if name == "CreateSandbox":
@@ -92,9 +94,9 @@ class AutoValues:
                 request.process.Cwd = "/"
             self.exec_id = request.exec_id
             return
-        if "container_id" in fields and not request.container_id:
+        if "container_id" in fields and not request.container_id and "container_id" not in given:
             request.container_id = self.container_id
-        if name in PROCESS_CALLS and not request.exec_id:
+        if name in PROCESS_CALLS and not request.exec_id and "exec_id" not in given:
             request.exec_id = self.exec_id
         if name in ("ReadStdout", "ReadStderr") and not request.len:
             request.len = 4096

@@ -1,48 +1,75 @@
-"""The `examples` subcommand's text."""
+"""The `examples` subcommand's text: every example works as pasted, in this order,
+once the variables at the top are set (the tests paste each one)."""
 
 EXAMPLES = """\
-Examples (bundle_dir: an OCI bundle, or just a rootfs directory):
+Set these first; the examples use them (run them as root: containers need it):
 
-# Stand-alone: the agent and the tool on one machine
-  sudo KATA_AGENT_SERVER_ADDR=unix:///tmp/kata-agent.sock kata-agent &
-  kata-agent-ctl connect --server-address unix:///tmp/kata-agent.sock -c Check -c Version
+  agent=unix:///tmp/kata-agent.sock  # where the agent serves (also unix://@NAME, vsock://CID:1024)
+  rootfs=$PWD/rootfs                 # a root filesystem: busybox-static and its links will do
 
-# ... over an abstract socket, as upstream's documentation does
-  sudo KATA_AGENT_SERVER_ADDR=unix://@/tmp/foo.socket kata-agent &
-  kata-agent-ctl -l debug connect --server-address unix://@/tmp/foo.socket -c Check
+# An agent on this machine; wait until it answers
+  KATA_AGENT_SERVER_ADDR=$agent kata-agent 2>>kata-agent.log &
+  until kata-agent-ctl connect --server-address "$agent" -c Check &>/dev/null; do sleep .2; done
 
-# A whole container lifecycle (ids are generated and remembered)
-  kata-agent-ctl connect --server-address unix:///tmp/kata-agent.sock --bundle-dir "$bundle_dir" \\
-      -c CreateSandbox -c CreateContainer -c StartContainer -c ReadStdout -c WaitProcess \\
-      -c RemoveContainer -c DestroySandbox
+# Is it there, which version
+  kata-agent-ctl connect --server-address "$agent" -c Check -c Version
 
-# The same in one step: create, start, stream the output, wait, remove
-  kata-agent-ctl connect --server-address unix:///tmp/kata-agent.sock --bundle-dir "$rootfs" \\
-      -c 'run /bin/sh -c "echo hello; exit 3"'
+# A container, as docker run --rm runs one: its output, its exit status, then removed
+  kata-agent-ctl connect --server-address "$agent" --bundle-dir "$rootfs" \\
+      -c 'run /bin/sh -c "echo hello; exit 3"'; echo "exit status $?"
 
-# Values: key=value (nested and repeated fields too), json://, file://
-  -c 'ExecProcess process.Args=/bin/ls process.Args=-l process.Cwd=/'
-  -c "CreateSandbox hostname=sb dns='[\\"nameserver 192.0.2.1\\"]'"
-  -c 'StatsContainer json://{"container_id": "'"$container_id"'"}'
-  -c 'CreateContainer file:///tmp/create.json'
+# Output is bytes, exactly; input with -i (or from a pipe); a terminal with -it
+  kata-agent-ctl connect --server-address "$agent" --bundle-dir "$rootfs" \\
+      -c 'run /bin/tar -c -C /etc .' | tar -t
+  echo hello | kata-agent-ctl connect --server-address "$agent" --bundle-dir "$rootfs" \\
+      -c 'run -i tr a-z A-Z'
+  kata-agent-ctl connect --server-address "$agent" --bundle-dir "$rootfs" -c 'run -it /bin/sh'
 
-# A guest VM of our own (make guest-image first): boot, run, power off
-  sudo kata-agent-ctl connect --vm qemu -c Check -c GetGuestDetails -c 'run /bin/uname -a'
-  sudo kata-agent-ctl connect --vm qemu --bundle-dir "$bundle_dir" -c 'run /bin/ls /'
-  sudo kata-agent-ctl vm --debug-console      # keep one up; prints its addresses
+# A whole lifecycle, call by call (ids are generated and remembered)
+  kata-agent-ctl connect --server-address "$agent" --bundle-dir "$rootfs" \\
+      -c 'CreateSandbox hostname=box' -c 'CreateContainer OCI.Process.Args=/bin/hostname' \\
+      -c StartContainer -c ReadStdout -c WaitProcess -c RemoveContainer -c DestroySandbox
 
-# QEMU: the guest's vsock CID
-  guest_cid=$(sudo ss -H --vsock | awk '{print $6}' | cut -d: -f1)
-  kata-agent-ctl -l debug connect --no-auto-values --server-address "vsock://${guest_cid}:1024" \\
-      -c Check -c GetGuestDetails
+# A process in a running container, a signal by name, stdin with escapes
+  kata-agent-ctl connect --server-address "$agent" --bundle-dir "$rootfs" \\
+      -c 'CreateContainer OCI.Process.Args=/bin/sleep OCI.Process.Args=60' -c StartContainer \\
+      -c 'ExecProcess process.Args=/bin/ls process.Args=-l process.Args=/ process.Cwd=/' \\
+      -c ReadStdout -c WaitProcess -c 'SignalProcess exec_id= signal=TERM' \\
+      -c 'WaitProcess exec_id=' -c RemoveContainer
+  kata-agent-ctl connect --server-address "$agent" --bundle-dir "$rootfs" \\
+      -c 'CreateContainer OCI.Process.Args=/bin/cat' -c StartContainer \\
+      -c 'WriteStdin data="line 1\\nline 2\\n"' -c CloseStdin -c ReadStdout -c WaitProcess \\
+      -c RemoveContainer
 
-# Cloud Hypervisor / Firecracker: hybrid vsock through the VMM's socket
-  sudo kata-agent-ctl connect --server-address unix:///run/vc/vm/$sandbox_id/clh.sock \\
-      --hybrid-vsock -c Check
-  sudo kata-agent-ctl connect --hybrid-vsock --hybrid-vsock-port 1024 -c Check \\
-      --server-address unix:///run/vc/firecracker/$sandbox_id/root/kata.hvsock
+# Requests as JSON, inline or from a file
+  kata-agent-ctl connect --server-address "$agent" \\
+      -c 'GetGuestDetails json://{"mem_block_size": true}'
+  echo '{"mem_block_size": true, "mem_hotplug_probe": true}' > /tmp/details.json
+  kata-agent-ctl connect --server-address "$agent" -c 'GetGuestDetails file:///tmp/details.json'
 
-# Interactive, with history and tab completion; script-friendly output
-  kata-agent-ctl connect --server-address unix:///tmp/kata-agent.sock --interactive
-  kata-agent-ctl connect --server-address unix:///tmp/kata-agent.sock --output json -c Check
+# Metrics as Prometheus text; JSON lines for scripts
+  kata-agent-ctl connect --server-address "$agent" -c GetMetrics | grep '^kata_agent_process'
+  kata-agent-ctl connect --server-address "$agent" --bundle-dir "$rootfs" --output json \\
+      -c Check -c 'run /bin/echo hi'
+
+# Every request as sent, in the log (stderr)
+  kata-agent-ctl -l debug connect --server-address "$agent" -c 'GetGuestDetails mem_block_size=true'
+
+# Interactive: history, tab completion (help <TAB>, OCI.Pro<TAB>); Ctrl-D leaves
+  kata-agent-ctl connect --server-address "$agent" --bundle-dir "$rootfs" --interactive
+
+# Cloud Hypervisor or Firecracker: hybrid vsock through the VMM's socket ($sandbox_id: the pod's)
+  kata-agent-ctl connect --hybrid-vsock -c Check \\
+      --server-address "unix:///run/vc/vm/$sandbox_id/clh.sock"
+  kata-agent-ctl connect --hybrid-vsock --hybrid-vsock-port 1024 -c Check \\
+      --server-address "unix:///run/vc/firecracker/$sandbox_id/root/kata.hvsock"
+
+# QEMU: vsock to the guest ($guest_cid: its guest-cid=N in QEMU's -device vhost-vsock-pci)
+  kata-agent-ctl connect --server-address "vsock://$guest_cid:1024" -c Check
+
+# A guest VM of our own (make guest-image first): boot it, run, power it off
+  kata-agent-ctl connect --vm qemu -c Check -c 'run /bin/uname -a'
+
+# Stop the agent (it removes its containers first)
+  kill %1
 """

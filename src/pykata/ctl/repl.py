@@ -3,10 +3,10 @@ command names and of the request's field names."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import readline
+from collections.abc import Callable
 from pathlib import Path
 
 from .api import METHODS
@@ -22,6 +22,12 @@ def candidates(line: str, text: str) -> list[str]:
     first_word = not words or (len(words) == 1 and not line.endswith(" "))
     if first_word:
         return sorted(n for n in [*METHODS, *BUILTINS, "exit"] if n.startswith(text))
+    if words[0] == "help":  # help <TAB>: a command's name
+        second_word = len(words) == 1 or (len(words) == 2 and not line.endswith(" "))
+        return sorted(n for n in [*METHODS, *BUILTINS] if n.startswith(text)) if second_word else []
+    if words[0] == "repeat" and len(words) >= 2:  # repeat N <TAB>: a command line
+        rest = line.split(None, 2)[2] if len(words) > 2 or line.endswith(" ") else ""
+        return candidates(rest, text) if len(words) > 2 or line.endswith(" ") else []
     method = METHODS.get(words[0])
     if method is None:
         return []
@@ -56,8 +62,9 @@ def setup_readline() -> None:
     readline.set_history_length(1000)
 
 
-def interact(session: Session, loop: asyncio.AbstractEventLoop) -> None:
-    """Read-eval-print until quit or end of input; each line runs on `loop`."""
+def interact(session: Session, execute: Callable[[str], bool]) -> None:
+    """Read-eval-print until quit or end of input; `execute` runs a line (Ctrl-C
+    meanwhile interrupts that line, as the session says; at the prompt it clears it)."""
     setup_readline()
     try:
         while True:
@@ -70,11 +77,9 @@ def interact(session: Session, loop: asyncio.AbstractEventLoop) -> None:
                 print()
                 continue
             try:
-                loop.run_until_complete(session.execute(line))
+                execute(line)
             except Quit:
                 return
-            except KeyboardInterrupt:
-                print("interrupted")
     finally:
         with contextlib.suppress(OSError):
             readline.write_history_file(HISTORY)

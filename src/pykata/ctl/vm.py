@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from ..clihelp import Formatter
 from ..vm import GUEST_ROOTFS
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
         "--guest-dir",
         type=Path,
         metavar="DIR",
-        help="where `make guest-image` put the image (default ~/.cache/pykata/guest)",
+        help="where `make guest-image` put the image (default: ~/.cache/pykata/guest)",
     )
     group.add_argument(
         "--accel",
@@ -62,28 +63,38 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
         "--kata-initrd",
         action="store_true",
         help="boot the image's Kata initrd as Kata's runtime boots an initrd (q35, no disk, "
-        "Kata's kernel command line); build it with `kata-guest-image --kata-initrd`",
+        "Kata's kernel command line); build it with `kata-guest-image --kata-initrd` "
+        "(default: off)",
     )
-    group.add_argument("--cpus", type=int, default=1, help="guest CPUs (default 1)")
+    group.add_argument("--cpus", type=int, default=1, help="guest CPUs (default: 1)")
     group.add_argument(
         "--memory",
         type=int,
         metavar="MIB",
-        help="default 512; with --kata-initrd 2048, Kata's default (the root lives in memory)",
+        help="guest memory in MiB (default: 512; with --kata-initrd 2048, Kata's default: "
+        "the root lives in memory)",
     )
     group.add_argument(
-        "--kernel-params", default="", metavar="PARAMS", help="more guest kernel command line"
+        "--kernel-params",
+        default="",
+        metavar="PARAMS",
+        help="more guest kernel command line (default: none)",
     )
     group.add_argument(
         "--trace-socket",
         metavar="PATH",
-        help="turn on agent tracing; its spans go to a forwarder listening on this unix socket",
+        help="turn on agent tracing; its spans go to a forwarder listening on this unix "
+        "socket (default: tracing off)",
     )
     group.add_argument(
         "--debug-console", action="store_true", help="give the guest a debug console"
     )
     group.add_argument(
-        "--boot-timeout", type=float, default=180.0, metavar="SECONDS", help="default 180"
+        "--boot-timeout",
+        type=float,
+        default=180.0,
+        metavar="SECONDS",
+        help="how long the agent may take to answer",
     )
 
 
@@ -157,6 +168,9 @@ def connect(args: argparse.Namespace, run_commands: Callable[..., int]) -> int:
     except (ImageError, VmError) as exc:
         _say(str(exc))
         return 1
+    except OSError as exc:  # a path given that cannot be used (--run-dir, --guest-dir ...)
+        _say(_os_error(exc))
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -192,6 +206,13 @@ def run(args: argparse.Namespace) -> int:
     except (ImageError, VmError) as exc:
         _say(str(exc))
         return 1
+    except OSError as exc:
+        _say(_os_error(exc))
+        return 1
+
+
+def _os_error(exc: OSError) -> str:
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -201,7 +222,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Boot a guest VM whose init is the agent, print how to reach it, and "
         "keep it running until Ctrl-C.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=Formatter,
     )
     add_vm_options(vm)
     vm.add_argument(
@@ -209,7 +230,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=Path,
         metavar="DIR",
         help="share DIR with the guest (virtio-fs) for containers: connect with "
-        "--bundle-dir DIR --shared-bundle",
+        "--bundle-dir DIR --shared-bundle (default: nothing shared)",
     )
     vm.add_argument(
         "--run-dir",

@@ -18,6 +18,7 @@ import sys
 
 from .. import __version__
 from .. import log as logsetup
+from ..clihelp import Formatter
 from ..otlp import MAX_RECORD
 from ..transport import (
     AddressError,
@@ -47,39 +48,91 @@ examples:
 """
 
 
+#: Upstream's options before it moved to OTLP, and the Jaeger port it sent to:
+#: Jaeger's agent port for Thrift over UDP, which takes no OTLP.
+JAEGER_DEFAULT_HOST = "127.0.0.1"
+JAEGER_THRIFT_PORT = 6831
+#: Where Jaeger (1.35 and later) and collectors take OTLP over gRPC.
+OTLP_GRPC_PORT = 4317
+DEFAULT_ENDPOINT = f"http://localhost:{OTLP_GRPC_PORT}"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kata-trace-forwarder",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=Formatter,
         description="Forward the Kata agent's spans (OTLP records over vsock, hybrid vsock or "
         "a unix socket) to an OpenTelemetry collector or a file.",
     )
     p.add_argument("--version", action="version", version=f"kata-trace-forwarder {__version__}")
-    p.add_argument("-l", "--log-level", choices=list(LEVELS), default="info")
+    p.add_argument(
+        "-l",
+        "--log-level",
+        choices=[*LEVELS, "warning"],
+        default="info",
+        metavar="LEVEL",
+        help="the forwarder's own JSON log lines on stderr: critical, error, warn (warning), "
+        "info, debug or trace",
+    )
     p.add_argument(
         "--trace-name",
         default="kata-agent",
-        help="service name given to the spans (default kata-agent)",
+        metavar="NAME",
+        help="service.name given to the agent's spans (those without one of their own)",
     )
     p.add_argument(
         "--otlp-endpoint",
-        default="http://localhost:4317",
-        help="the collector (default http://localhost:4317)",
+        metavar="URL",
+        help=f"the collector (default: {DEFAULT_ENDPOINT})",
     )
-    p.add_argument("--otlp-protocol", choices=["grpc", "http"], default="grpc")
-    p.add_argument("--socket-path", help="hybrid vsock: the VMM socket; listens on PATH_PORT")
-    p.add_argument("--vsock-cid", type=int, default=-1, help="vsock CID to listen on (-1: any)")
-    p.add_argument("--vsock-port", type=int, default=10240, help="vsock port (default 10240)")
+    p.add_argument(
+        "--otlp-protocol",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="OTLP over gRPC (TraceService/Export) or HTTP (POST protobuf to /v1/traces)",
+    )
+    p.add_argument(
+        "--jaeger-host",
+        metavar="HOST",
+        help="deprecated, as upstream: the collector is http://HOST:4317 (OTLP); use "
+        "--otlp-endpoint (default: not used)",
+    )
+    p.add_argument(
+        "--jaeger-port",
+        type=port,
+        metavar="PORT",
+        help=f"deprecated, as upstream: with --jaeger-host, the port; {JAEGER_THRIFT_PORT} "
+        f"(Jaeger's Thrift port, upstream's old default) means {OTLP_GRPC_PORT} "
+        "(default: not used)",
+    )
+    p.add_argument(
+        "--socket-path",
+        metavar="PATH",
+        help="hybrid vsock (Cloud Hypervisor, Firecracker): the VMM's socket; listens on "
+        "PATH_PORT (default: standard vsock)",
+    )
+    p.add_argument(
+        "--vsock-cid",
+        type=vsock_cid,
+        default=-1,
+        metavar="CID",
+        help="vsock CID to listen on: a number, or any (default: any)",
+    )
+    p.add_argument(
+        "--vsock-port", type=port, default=10240, metavar="PORT", help="vsock port to listen on"
+    )
     p.add_argument(
         "--listen",
         metavar="ADDRESS",
-        help="listen on any transport address instead (unix:///..., unix://@...)",
+        help="listen on any transport address instead (unix:///..., unix://@...) "
+        "(default: vsock, as above)",
     )
     p.add_argument(
         "--output",
         metavar="FILE",
-        help="write OTLP JSON lines to FILE ('-': stdout) instead of a collector",
+        help="write OTLP JSON lines to FILE ('-': stdout) instead of a collector "
+        "(default: to the collector)",
     )
     p.add_argument("--dump-only", action="store_true", help="print spans instead of exporting them")
     limits = Limits()
@@ -88,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
         type=size,
         default=64 << 20,
         metavar="SIZE",
-        help="spans held for the collector, in bytes of OTLP (default 64M); past it new "
+        help="spans held for the collector, in bytes of OTLP (default: 64M); past it new "
         "spans are dropped and counted",
     )
     p.add_argument(
@@ -96,22 +149,38 @@ def parser() -> argparse.ArgumentParser:
         type=size,
         default=MAX_RECORD,
         metavar="SIZE",
-        help="largest record accepted from an agent (default 4M); larger ones are skipped unread",
+        help="largest record accepted from an agent (default: 4M); larger ones are skipped unread",
     )
     p.add_argument(
         "--receive-bytes",
         type=size,
         default=limits.receive_limit,
         metavar="SIZE",
-        help="bytes of records being received, all connections together (default 32M)",
+        help="bytes of records being received, all connections together (default: 32M)",
     )
     p.add_argument(
         "--max-connections",
         type=int,
         default=limits.max_connections,
-        help=f"agent connections at once (default {limits.max_connections})",
+        metavar="N",
+        help="agent connections at once",
     )
     return p
+
+
+def vsock_cid(text: str) -> int:
+    """A CID to listen on: a number, or `any` (upstream's word for VMADDR_CID_ANY)."""
+    if text == "any":
+        return -1
+    try:
+        cid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CID (a number, or any)") from None
+    if cid == 0xFFFFFFFF:
+        return -1
+    if not -1 <= cid < 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CID (a number, or any)")
+    return cid
 
 
 def size(text: str) -> int:
@@ -122,6 +191,16 @@ def size(text: str) -> int:
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
 
 
+def port(text: str) -> int:
+    """A port number: 1 to 4294967295 (vsock ports are 32-bit), as upstream checks it."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number")
+    number = int(text)
+    if not 0 < number <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port number is 1 to 4294967295")
+    return number
+
+
 def listen_address(args: argparse.Namespace) -> str:
     if args.listen:
         return str(args.listen)
@@ -130,16 +209,46 @@ def listen_address(args: argparse.Namespace) -> str:
     return str(VsockAddress(args.vsock_cid, args.vsock_port))
 
 
+class UsageError(Exception):
+    """A command line the forwarder cannot act on: one line, exit status 2."""
+
+
+def endpoint(args: argparse.Namespace) -> str:
+    """The collector: --otlp-endpoint, or the deprecated Jaeger options mapped to OTLP."""
+    if args.jaeger_host is None and args.jaeger_port is None:
+        value = DEFAULT_ENDPOINT if args.otlp_endpoint is None else args.otlp_endpoint
+        if not value.strip():
+            raise UsageError("--otlp-endpoint cannot be blank")
+        return str(value)
+    if args.otlp_endpoint is not None:
+        raise UsageError("give --otlp-endpoint, or the deprecated --jaeger-host/--jaeger-port")
+    host = args.jaeger_host if args.jaeger_host is not None else JAEGER_DEFAULT_HOST
+    if not host.strip():
+        raise UsageError("--jaeger-host cannot be blank")
+    given = args.jaeger_port
+    chosen = OTLP_GRPC_PORT if given in (None, JAEGER_THRIFT_PORT) else given
+    url = f"http://{f'[{host}]' if ':' in host else host}:{chosen}"
+    log.warning(
+        f"--jaeger-host and --jaeger-port are deprecated (upstream replaced them with "
+        f"--otlp-endpoint); sending OTLP to {url}: use --otlp-endpoint {url}",
+        extra={"otlp_endpoint": url},
+    )
+    return url
+
+
 def make_sink(args: argparse.Namespace) -> Sink:
     if args.dump_only:
         return DumpSink()
     if args.output:
         if args.output == "-":
             return FileSink(sys.stdout, "stdout")
-        return FileSink(open(args.output, "a", encoding="utf-8"), args.output)
+        try:
+            return FileSink(open(args.output, "a", encoding="utf-8"), args.output)
+        except OSError as exc:
+            raise OSError(f"cannot write {args.output}: {exc.strerror}") from None
     if args.otlp_protocol == "http":
-        return HttpSink(args.otlp_endpoint)
-    return GrpcSink(args.otlp_endpoint)
+        return HttpSink(args.endpoint)
+    return GrpcSink(args.endpoint)
 
 
 def drop_privileges() -> None:
@@ -191,6 +300,8 @@ def remove_socket_at_exit(address: str) -> subprocess.Popen[bytes] | None:
         [sys.executable, "-I", "-c", SOCKET_REMOVER, path, str(os.lstat(path).st_ino)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
+        # Out of our process group: a Ctrl-C at the terminal is for us, not for it.
+        start_new_session=True,
     )
 
 
@@ -246,14 +357,35 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    writer = logsetup.setup(LEVELS[args.log_level], name="kata-trace-forwarder", source="forwarder")
+    level = LEVELS["warn" if args.log_level == "warning" else args.log_level]
+    writer = logsetup.setup(level, name="kata-trace-forwarder", source="forwarder")
     logsetup.install_hooks()
     writer.start()  # a console that stalls must not stall the forwarding
+    try:
+        check(args)
+    except UsageError as exc:
+        print(f"kata-trace-forwarder: {exc}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(serve(args))
     except (AddressError, TransportError, OSError) as exc:
         print(f"kata-trace-forwarder: {exc}", file=sys.stderr)
         return 1
+
+
+def check(args: argparse.Namespace) -> None:
+    """What argparse cannot check: blank values, the address, the collector."""
+    if not args.trace_name.strip():
+        raise UsageError("--trace-name cannot be blank (upstream: need non-blank trace name)")
+    if args.socket_path is not None and not args.socket_path:
+        raise UsageError("--socket-path cannot be blank")
+    if args.listen and (args.socket_path or args.vsock_cid != -1):
+        raise UsageError("--listen replaces --socket-path and --vsock-cid: give one of them")
+    try:
+        as_address(listen_address(args))
+    except AddressError as exc:
+        raise UsageError(f"--listen: {exc}") from None
+    args.endpoint = endpoint(args)
 
 
 if __name__ == "__main__":

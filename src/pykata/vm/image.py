@@ -598,14 +598,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help=f"cache directory (default ${DEFAULT_DIR_ENV}, else ~/.cache/pykata/guest)",
     )
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the image part")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rebuild every part of the image (default: off)"
+    )
     parser.add_argument(
         "--kata-initrd",
         action="store_true",
         help=f"also build {KATA_INITRD}: the whole guest as one initrd, for the real Kata "
-        "runtime's `initrd =` key with this image's vmlinuz (docs/kata-runtime.md)",
+        "runtime's `initrd =` key with this image's vmlinuz (docs/kata-runtime.md) (default: off)",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress lines (default: off)"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("kata-guest-image: must run as root (debootstrap, chroot)", file=sys.stderr)
