@@ -7,7 +7,7 @@ names what was wrong and with which id.
 
 from __future__ import annotations
 
-from ..ttrpc import Code, TtrpcError
+from ..ttrpc.status import Code, TtrpcError
 
 
 class AgentError(TtrpcError):

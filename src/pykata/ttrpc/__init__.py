@@ -11,20 +11,62 @@ boundaries   where a new client starts on a stream clients share in turn (a seri
              sans-IO; the server hands it to the transport
 """
 
-from .client import Client, ClientContext, ClientStream, Invoker, Stub, UnaryClientInterceptor
-from .server import (
-    Server,
-    ServerContext,
-    ServerStream,
-    Service,
-    StreamHandler,
-    StreamMethod,
-    StreamServerInterceptor,
-    UnaryHandler,
-    UnaryMethod,
-    UnaryServerInterceptor,
-)
-from .status import Code, TtrpcError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names load their module on first use (PEP 562): a module that only needs
+# the status codes - the agent's domain errors - does not load the server,
+# the client and the transports with them.
+_HOMES = {
+    **dict.fromkeys(
+        ["Client", "ClientContext", "ClientStream", "Invoker", "Stub", "UnaryClientInterceptor"],
+        "client",
+    ),
+    **dict.fromkeys(
+        [
+            "Server",
+            "ServerContext",
+            "ServerStream",
+            "Service",
+            "StreamHandler",
+            "StreamMethod",
+            "StreamServerInterceptor",
+            "UnaryHandler",
+            "UnaryMethod",
+            "UnaryServerInterceptor",
+        ],
+        "server",
+    ),
+    **dict.fromkeys(["Code", "TtrpcError"], "status"),
+}
+
+if TYPE_CHECKING:
+    from .client import Client, ClientContext, ClientStream, Invoker, Stub, UnaryClientInterceptor
+    from .server import (
+        Server,
+        ServerContext,
+        ServerStream,
+        Service,
+        StreamHandler,
+        StreamMethod,
+        StreamServerInterceptor,
+        UnaryHandler,
+        UnaryMethod,
+        UnaryServerInterceptor,
+    )
+    from .status import Code, TtrpcError
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
 
 __all__ = [
     "Client",
