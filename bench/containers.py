@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from tests.containers import build_rootfs, template  # noqa: E402
 from tests.peers import wait_for_socket  # noqa: E402
 
-from pykata.agent import oci, runtime  # noqa: E402
+from pykata import ocispec  # noqa: E402
+from pykata.agent import runtime  # noqa: E402
 from pykata.agent.reaper import become_subreaper  # noqa: E402
 from pykata.api import agent_pb2, oci_pb2  # noqa: E402
 from pykata.ttrpc import Client, Stub  # noqa: E402
@@ -142,7 +143,7 @@ async def _agent(address: str, rootfs: Path) -> dict[str, Any]:
 
         def spec(*args: str) -> oci_pb2.Spec:
             message = oci_pb2.Spec()
-            oci.from_json(config(rootfs, *args), message)
+            ocispec.from_json(config(rootfs, *args), message)
             return message
 
         async def create_start(cid: str, *args: str) -> None:

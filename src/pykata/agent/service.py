@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
-from .. import __version__
+from .. import __version__, ocispec
 from ..api import agent_pb2, csi_pb2, health_pb2, types_pb2
 from ..ttrpc import Code, ServerContext, Service, TtrpcError, UnaryMethod
 from ..ttrpc.server import UnaryHandler
-from . import cgroups, network, oci
+from . import cgroups, network
 from .codes import upstream_code
 from .copyfile import CopyRequest, SharedFiles
 from .diagnostics import Diagnostics
@@ -181,7 +181,7 @@ class AgentService:
         await self.sandbox.create_container(
             req.container_id,
             req.exec_id,
-            oci.to_json(req.OCI),
+            ocispec.to_json(req.OCI),
             _storages(list(req.storages)),
             sandbox_pidns=req.sandbox_pidns,
         )
@@ -216,7 +216,7 @@ class AgentService:
     ) -> Empty:
         container = self.sandbox.container(req.container_id)
         if req.HasField("resources"):  # none: nothing to do, as upstream
-            await container.update(oci.to_json(req.resources))
+            await container.update(ocispec.to_json(req.resources))
         return EMPTY
 
     async def StatsContainer(
@@ -235,7 +235,9 @@ class AgentService:
     async def ExecProcess(self, req: agent_pb2.ExecProcessRequest, ctx: ServerContext) -> Empty:
         if not req.HasField("process"):
             raise MissingField(f"process is missing for exec {req.exec_id!r}")
-        await self.sandbox.container(req.container_id).exec(req.exec_id, oci.to_json(req.process))
+        await self.sandbox.container(req.container_id).exec(
+            req.exec_id, ocispec.to_json(req.process)
+        )
         return EMPTY
 
     async def SignalProcess(self, req: agent_pb2.SignalProcessRequest, ctx: ServerContext) -> Empty:

@@ -1,4 +1,7 @@
-"""The agent API's OCI spec (grpc.Spec) as the runtime's config.json.
+"""OCI specs: the agent API's grpc.Spec and the runtime's config.json.
+
+Shared by the agent (which writes config.json for the runtime), kata-agent-ctl
+and container tracing (which build specs without hand-writing one).
 
 The protobuf field names are Go-style (UIDMappings, OOMScoreAdj); config.json
 uses lowerCamel (uidMappings, oomScoreAdj). Empty and zero values are left
@@ -12,6 +15,72 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+
+from .api import oci_pb2
+
+CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+
+
+def default_config(
+    rootfs: str, args: list[str] | None = None, terminal: bool = False
+) -> dict[str, Any]:
+    """A shell (or `args`) in `rootfs`, an absolute path on the agent's machine."""
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": terminal,
+            "user": {"uid": 0, "gid": 0},
+            "args": args or ["/bin/sh"],
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "TERM=xterm",
+            ],
+            "cwd": "/",
+            "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
+            "noNewPrivileges": True,
+        },
+        "root": {"path": rootfs, "readonly": False},
+        "hostname": "kata",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            },
+            {
+                "destination": "/sys",
+                "type": "sysfs",
+                "source": "sysfs",
+                "options": ["nosuid", "noexec", "nodev", "ro"],
+            },
+        ],
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": [
+                "/proc/bus",
+                "/proc/fs",
+                "/proc/irq",
+                "/proc/sys",
+                "/proc/sysrq-trigger",
+            ],
+        },
+    }
+
 
 _SPECIAL = {"Version": "ociVersion", "errnoret": "errnoRet", "Pagesize": "pageSize"}
 
@@ -76,3 +145,10 @@ def from_json(data: dict[str, Any], message: Message) -> list[str]:
         else:
             setattr(message, field.name, value)
     return unknown
+
+
+def to_spec(config: dict[str, Any]) -> oci_pb2.Spec:
+    """The grpc.Spec for a config.json-style dict (keys it has no field for are ignored)."""
+    spec = oci_pb2.Spec()
+    from_json(config, spec)
+    return spec
