@@ -11,7 +11,7 @@ DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golan
 VM_DEB_PACKAGES := qemu-system-x86 debootstrap cpio zstd
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo demo-vm test bench protos lint clean clean-traces guest-image clean-guest
+.PHONY: setup demo demo-vm test test-fast bench protos lint clean clean-traces guest-image clean-guest
 
 setup: $(STAMP)
 
@@ -66,6 +66,11 @@ demo-vm: setup guest-image
 
 test: setup lint guest-image
 	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/pytest -q
+
+# The fast tier: lint, types and every test that needs no VM, no Go peer and no LTTng.
+FAST_TESTS := not vm and not go and not lttng
+test-fast: setup lint
+	$(VENV)/bin/pytest -q -n 4 -m "$(FAST_TESTS)"
 
 demo: setup
 	$(PY) scripts/demo.py

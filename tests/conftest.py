@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from pykata.api import agent_pb2
 from pykata.ttrpc import Client, Stub
@@ -20,6 +21,10 @@ from pykata.ttrpc import Client, Stub
 from .peers import build_go_peer, wait_for_socket
 
 AGENT = [sys.executable, "-m", "pykata.agent.cli"]
+
+# Timing belongs in benchmarks: a loaded machine must not fail a property test.
+settings.register_profile("pykata", deadline=None)
+settings.load_profile("pykata")
 
 
 class AgentProcess:
@@ -95,6 +100,13 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
 @pytest.fixture(scope="session")
 def go_peer() -> Path:
     return build_go_peer()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for the Go peer is a Go test (make test-fast leaves it out)."""
+    for item in items:
+        if "go_peer" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.go)
 
 
 async def call_with_server_deadline(

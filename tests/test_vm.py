@@ -33,7 +33,7 @@ from .containers import build_rootfs
 from .peers import processes_with
 from .receivers import GrpcReceiver, forwarder
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.vm
 CTL = [sys.executable, "-m", "pykata.ctl.cli"]
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 
