@@ -22,9 +22,10 @@ from .fdwait import until_ready
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def become_subreaper() -> None:
+def become_subreaper(on: bool = True) -> None:
+    """Make this process the child subreaper (or, with on=False, stop being one)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
