@@ -18,8 +18,9 @@ from google.protobuf.message import Message
 
 from .. import __version__, ocispec
 from ..api import agent_pb2, csi_pb2, health_pb2, types_pb2
-from ..ttrpc import Code, ServerContext, Service, TtrpcError, UnaryMethod
-from ..ttrpc.server import UnaryHandler
+from ..ttrpc import Code, EncodedResponse, ServerContext, Service, TtrpcError, UnaryMethod
+from ..ttrpc.frame import varint
+from ..ttrpc.server import UnaryHandler, UnaryResponse
 from . import cgroups, network
 from .codes import upstream_code
 from .copyfile import CopyRequest, SharedFiles
@@ -267,15 +268,15 @@ class AgentService:
 
     async def ReadStdout(
         self, req: agent_pb2.ReadStreamRequest, ctx: ServerContext
-    ) -> agent_pb2.ReadStreamResponse:
+    ) -> EncodedResponse:
         process = self.sandbox.process(req.container_id, req.exec_id, for_output=True)
-        return agent_pb2.ReadStreamResponse(data=await process.read("stdout", req.len))
+        return read_stream_response(await process.read("stdout", req.len))
 
     async def ReadStderr(
         self, req: agent_pb2.ReadStreamRequest, ctx: ServerContext
-    ) -> agent_pb2.ReadStreamResponse:
+    ) -> EncodedResponse:
         process = self.sandbox.process(req.container_id, req.exec_id, for_output=True)
-        return agent_pb2.ReadStreamResponse(data=await process.read("stderr", req.len))
+        return read_stream_response(await process.read("stderr", req.len))
 
     async def CloseStdin(self, req: agent_pb2.CloseStdinRequest, ctx: ServerContext) -> Empty:
         await self.sandbox.process(req.container_id, req.exec_id).close_stdin()
@@ -492,12 +493,21 @@ class AgentService:
         return EMPTY
 
 
+def read_stream_response(data: bytes) -> EncodedResponse:
+    """ReadStreamResponse(data=data) as protobuf encodes it (field 1, length-delimited):
+    the output is written to the socket as it was read, not copied into a message
+    and out of it."""
+    if not data:
+        return EncodedResponse()
+    return EncodedResponse(b"\x0a" + varint(len(data)), data)
+
+
 def health_service() -> Service:
     return Service.from_descriptor(health_pb2.DESCRIPTOR.services_by_name["Health"], Health())
 
 
 def _answering_upstream_codes(rpc: str, handler: UnaryHandler) -> UnaryHandler:
-    async def handle(request: Any, ctx: ServerContext) -> Message:
+    async def handle(request: Any, ctx: ServerContext) -> UnaryResponse:
         try:
             return await handler(request, ctx)
         except AgentError as exc:

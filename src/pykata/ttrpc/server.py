@@ -57,10 +57,29 @@ class ServerContext:
         return values[0] if values else None
 
 
-UnaryHandler = Callable[[Any, ServerContext], Awaitable[Message]]
+class EncodedResponse:
+    """A response its handler has already encoded (protobuf wire bytes, in pieces).
+
+    For bulk data: a handler that answers a megabyte of output saves the
+    copies that building a message and serializing it would cost; the
+    pieces are written to the socket as they are.
+    """
+
+    __slots__ = ("parts",)
+
+    def __init__(self, *parts: bytes) -> None:
+        self.parts = parts
+
+    def SerializeToString(self) -> bytes:  # as a protobuf Message
+        return b"".join(self.parts)
+
+
+#: What a unary handler answers: a message, or one already encoded.
+UnaryResponse = Message | EncodedResponse
+UnaryHandler = Callable[[Any, ServerContext], Awaitable[UnaryResponse]]
 #: Runs around a unary handler: `await interceptor(request, ctx, handler)`, where
 #: `handler(request, ctx)` is the rest of the chain (see Server).
-UnaryServerInterceptor = Callable[[Any, ServerContext, UnaryHandler], Awaitable[Message]]
+UnaryServerInterceptor = Callable[[Any, ServerContext, UnaryHandler], Awaitable[UnaryResponse]]
 
 
 class ServerStream:
@@ -431,27 +450,32 @@ class _Connection(asyncio.BufferedProtocol):
     # sending: while several calls are in flight, coalesce the frames produced
     # in one loop iteration into one write (one syscall instead of many)
 
-    def send(self, data: bytes) -> None:
+    def send(self, *data: bytes) -> None:
+        """Write `data`, pieces of frames in order (big ones are not joined: not copied)."""
         if len(self.tasks) <= 1 and not self._outbox:
             # The only call in flight: answer at once, no extra loop turn.
             self._write(data)
             return
         if not self._outbox:
             self.loop.call_soon(self._flush)
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
+        self._outbox.extend(data)
+        self._outbox_bytes += sum(len(piece) for piece in data)
 
     def _flush(self) -> None:
-        data = b"".join(self._outbox)
-        self._outbox.clear()
+        data = self._outbox
+        self._outbox = []
         self._outbox_bytes = 0
         self._write(data)
         if _REPLIES in self._paused and not self._replies_backlogged():
             self._resume(_REPLIES)
 
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+    def _write(self, data: Sequence[bytes]) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            if len(data) == 1:
+                self.transport.write(data[0])
+            else:
+                # One writev on uvloop; the selector loop joins them (a copy) before 3.12.
+                self.transport.writelines(data)
             self.server._count_replies(self)
 
     def _replies_backlogged(self) -> bool:
@@ -461,15 +485,17 @@ class _Connection(asyncio.BufferedProtocol):
         queued = transport.get_write_buffer_size() if transport is not None else 0
         return queued + self._outbox_bytes > self.limits.reply_high_water
 
-    def _answer(self, stream_id: int, status: status_pb2.Status, payload: bytes = b"") -> None:
+    def _answer(
+        self, stream_id: int, status: status_pb2.Status, payload: Sequence[bytes] | bytes = b""
+    ) -> None:
+        parts = (payload,) if isinstance(payload, bytes) else payload
         try:
-            frame = self.protocol.response(stream_id, status, payload)
+            frame = self.protocol.response_parts(stream_id, status, parts)
         except FrameTooLarge:
-            status = status_pb2.Status(
-                code=Code.RESOURCE_EXHAUSTED, message=oversize_message(len(payload))
-            )
-            frame = self.protocol.response(stream_id, status)
-        self.send(frame)
+            size = sum(len(part) for part in parts)
+            status = status_pb2.Status(code=Code.RESOURCE_EXHAUSTED, message=oversize_message(size))
+            frame = self.protocol.response_parts(stream_id, status, ())
+        self.send(*frame)
 
     def _reject(self, event: StreamRejected) -> None:
         self.server.counters["streams_rejected"] += 1
@@ -522,7 +548,7 @@ class _Connection(asyncio.BufferedProtocol):
                 metadata.setdefault(kv.key, []).append(kv.value)
         timeout = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
         ctx = ServerContext(request.service, request.method, sid, metadata, timeout, self.peer)
-        work: Awaitable[bytes | None]
+        work: Awaitable[Sequence[bytes] | bytes | None]
         if isinstance(method, UnaryMethod):
             work = self._decode_and_handle(method, request.payload, ctx)
         else:
@@ -539,7 +565,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     async def _decode_and_handle(
         self, method: UnaryMethod, payload: bytes, ctx: ServerContext
-    ) -> bytes:
+    ) -> Sequence[bytes]:
         try:
             request = method.request_type.FromString(payload)
         except DecodeError as exc:
@@ -548,7 +574,9 @@ class _Connection(asyncio.BufferedProtocol):
             ) from None
         del payload  # decoded: a call that waits long must not hold its bytes twice
         response = await method.handler(request, ctx)  # the interceptors, then the handler
-        return response.SerializeToString()
+        if type(response) is EncodedResponse:
+            return response.parts
+        return (response.SerializeToString(),)
 
     async def _handle_stream(
         self, method: StreamMethod, stream: ServerStream, ctx: ServerContext
@@ -556,9 +584,12 @@ class _Connection(asyncio.BufferedProtocol):
         # Called here, in the call's task: what the chain raises fails this call only.
         return await method.handler(stream, ctx)
 
-    async def _run(self, ctx: ServerContext, work: Awaitable[bytes | None]) -> None:
+    async def _run(
+        self, ctx: ServerContext, work: Awaitable[Sequence[bytes] | bytes | None]
+    ) -> None:
         """Run one call to its end and answer it, whatever happens."""
-        status, body = _OK, b""
+        status: status_pb2.Status = _OK
+        body: Sequence[bytes] | bytes = b""
         deadline: asyncio.Timeout | None = None
         try:
             if ctx.timeout is None:
