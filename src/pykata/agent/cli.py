@@ -150,6 +150,7 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
         services(parts),
         interceptors=call_interceptors(parts.policy, tracing),
         limits=server_limits,
+        busy_poll=config.busy_poll_us / 1e6,
     )
     await server.start(config.server_addr)
     console = await start_console(config)

@@ -38,6 +38,9 @@ TRACING_ENV = "KATA_AGENT_TRACING"
 RUN_DIR_ENV = "KATA_AGENT_RUN_DIR"
 TRACE_ADDR_ENV = "KATA_AGENT_TRACE_ADDR"
 DEFAULT_TRACE_ADDR = "vsock://2:10240"
+#: After an answer, poll this long for the next request before sleeping (docs/agent.md).
+DEFAULT_BUSY_POLL_US = 50
+MAX_BUSY_POLL_US = 10_000
 OCI_RUNTIME_ENV = "KATA_AGENT_OCI_RUNTIME"
 OWNS_MACHINE_ENV = "KATA_AGENT_OWNS_MACHINE"
 POLICY_FILE_ENV = "KATA_AGENT_POLICY_FILE"
@@ -104,6 +107,9 @@ class AgentConfig:
     peer_log_burst: int = Limits.peer_log_burst
     log_queue_bytes: int = DEFAULT_QUEUE_BYTES
     log_port_readers: int = 8
+    #: Microseconds the event loop keeps polling after an answer, waiting for the
+    #: next request without sleeping (ttrpc.busypoll); 0: never.
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
     #: The config file this configuration came from, if any.
     config_file: str = ""
     #: Settings that were ignored: unknown agent.* options, bad env values (typos show up here).
@@ -190,6 +196,13 @@ def parse_count(option: str, value: str) -> int:
     return number
 
 
+def parse_microseconds(option: str, value: str) -> int:
+    number = _parse_int(option, value, "microseconds", 32, signed=True)
+    if not 0 <= number <= MAX_BUSY_POLL_US:
+        raise ConfigError(f"{option}: must be 0 to {MAX_BUSY_POLL_US} microseconds, got {number}")
+    return number
+
+
 def parse_positive_float(option: str, value: str) -> float:
     try:
         number = float(value)
@@ -223,6 +236,7 @@ LIMITS: dict[str, Callable[[str, str], Any]] = {
     "reserved_fds": parse_count,
     "log_queue_bytes": parse_count,
     "log_port_readers": parse_count,
+    "busy_poll_us": parse_microseconds,
 }
 
 

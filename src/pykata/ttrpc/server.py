@@ -22,6 +22,7 @@ from .. import transport as transport_mod
 from ..log import RateLimit
 from ..transport import Address, Listener
 from .boundaries import ClientBoundaries
+from .busypoll import BusyPoll
 from .frame import HEADER_SIZE, MAX_DATA_SIZE, FrameTooLarge
 from .interceptor import chain
 from .protocol import (
@@ -261,6 +262,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.protocol = ServerConnection(max_streams=server.limits.max_calls_per_connection)
         # Kept, not looked up per call: on 3.11 each lookup costs a getpid() syscall.
         self.loop = asyncio.get_running_loop()
+        self.busy_poll = server._busy_poll_on(self.loop)
         self.transport: asyncio.Transport | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.streams: dict[int, ServerStream] = {}
@@ -316,6 +318,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self.server._read_buffer[: max(1, min(room, READ_SIZE))]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.busy_poll.received()
         self.protocol.receive_data(bytes(self.server._read_buffer[:nbytes]))
         self._process()
 
@@ -477,6 +480,7 @@ class _Connection(asyncio.BufferedProtocol):
                 # One writev on uvloop; the selector loop joins them (a copy) before 3.12.
                 self.transport.writelines(data)
             self.server._count_replies(self)
+            self.busy_poll.answered()
 
     def _replies_backlogged(self) -> bool:
         if self._write_blocked:
@@ -655,6 +659,9 @@ class Server:
     `stream_interceptors` likewise around streaming calls, with the stream in
     place of the request. One that raises fails the call, with the status of
     its TtrpcError (INTERNAL for any other exception).
+
+    `busy_poll` (seconds, 0 = off): after an answer, keep the event loop polling
+    this long for the next request rather than sleeping (see busypoll).
     """
 
     def __init__(
@@ -664,8 +671,14 @@ class Server:
         interceptors: Sequence[UnaryServerInterceptor] = (),
         stream_interceptors: Sequence[StreamServerInterceptor] = (),
         limits: Limits | None = None,
+        busy_poll: float = 0.0,
     ) -> None:
+        if busy_poll < 0:
+            raise ValueError(f"busy_poll must not be negative, got {busy_poll!r}")
         self.interceptors = tuple(interceptors)
+        #: Seconds the event loop keeps polling after an answer (see busypoll); 0: off.
+        self.busy_poll = busy_poll
+        self._busy_polls: dict[asyncio.AbstractEventLoop, BusyPoll] = {}
         self.stream_interceptors = tuple(stream_interceptors)
         self.limits = limits or Limits()
         self._services: dict[str, Service] = {}
@@ -695,6 +708,13 @@ class Server:
         #: Answer bytes queued on all connections (as last counted), and who has some.
         self._queued_replies = 0
         self._backlogged: set[_Connection] = set()
+
+    def _busy_poll_on(self, loop: asyncio.AbstractEventLoop) -> BusyPoll:
+        """The loop's poller: one per loop, shared by its connections."""
+        poll = self._busy_polls.get(loop)
+        if poll is None:
+            poll = self._busy_polls[loop] = BusyPoll(loop, self.busy_poll)
+        return poll
 
     def stats(self) -> dict[str, int]:
         """What the server holds now, and how often each bound was hit."""
@@ -870,6 +890,8 @@ class Server:
             if conn.transport is not None:
                 conn.transport.abort()
         self.warnings.close()
+        for poll in self._busy_polls.values():
+            poll.close()
         for listener in self._listeners:
             await listener.wait_closed()
         self._listeners.clear()
