@@ -45,13 +45,14 @@ SEQUENTIAL_CALLS = 20_000
 CONCURRENT_CALLS = 80_000
 CONCURRENCY = 16
 TARGETS = {
-    "sequential": 0.7,
-    "concurrent": 0.4,
-    "startup_ms": 300,
-    "idle_rss_mb": 40,
-    "cycle_ratio": 1.3,
-    "exec_ratio": 1.3,
-    "stdout_mib_s": 200,
+    "sequential": 1.0,
+    "concurrent": 0.8,
+    "startup_ms": 100,
+    "idle_rss_mb": 20,
+    "cycle_ratio": 1.05,
+    "exec_ratio": 1.05,
+    "stdout_mib_s": 1024,
+    "stdout_mib_s_32k": 500,
     "forwarder_spans_s": 20000,
     "forwarder_upstream_spans_s": 5000,
     "tracing_ratio": 1.2,
@@ -154,6 +155,28 @@ def startup_ms(tmp: str) -> float:
         proc.wait(10)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+IDLE_SECONDS = 10
+
+
+def idle_cpu_ms(tmp: str) -> float:
+    """The agent's CPU over IDLE_SECONDS with a client connected and quiet, right
+    after a burst of calls (so any polling after activity is counted)."""
+    path = f"{tmp}/idle.sock"
+    with agent_process(path) as proc:
+        go_client_rate(path, 2000, 1)
+        before = cpu_seconds(proc.pid)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            time.sleep(IDLE_SECONDS)
+        return (cpu_seconds(proc.pid) - before) * 1e3
+
+
 def idle_rss_mb(tmp: str) -> float:
     with agent_process(f"{tmp}/rss.sock") as proc:
         with socket.socket(socket.AF_UNIX) as s:
@@ -165,7 +188,7 @@ def idle_rss_mb(tmp: str) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def measure(rounds: int) -> dict[str, object]:
+def measure(rounds: int, only_targets: bool = False) -> dict[str, object]:
     build_go_peer()  # once, before any timing
     samples: dict[str, list[float]] = {}
 
@@ -182,6 +205,13 @@ def measure(rounds: int) -> dict[str, object]:
                     "go->go c16",
                     go_client_rate(f"{tmp}/go.sock", CONCURRENT_CALLS, CONCURRENCY),
                 )
+            # The same agent without polling after answers (agent.busy_poll_us=0):
+            # what the polling buys, measured in the same run.
+            with agent_process(f"{tmp}/nopoll.sock", {"KATA_AGENT_BUSY_POLL_US": "0"}):
+                add(
+                    "go->py seq, no polling",
+                    go_client_rate(f"{tmp}/nopoll.sock", SEQUENTIAL_CALLS, 1),
+                )
             with agent_process(f"{tmp}/agent.sock"):
                 sock = f"{tmp}/agent.sock"
                 add("go->py seq", go_client_rate(sock, SEQUENTIAL_CALLS, 1))
@@ -189,10 +219,31 @@ def measure(rounds: int) -> dict[str, object]:
                 add("py->py seq", py_client_rate(sock, SEQUENTIAL_CALLS, 1))
                 add("py->py c16", py_client_rate(sock, CONCURRENT_CALLS, CONCURRENCY))
         startups = [startup_ms(tmp) for _ in range(10)]
-        rss = idle_rss_mb(tmp)
+        rss_samples = [idle_rss_mb(tmp) for _ in range(rounds)]
+        idle_cpu = idle_cpu_ms(tmp)
+    rss = statistics.median(rss_samples)
     med = {k: statistics.median(v) for k, v in samples.items()}
     print("containers", file=sys.stderr, flush=True)
     containers = [containers_bench.measure() for _ in range(rounds)]
+    targets = {
+        "containers": containers,
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        ),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rounds": rounds,
+        "calls_per_second_median": med,
+        "samples": samples,
+        "ratio_sequential": med["go->py seq"] / med["go->go seq"],
+        "ratio_concurrent": med["go->py c16"] / med["go->go c16"],
+        "startup_ms_median": statistics.median(startups),
+        "startup_ms_samples": startups,
+        "idle_rss_mb": rss,
+        "idle_rss_mb_samples": rss_samples,
+        "idle_cpu_ms": idle_cpu,
+    }
+    if only_targets:
+        return targets
     print("process output", file=sys.stderr, flush=True)
     streams = streams_bench.measure()
     print("tracing", file=sys.stderr, flush=True)
@@ -213,33 +264,106 @@ def measure(rounds: int) -> dict[str, object]:
         "containertrace": lttng,
         "tracing": tracing,
         "guest": guest,
-        "containers": containers,
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-        ),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "rounds": rounds,
-        "calls_per_second_median": med,
-        "samples": samples,
-        "ratio_sequential": med["go->py seq"] / med["go->go seq"],
-        "ratio_concurrent": med["go->py c16"] / med["go->go c16"],
-        "startup_ms_median": statistics.median(startups),
-        "startup_ms_samples": startups,
-        "idle_rss_mb": rss,
+        **targets,
     }
+
+
+def _row(label: str, values: list[float], key: str, op: str, fmt: str = "{:.2f}x") -> str:
+    target = TARGETS[key]
+    value = statistics.median(values)
+    ok = value >= target if op == ">=" else value <= target
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return (
+        f"| {label} | {fmt.format(value)} | {low} - {high} | {op} {target} "
+        f"| {'met' if ok else '**missed**'} |"
+    )
+
+
+def target_rows(
+    r: dict[str, Any], runs: list[dict[str, Any]], samples: dict[str, list[float]]
+) -> str:
+    """Issue 17's rows: median and spread over the rounds."""
+
+    def per_round(ours: str, go: str) -> list[float]:
+        return [a / b for a, b in zip(samples[ours], samples[go], strict=True)]
+
+    def containers(key: str) -> list[float]:
+        return [run["agent"][key] / run["bare"][key] for run in runs]
+
+    rows = [
+        _row(
+            "unary Check, our server / Go server (Go client), sequential",
+            per_round("go->py seq", "go->go seq"),
+            "sequential",
+            ">=",
+        ),
+        _row(
+            f"the same, {CONCURRENCY} concurrent callers",
+            per_round("go->py c16", "go->go c16"),
+            "concurrent",
+            ">=",
+        ),
+        _row(
+            "container create+start+wait+remove, agent / bare runtime",
+            containers("cycle_ms"),
+            "cycle_ratio",
+            "<=",
+        ),
+        _row("exec round trip, agent / bare runtime", containers("exec_ms"), "exec_ratio", "<="),
+        _row(
+            "stdout through ReadStdout, 1 MiB calls",
+            [run["agent"]["stdout_mib_s"] for run in runs],
+            "stdout_mib_s",
+            ">=",
+            "{:.0f} MiB/s",
+        ),
+        _row(
+            "stdout the way the shim reads (32 KiB calls)",
+            [run["agent"].get("stdout_mib_s_32k", 0.0) for run in runs],
+            "stdout_mib_s_32k",
+            ">=",
+            "{:.0f} MiB/s",
+        ),
+        _row(
+            "agent start to first answered Check",
+            r["startup_ms_samples"],
+            "startup_ms",
+            "<=",
+            "{:.0f} ms",
+        ),
+        _row(
+            "agent idle RSS",
+            r.get("idle_rss_mb_samples", [r["idle_rss_mb"]]),
+            "idle_rss_mb",
+            "<=",
+            "{:.1f} MB",
+        ),
+    ]
+    if "go->py seq, no polling" in samples:
+        rows.append(
+            f"| sequential Check, polling after answers / none (same run) | "
+            f"{statistics.median(per_round('go->py seq', 'go->py seq, no polling')):.2f}x | "
+            + " - ".join(
+                f"{f(per_round('go->py seq', 'go->py seq, no polling')):.2f}x" for f in (min, max)
+            )
+            + " | - | |"
+        )
+    if "idle_cpu_ms" in r:
+        rows.append(
+            f"| the agent's CPU over {IDLE_SECONDS} s idle (a client connected, right after "
+            f"2,000 calls) | {r['idle_cpu_ms']:.0f} ms | - | - | |"
+        )
+    return "\n".join(rows)
 
 
 def report(r: dict[str, object]) -> str:
     med: dict[str, float] = r["calls_per_second_median"]  # type: ignore[assignment]
-    seq, conc = float(r["ratio_sequential"]), float(r["ratio_concurrent"])  # type: ignore[arg-type]
-    start, rss = float(r["startup_ms_median"]), float(r["idle_rss_mb"])  # type: ignore[arg-type]
 
     runs: list[dict[str, Any]] = r["containers"]  # type: ignore[assignment]
 
     def cmed(side: str, key: str) -> float:
         return statistics.median(run[side][key] for run in runs)
 
-    cycle = cmed("agent", "cycle_ms") / cmed("bare", "cycle_ms")
     samples: dict[str, list[float]] = r["samples"]  # type: ignore[assignment]
     per_round_seq = ", ".join(
         f"{a / b:.2f}x" for a, b in zip(samples["go->py seq"], samples["go->go seq"], strict=True)
@@ -247,7 +371,6 @@ def report(r: dict[str, object]) -> str:
     per_round_cycle = ", ".join(
         f"{run['agent']['cycle_ms'] / run['bare']['cycle_ms']:.2f}x" for run in runs
     )
-    exec_ratio = cmed("agent", "exec_ms") / cmed("bare", "exec_ms")
     stdout = cmed("agent", "stdout_mib_s")
     tr: dict[str, Any] = r["tracing"]  # type: ignore[assignment]
     g: dict[str, Any] = r["guest"]  # type: ignore[assignment]
@@ -264,38 +387,8 @@ def report(r: dict[str, object]) -> str:
     per_round_cpu = ", ".join(f"{x:.2f}x" for x in tr["check_cpu_ratio_per_round"])  # type: ignore[attr-defined]
     traced_cycle = tr["cycle_ms_on"] / tr["cycle_ms_off"]
     per_round_traced = ", ".join(f"{x:.2f}x" for x in tr["check_ratio_per_round"])  # type: ignore[attr-defined]
+    targets = target_rows(r, runs, samples)
     checks = [
-        ("our server / Go server, sequential", f"{seq:.2f}x", seq, "sequential", ">="),
-        (
-            f"our server / Go server, {CONCURRENCY} concurrent",
-            f"{conc:.2f}x",
-            conc,
-            "concurrent",
-            ">=",
-        ),
-        ("agent start to first answered Check", f"{start:.0f} ms", start, "startup_ms", "<="),
-        ("agent idle RSS", f"{rss:.1f} MB", rss, "idle_rss_mb", "<="),
-        (
-            "container create+start+wait+remove, agent / bare runtime",
-            f"{cycle:.2f}x",
-            cycle,
-            "cycle_ratio",
-            "<=",
-        ),
-        (
-            "exec round trip, agent / bare runtime",
-            f"{exec_ratio:.2f}x",
-            exec_ratio,
-            "exec_ratio",
-            "<=",
-        ),
-        (
-            "stdout through ReadStdout (256 MiB)",
-            f"{stdout:.0f} MiB/s",
-            stdout,
-            "stdout_mib_s",
-            ">=",
-        ),
         (
             "spans through the forwarder into a gRPC receiver",
             f"{spans_s:,.0f}/s",
@@ -355,6 +448,15 @@ and server is its own process on one unix-socket connection; the call is
 `grpc.Health/Check`. "Go" is containerd's ttRPC 1.1.1 from Debian
 (tests/go/ttrpcpeer). Our agent runs with uvloop.
 
+## Targets
+
+Each row: the median over the rounds, and the lowest and highest round
+(a pair's ratio is taken within its round).
+
+| measure | median | spread (rounds) | target | |
+|---|---:|---:|---:|---|
+{targets}
+
 ## Unary calls per second
 
 | client -> server | sequential | {CONCURRENCY} concurrent callers |
@@ -362,6 +464,7 @@ and server is its own process on one unix-socket connection; the call is
 | Go -> Go (reference) | {med["go->go seq"]:,.0f} | {med["go->go c16"]:,.0f} |
 | Go -> pykata agent | {med["go->py seq"]:,.0f} | {med["go->py c16"]:,.0f} |
 | pykata -> pykata agent | {med["py->py seq"]:,.0f} | {med["py->py c16"]:,.0f} |
+| Go -> pykata agent without polling after answers (`agent.busy_poll_us=0`) | {med.get("go->py seq, no polling", 0):,.0f} | - |
 
 | measure | result | target | |
 |---|---:|---:|---|
@@ -374,7 +477,7 @@ and server is its own process on one unix-socket connection; the call is
 | create + start + wait + remove `/bin/true` (median of {containers_bench.CYCLES}) | {cmed("bare", "cycle_ms"):.1f} ms | {cmed("agent", "cycle_ms"):.1f} ms |
 | exec `/bin/true` round trip (median of {containers_bench.EXECS}) | {cmed("bare", "exec_ms"):.1f} ms | {cmed("agent", "exec_ms"):.1f} ms |
 | {containers_bench.CONCURRENT} containers created and started concurrently | {cmed("bare", "concurrent_s"):.2f} s | {cmed("agent", "concurrent_s"):.2f} s |
-| stdout of `head -c 256M /dev/zero` read with ReadStdout | - | {stdout:.0f} MiB/s |
+| stdout of `dd if=/dev/zero bs=1M count=256` read with 1 MiB ReadStdout calls | - | {stdout:.0f} MiB/s |
 
 The bare side drives the same runtime binary the same way (create, start,
 wait on a pidfd, delete --force; exec in the foreground) from a process in
@@ -390,7 +493,7 @@ its own mount namespace, as the agent is. Medians over the rounds.
 | measure | result |
 |---|---:|
 | short execs, each output (1,020 bytes) compared byte for byte | {lossless["execs"]:,} execs, {lossless["mismatched"]} wrong, {lossless["bytes_lost"]} bytes lost ({lossless["seconds"]:.0f} s) |
-| stdout of `head -c 256M /dev/zero`, ReadStdout with 32 KiB (the shim's buffer) | {st["stdout_mib_s_32k"]:.0f} MiB/s |
+| stdout of `dd if=/dev/zero bs=1M count=256`, ReadStdout with 32 KiB (the shim's buffer) | {st["stdout_mib_s_32k"]:.0f} MiB/s |
 | the same with 1 MiB calls | {st["stdout_mib_s_1m"]:.0f} MiB/s |
 
 Upstream's agent answers the end of stream when the pipe ends too, but once
@@ -518,6 +621,8 @@ one coalesced write, which is where Python keeps up best.
     .venv/bin/python bench/streams.py      # process output: end of stream, no loss, throughput
     .venv/bin/python bench/tracing.py      # the tracing part alone, JSON
     .venv/bin/python bench/run.py --only tracing  # the tracing part, into this file
+    .venv/bin/python bench/run.py --only targets  # the Targets rows (RPC, containers,
+                                           # output, start-up, memory), into this file
     .venv/bin/python bench/guest.py        # guest, network and policy, JSON
     .venv/bin/python bench/containertrace.py  # LTTng recording, JSON
     .venv/bin/python bench/vm.py           # the guest VM, JSON
@@ -541,7 +646,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["tracing"],
+        choices=["tracing", "targets"],
         help="measure only this part, keep the rest of --json, rewrite --output",
     )
     parser.add_argument(
@@ -556,6 +661,10 @@ def main() -> None:
         return
     if args.report_only:
         results = json.loads(Path(args.json).read_text())
+    elif args.only == "targets":
+        results = json.loads(Path(args.json).read_text())
+        results.update(measure(args.rounds, only_targets=True))
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     elif args.only == "tracing":
         results = json.loads(Path(args.json).read_text())
         results["tracing"] = tracing_bench.measure()
