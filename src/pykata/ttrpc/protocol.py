@@ -261,7 +261,7 @@ def _ok_response(stream_id: int, payload: Sequence[bytes]) -> list[bytes]:
     """A successful Response frame, encoded here rather than by protobuf, which
     would copy the payload into a message and out again. The bytes are those
     protobuf writes."""
-    size = sum(len(part) for part in payload)
+    size = len(payload[0]) if len(payload) == 1 else sum(map(len, payload))
     head = _OK_STATUS + _PAYLOAD_TAG + varint(size) if size else _OK_STATUS
     length = len(head) + size
     if length > MAX_DATA_SIZE:

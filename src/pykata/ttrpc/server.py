@@ -201,6 +201,8 @@ class Limits:
 
 #: Largest single read from a connection: bounds what one read can add to memory.
 READ_SIZE = 64 << 10
+#: Answers queued in one loop turn are joined into one buffer below this many bytes.
+COALESCE_JOIN_LIMIT = 256 << 10
 #: Requests one connection may start before the other connections (and the
 #: calls just started) get a turn of the event loop.
 EVENTS_PER_TURN = 16
@@ -462,13 +464,14 @@ class _Connection(asyncio.BufferedProtocol):
         if not self._outbox:
             self.loop.call_soon(self._flush)
         self._outbox.extend(data)
-        self._outbox_bytes += sum(len(piece) for piece in data)
+        self._outbox_bytes += len(data[0]) if len(data) == 1 else sum(map(len, data))
 
     def _flush(self) -> None:
-        data = self._outbox
+        data, size = self._outbox, self._outbox_bytes
         self._outbox = []
         self._outbox_bytes = 0
-        self._write(data)
+        # Small answers are joined (one buffer for the transport); big ones are not copied.
+        self._write((b"".join(data),) if size < COALESCE_JOIN_LIMIT else data)
         if _REPLIES in self._paused and not self._replies_backlogged():
             self._resume(_REPLIES)
 
