@@ -175,5 +175,5 @@ def test_busy_poll_is_off_by_default_and_bounded() -> None:
     assert from_cmdline("agent.busy_poll_us=50").busy_poll_us == 50
     assert apply_env(AgentConfig(), {"KATA_AGENT_BUSY_POLL_US": "0"}).busy_poll_us == 0
     for bad in ("-1", "10001", "fast"):
-        with pytest.raises(ConfigError, match="agent.busy_poll_us"):
+        with pytest.raises(ConfigError, match=r"agent\.busy_poll_us"):
             from_cmdline(f"agent.busy_poll_us={bad}")
