@@ -10,6 +10,7 @@ out, as proto3 cannot tell them from unset.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -96,14 +97,22 @@ def json_name(field: str) -> str:
     return head.lower() + field[len(head) :]
 
 
+@functools.cache
+def _json_field(field: FieldDescriptor) -> tuple[str, FieldDescriptor | None]:
+    """A field's JSON name and, for a map, its value field: worked out once per
+    field (GetOptions builds a new options message each time it is asked)."""
+    entry = field.message_type
+    if entry is not None and entry.GetOptions().map_entry:
+        return json_name(field.name), entry.fields_by_name["value"]
+    return json_name(field.name), None
+
+
 def to_json(message: Message) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
-        name = json_name(field.name)
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            out[name] = {
-                k: _value(field.message_type.fields_by_name["value"], v) for k, v in value.items()
-            }
+        name, map_value = _json_field(field)
+        if map_value is not None:
+            out[name] = {k: _value(map_value, v) for k, v in value.items()}
         elif field.is_repeated:
             out[name] = [_value(field, v) for v in value]
         else:
