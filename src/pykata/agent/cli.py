@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .. import log as logsetup
@@ -22,7 +22,6 @@ from ..ttrpc import Server, UnaryServerInterceptor
 from . import config as configmod
 from . import init, interceptors, leftovers, limits, lttng, reaper
 from . import runtime as runtime_mod
-from .console import DebugConsole, LogPort, shell_or_error
 from .copyfile import SharedFiles
 from .diagnostics import Diagnostics, RecentLogs
 from .errors import AgentError
@@ -34,6 +33,9 @@ from .sandbox import Sandbox
 from .service import AgentParts, services
 from .traceprovider import TraceProvider
 from .volumes import Volumes, mount_at
+
+if TYPE_CHECKING:  # loaded only when configured: a pty and a shell are rarely wanted
+    from .console import DebugConsole, LogPort
 
 log = logging.getLogger("pykata.agent")
 LTTNG_ENV = "KATA_AGENT_LTTNG"
@@ -185,6 +187,8 @@ async def start_console(config: configmod.AgentConfig) -> DebugConsole | None:
         if config.debug_console_addr and not config.debug_console:
             log.warning("debug console address given but agent.debug_console is off: no console")
         return None
+    from .console import DebugConsole, shell_or_error
+
     console = DebugConsole(shell_or_error())
     await console.start(address)
     return console
@@ -194,6 +198,8 @@ async def start_log_port(config: configmod.AgentConfig) -> LogPort | None:
     address = config.log_port_address
     if not address:
         return None
+    from .console import LogPort
+
     port = LogPort(logsetup.JsonFormatter("kata-agent", "agent"), config.log_port_readers)
     await port.start(address)
     log.info("log port listening", extra={"address": address})
