@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.containers import build_rootfs, template  # noqa: E402
-from tests.peers import wait_for_socket  # noqa: E402
+from tests.peers import go_client, wait_for_socket  # noqa: E402
 
 from pykata import ocispec  # noqa: E402
 from pykata.agent import runtime  # noqa: E402
@@ -142,15 +142,23 @@ def bare_main(binary: str, work: str, rootfs: str) -> None:
 # --- through the agent ------------------------------------------------------------------
 
 
-async def read_output(api: Any, create_start: Any, cid: str, size: int) -> float:
-    """MiB/s of STDOUT_BYTES read with ReadStdout calls of `size` bytes."""
+async def read_output(
+    api: Any, create_start: Any, cid: str, size: int, go_socket: str | None = None
+) -> float:
+    """MiB/s of STDOUT_BYTES read with ReadStdout calls of `size` bytes: by our
+    client, or (`go_socket`) by containerd's Go ttRPC client, as the Kata shim reads."""
     await create_start(cid, "/bin/sh", "-c", PRODUCER)
-    received = 0
-    started = time.perf_counter()
-    request = agent_pb2.ReadStreamRequest(container_id=cid, len=size)
-    while data := (await api.ReadStdout(request)).data:
-        received += len(data)
-    throughput = received / (time.perf_counter() - started) / (1 << 20)
+    if go_socket is not None:
+        request = json.dumps({"container_id": cid, "len": size})
+        [result] = await asyncio.to_thread(go_client, go_socket, "read-stdout", "-request", request)
+        received, throughput = result["bytes"], result["mib_s"]
+    else:
+        received = 0
+        started = time.perf_counter()
+        request_ = agent_pb2.ReadStreamRequest(container_id=cid, len=size)
+        while data := (await api.ReadStdout(request_)).data:
+            received += len(data)
+        throughput = received / (time.perf_counter() - started) / (1 << 20)
     assert received == STDOUT_BYTES, received
     await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id=cid))
     return throughput
@@ -190,8 +198,13 @@ async def _agent(address: str, rootfs: Path) -> dict[str, Any]:
             execs.append(time.perf_counter() - started)
         await api.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="ax"))
 
+        go_socket = address.removeprefix("unix://")
         throughput = {
             size: await read_output(api, create_start, f"out{size}", size)
+            for size in (1 << 20, SHIM_READ)
+        }
+        go_throughput = {
+            size: await read_output(api, create_start, f"go{size}", size, go_socket)
             for size in (1 << 20, SHIM_READ)
         }
 
@@ -209,8 +222,10 @@ async def _agent(address: str, rootfs: Path) -> dict[str, Any]:
     return {
         "cycle_ms": statistics.median(cycles) * 1e3,
         "exec_ms": statistics.median(execs) * 1e3,
-        "stdout_mib_s": throughput[1 << 20],
-        "stdout_mib_s_32k": throughput[SHIM_READ],
+        "stdout_mib_s": go_throughput[1 << 20],
+        "stdout_mib_s_32k": go_throughput[SHIM_READ],
+        "stdout_mib_s_py": throughput[1 << 20],
+        "stdout_mib_s_32k_py": throughput[SHIM_READ],
         "concurrent_s": concurrent,
     }
 
