@@ -655,8 +655,9 @@ async def test_container_pipe_size_is_honoured(tmp_path: Path, rootfs: Path) -> 
 async def test_output_through_the_default_megabyte_pipe_arrives_whole(
     tmp_path: Path, rootfs: Path, read_size: int
 ) -> None:
-    """With no agent.container_pipe_size the output pipe holds 1 MiB (fewer wake-ups
-    per megabyte); megabytes of distinct lines, read in any size, lose and reorder nothing."""
+    """With no agent.container_pipe_size the stdout pipe holds 1 MiB (fewer wake-ups
+    per megabyte; stderr keeps the kernel's size); megabytes of distinct lines, read
+    in any size, lose and reorder nothing."""
     import fcntl
 
     with run_container_agent(tmp_path) as agent:
@@ -666,6 +667,8 @@ async def test_output_through_the_default_megabyte_pipe_arrives_whole(
             pid = (tmp_path / "run" / "containers" / "lines" / "init.pid").read_text()
             with open(f"/proc/{pid}/fd/1", "rb") as stdout:
                 assert fcntl.fcntl(stdout, 1032) == 1 << 20  # F_GETPIPE_SZ
+            with open(f"/proc/{pid}/fd/2", "rb") as stderr:
+                assert fcntl.fcntl(stderr, 1032) < 1 << 20  # the kernel's default
             chunks = []
             request = agent_pb2.ReadStreamRequest(container_id="lines", len=read_size)
             while data := (await api.ReadStdout(request)).data:

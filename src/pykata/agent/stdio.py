@@ -24,9 +24,10 @@ from pathlib import Path
 from .fdwait import OwnedFd
 
 F_SETPIPE_SZ = 1031
-#: Output pipe size when the configuration leaves it to us (agent.container_pipe_size=0):
+#: Stdout's pipe size when the configuration leaves it to us (agent.container_pipe_size=0):
 #: a writer refills a 64 KiB default pipe 16 times per MiB, each refill a wake-up of
-#: the agent. Pages are allocated only as data waits in the pipe.
+#: the agent. Pages are allocated only as data waits in the pipe (so an unread
+#: process pins at most this much kernel memory for its stdout).
 DEFAULT_PIPE_SIZE = 1 << 20
 PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
 
@@ -215,8 +216,11 @@ class PipeStdio:
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        for fd in (out_w, err_w):
-            set_pipe_size(fd, pipe_size)
+        set_pipe_size(out_w, pipe_size)
+        # Stderr keeps the kernel's default unless configured: it is rarely bulk,
+        # and output nobody reads pins the pipe's memory.
+        if pipe_size:
+            set_pipe_size(err_w, pipe_size)
         self._child = [stdin_r, out_w, err_w]
         self.stdin = StdinWriter(stdin_w)
         self.stdout = OutputReader(out_r)
