@@ -444,7 +444,7 @@ medians of {r["rounds"]} rounds, every pair measured in the same run. Each clien
 and server is its own process on one unix-socket connection; the call is
 `grpc.Health/Check`. "Go" is containerd's ttRPC 1.1.1 from Debian
 (tests/go/ttrpcpeer). Our agent runs with uvloop.
-
+{r.get("note", "")}
 ## Targets
 
 Each row: the median over the rounds, and the lowest and highest round
@@ -740,6 +740,10 @@ def main() -> None:
     elif args.only == "targets":
         results = json.loads(Path(args.json).read_text())
         results.update(measure(args.rounds, only_targets=True))
+        results["note"] = (
+            "\nOnly the targets, the call rates and the containers were measured at this date "
+            "(`bench/run.py --only targets`); the other sections keep their earlier numbers.\n"
+        )
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     elif args.only == "tracing":
         results = json.loads(Path(args.json).read_text())
@@ -748,7 +752,7 @@ def main() -> None:
         results["tracing"]["command"] = ".venv/bin/python bench/run.py --only tracing"
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     else:
-        results = measure(args.rounds)
+        results = measure(args.rounds)  # everything: no note
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     Path(args.output).write_text(report(results))
     print(report(results))
