@@ -20,7 +20,7 @@ from .. import log as logsetup
 from ..transport import AddressError, TransportError
 from ..ttrpc import Server, UnaryServerInterceptor
 from . import config as configmod
-from . import init, interceptors, leftovers, limits, lttng, reaper
+from . import init, interceptors, leftovers, limits, lttng, reaper, restore
 from . import runtime as runtime_mod
 from .console import DebugConsole, LogPort, shell_or_error
 from .copyfile import SharedFiles
@@ -141,6 +141,10 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     if os.getpid() == 1:
         # As upstream's agent: the sandbox destroyed, the guest's work is done (power-off).
         parts.after_sandbox_destroyed = stop.set
+    if config.restore_addr and not await parked_until_restored(config, parts, stop):
+        log.info("stopped while parked")
+        await parts.memory.stop()
+        return
     tracing = TraceProvider(config.trace_addr) if config.tracing else None
     server_limits = dataclasses.replace(
         config.server_limits(),
@@ -176,6 +180,24 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     log.info("agent stopped")
     if log_port is not None:
         log_port.close()
+
+
+async def parked_until_restored(
+    config: configmod.AgentConfig, parts: AgentParts, stop: asyncio.Event
+) -> bool:
+    """Wait, parked for a snapshot, until restored (True) or told to stop (False).
+
+    Before anything is served: a restored guest answers nothing as the snapshot's copy.
+    """
+    parked = asyncio.ensure_future(restore.park_until_restored(config.restore_addr, parts.guest))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({parked, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not parked.done():
+        parked.cancel()
+        return False
+    parked.result()
+    return True
 
 
 async def start_console(config: configmod.AgentConfig) -> DebugConsole | None:
@@ -268,7 +290,10 @@ def agent_main(argv: list[str] | None, *, as_init: bool) -> int:
             init.setup(config.unified_cgroup_hierarchy)
         except OSError as exc:
             log.error("init mounts incomplete: %s", exc)
-        channels = [config.server_addr, config.console_address, config.log_port_address]
+        channels = [
+            config.server_addr, config.console_address, config.log_port_address,
+            config.restore_addr,
+        ]  # fmt: skip
         if config.tracing:
             channels.append(config.trace_addr)
         init.load_modules(init.modules_for([a for a in channels if a]))

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 AGENT_PORT = "agent.channel.0"
 TRACE_PORT = "trace.channel.0"
 CONSOLE_PORT = "console.channel.0"
+#: Where a guest made for a snapshot parks and a restored one learns it is new.
+RESTORE_PORT = "restore.channel.0"
 VHOST_VSOCK = "/dev/vhost-vsock"
 AGENT_VSOCK_PORT = 1024
 CONSOLE_VSOCK_PORT = 1026

@@ -8,10 +8,11 @@ command line), so what a Kata user would run can be tried without Kata.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import SHARE_TAG
-from .channel import Channel
+from .channel import RESTORE_PORT, Channel, port, server_socket
 from .errors import VmError
 from .machine import VmOptions
 
@@ -34,30 +35,61 @@ KATA_KERNEL_PARAMS = (
 KATA_KERNEL_PARAMS_AFTER = ("selinux=0", "scsi_mod.scan=none", "agent.cdh_api_timeout=50")
 
 
-def kernel_command_line(options: VmOptions, channel: Channel) -> str:
+@dataclass(frozen=True)
+class SavedMachine:
+    """A guest whose RAM lives in a file and whose disk writes go to a disk of its own: the
+    one a snapshot is made of, or one restored from a snapshot (vm/snapshot.py)."""
+
+    memory: Path
+    #: share=on: the guest writes the file itself (the snapshot's boot, or a private copy);
+    #: share=off: the file is mapped copy-on-write, so many guests share its pages.
+    shared_memory: bool
+    #: A copy of the image's root disk, holding what the snapshot's boot wrote.
+    disk: Path
+    #: The snapshot's boot writes `disk`; a restored guest writes a temporary overlay on it.
+    disk_writable: bool
+    #: The host side of the agent's restore port (agent/restore.py).
+    restore_socket: Path
+    #: The device state to restore from; None boots the guest (to make a snapshot).
+    incoming: Path | None = None
+
+
+def kernel_command_line(options: VmOptions, channel: Channel, restorable: bool = False) -> str:
     if options.layout == "kata-initrd":
         params = [*KATA_KERNEL_PARAMS, f"nr_cpus={options.cpus}", *KATA_KERNEL_PARAMS_AFTER]
     else:
         params = ["console=ttyS0", "panic=-1", "quiet"]
     params += channel.kernel_params(options)
+    if restorable:  # the agent parks before serving, for the snapshot (agent/restore.py)
+        params.append(f"agent.restore_addr=serial://{RESTORE_PORT}")
     if options.kernel_params:
         params.append(options.kernel_params)
     return " ".join(params)
 
 
-def _pykata_machine(options: VmOptions, run_dir: Path, accel: str) -> list[str]:
+def _root_drive(options: VmOptions, saved: SavedMachine | None) -> str:
+    # snapshot=on: the guest's writes go to a temporary overlay; the image stays as built.
+    if saved is None:
+        return f"file={options.image.root_disk},format=raw,if=virtio,snapshot=on"
+    overlay = "" if saved.disk_writable else ",snapshot=on"
+    return f"file={saved.disk},format=raw,if=virtio{overlay}"
+
+
+def _pykata_machine(
+    options: VmOptions, run_dir: Path, accel: str, saved: SavedMachine | None = None
+) -> list[str]:
     """Our layout: the `pc` machine, our initramfs, the root disk (a snapshot), ttyS0."""
     image = options.image
+    memory = ",memory-backend=mem" if saved else ""
     return [
-        "-machine", f"pc,accel={accel}",
+        "-machine", f"pc,accel={accel}{memory}",
         "-cpu", "max" if accel == "tcg" else "host",
         "-m", str(options.memory_mib),
         "-smp", str(options.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(image.kernel),
         "-initrd", str(image.initramfs),
-        # snapshot: the guest's writes go to a temporary overlay; the image stays as built.
-        "-drive", f"file={image.root_disk},format=raw,if=virtio,snapshot=on",
+        "-drive", _root_drive(options, saved),
         "-serial", f"file:{run_dir / 'console.log'}",
     ]  # fmt: skip
 
@@ -95,19 +127,48 @@ def _kata_initrd_machine(options: VmOptions, run_dir: Path, accel: str) -> list[
     ]  # fmt: skip
 
 
-def qemu_command(options: VmOptions, run_dir: Path, accel: str, channel: Channel) -> list[str]:
+def _saved_machine_args(options: VmOptions, saved: SavedMachine) -> list[str]:
+    """RAM from a file, the restore port, and the migration that saves or restores it.
+
+    With the migration capability x-ignore-shared (set over QMP on both sides) a
+    shared (share=on) RAM block is left out of the migration stream - the file is
+    the snapshot's memory - and the restoring QEMU keeps what it mapped from the file.
+    """
+    share = "on" if saved.shared_memory else "off"
+    args = [
+        "-object", f"memory-backend-file,id=mem,size={options.memory_mib}M,"
+                   f"mem-path={saved.memory},share={share}",
+        *port(RESTORE_PORT, server_socket(RESTORE_PORT, saved.restore_socket)),
+    ]  # fmt: skip
+    if saved.incoming is not None:  # loaded once x-ignore-shared is set (vm/snapshot.py)
+        args += ["-incoming", "defer"]
+    return args
+
+
+def qemu_command(
+    options: VmOptions,
+    run_dir: Path,
+    accel: str,
+    channel: Channel,
+    saved: SavedMachine | None = None,
+) -> list[str]:
     if options.layout not in LAYOUTS:
         raise VmError(f"unknown layout {options.layout!r}: {' or '.join(LAYOUTS)}")
     kata = options.layout == "kata-initrd"
-    machine = _kata_initrd_machine if kata else _pykata_machine
+    if saved is not None and (kata or channel.kind != "serial"):
+        raise VmError("snapshots are made of the pykata layout with the serial channel only")
     command = [
         QEMU,
         "-name", "pykata-guest",
-        *machine(options, run_dir, accel),
-        "-append", kernel_command_line(options, channel),
+        *(_kata_initrd_machine(options, run_dir, accel) if kata
+          else _pykata_machine(options, run_dir, accel, saved)),
+        "-append", kernel_command_line(options, channel, saved is not None),
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
         *channel.qemu_args(options, run_dir),
     ]  # fmt: skip
+    if saved is not None:
+        # A shared directory's device cannot be migrated: vm/snapshot.py hotplugs it.
+        return command + _saved_machine_args(options, saved) + options.extra_args
     if options.shared_dir is not None:
         # virtio-fs: virtiofsd serves the directory; guest memory must be shareable with it
         # (Kata backs it with a file in /dev/shm; we use a memfd).

@@ -57,6 +57,8 @@ class Vm:
     relay: RelayThread | None = None
     #: Seconds from launch to the agent's first answered Check.
     ready_after: float = 0.0
+    #: Restored from a snapshot: the generation id its agent was told (0: booted).
+    generation: int = 0
 
     @property
     def agent_address(self) -> str:

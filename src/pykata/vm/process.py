@@ -12,13 +12,15 @@ from pathlib import Path
 
 from ..children import die_with_parent
 from .channel import Channel
-from .cmdline import QEMU, qemu_command
+from .cmdline import QEMU, SavedMachine, qemu_command
 from .errors import VmError
 from .machine import VmOptions
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 #: What a launch leaves in the run directory; removed before the next one there.
-RUN_FILES = ("console.log", "agent.sock", "agent-port.sock", "qmp.sock", "console.sock")
+RUN_FILES = (
+    "console.log", "agent.sock", "agent-port.sock", "qmp.sock", "console.sock", "restore.sock",
+)  # fmt: skip
 
 
 def spawn(command: list[str], stderr: Path) -> subprocess.Popen[bytes]:
@@ -65,7 +67,11 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def start(
-    options: VmOptions, run_dir: Path, accel: str, channel: Channel
+    options: VmOptions,
+    run_dir: Path,
+    accel: str,
+    channel: Channel,
+    saved: SavedMachine | None = None,
 ) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
     """QEMU, and the helpers it needs (virtiofsd)."""
     require_qemu()
@@ -74,7 +80,7 @@ def start(
     if options.shared_dir is not None:
         helpers.append(start_virtiofsd(options.shared_dir, run_dir))
     try:
-        command = qemu_command(options, run_dir, accel, channel)
+        command = qemu_command(options, run_dir, accel, channel, saved)
         return spawn(command, run_dir / "qemu.stderr"), helpers
     except BaseException:
         end(helpers)

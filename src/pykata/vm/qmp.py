@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from .errors import VmError
 
 
 def qmp_socket_call(
-    path: Path, command: str, arguments: dict[str, object] | None = None, timeout: float = 5
+    path: Path, command: str, arguments: Mapping[str, object] | None = None, timeout: float = 5
 ) -> Any:
     """One QMP command on a new connection; its `return` value, or VmError with QEMU's words."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -21,7 +22,7 @@ def qmp_socket_call(
         replies.readline()  # the greeting
         requests: list[dict[str, object]] = [
             {"execute": "qmp_capabilities"},
-            {"execute": command, **({"arguments": arguments} if arguments else {})},
+            {"execute": command, **({"arguments": dict(arguments)} if arguments else {})},
         ]
         reply: dict[str, Any] = {}
         for request in requests:
