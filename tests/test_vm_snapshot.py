@@ -24,23 +24,19 @@ from pykata.vm import qemu, snapshot
 
 from .containers import build_rootfs
 from .peers import processes_with
+from .vmguest import guest_options
 
 pytestmark = pytest.mark.slow
 CTL = [sys.executable, "-m", "pykata.ctl.cli"]
 
 
 def options(guest_image: image_mod.GuestImage, **given: object) -> qemu.VmOptions:
-    return qemu.VmOptions(image=guest_image, accel="tcg", debug_console=True, **given)  # type: ignore[arg-type]
+    return guest_options(guest_image, **given)
 
 
 @pytest.fixture(scope="module")
-def guest_image() -> image_mod.GuestImage:
-    return image_mod.build(quiet=True)
-
-
-@pytest.fixture(scope="module")
-def saved(guest_image: image_mod.GuestImage) -> snapshot.Snapshot:
-    return snapshot.ensure(options(guest_image))
+def saved(guest_snapshot: snapshot.Snapshot) -> snapshot.Snapshot:
+    return guest_snapshot  # the one tests/test_vm.py restores
 
 
 def in_guest(vm: qemu.Vm, command: str) -> str:
@@ -82,8 +78,8 @@ def test_snapshot_for_other_options_is_refused_naming_the_difference(
     guest_image: image_mod.GuestImage, saved: snapshot.Snapshot
 ) -> None:
     with (
-        pytest.raises(qemu.VmError, match=r"cpus 1 \(asked: 2\)"),
-        snapshot.restored(options(guest_image, cpus=2), saved),
+        pytest.raises(qemu.VmError, match=r"cpus 2 \(asked: 1\)"),
+        snapshot.restored(options(guest_image, cpus=1), saved),
     ):
         pass
 
@@ -92,7 +88,8 @@ def ctl_restore(
     saved: snapshot.Snapshot, bundle: Path, tmp: Path
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CTL, "connect", "--vm", "qemu", "--accel", "tcg", "--debug-console",
+        [*CTL, "connect", "--vm", "qemu", "--accel", "tcg", "--debug-console", "--cpus", "2",
+         "--kernel-params", "maxcpus=1", "--trace-socket", str(tmp / "trace.sock"),
          "--from-snapshot", str(saved.directory), "--bundle-dir", str(bundle),
          "-c", "run /bin/cat /marker",
          "-c", "run /bin/sh -c 'echo from the guest > /written; exit 7'"],

@@ -90,10 +90,17 @@ def qemu_version() -> str:
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
+def snapshot_accel(options: VmOptions) -> str:
+    """KVM only when asked: a saved CPU state restores only under the accelerator that
+    made it, and `auto`'s probe would cost more than the restore."""
+    return "kvm" if options.accel == "kvm" else "tcg"
+
+
 def shape(options: VmOptions) -> dict[str, Any]:
     """What a snapshot fixes about its guests: a restore must ask for the same."""
     return {
         "image": options.image.directory.name,
+        "accel": snapshot_accel(options),
         "memory_mib": options.memory_mib,
         "cpus": options.cpus,
         "kernel_params": options.kernel_params,
@@ -282,9 +289,9 @@ def _without_shared_dir(options: VmOptions, run_dir: Path) -> VmOptions:
 def _launch(options: VmOptions, run_dir: Path, saved: SavedMachine) -> Vm:
     channel = Channel("serial")
     started = time.monotonic()
-    qemu, helpers = process.start(options, run_dir, "tcg" if options.accel != "kvm" else "kvm",
-                                  channel, saved)  # fmt: skip
-    return Vm(qemu, run_dir, channel, options.accel, "", started, helpers)
+    accel = snapshot_accel(options)
+    qemu, helpers = process.start(options, run_dir, accel, channel, saved)
+    return Vm(qemu, run_dir, channel, accel, "", started, helpers)
 
 
 # --- restoring ------------------------------------------------------------------
@@ -385,8 +392,10 @@ def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
             memory, share, snapshot.disk, False, run_dir / "restore.sock", snapshot.state
         )
         channel = Channel("serial")
-        qemu, helpers = process.start(options, run_dir, "tcg", channel, saved)
-        vm = Vm(qemu, run_dir, channel, "tcg", "tcg (restored from a snapshot)", started, helpers)
+        accel = snapshot_accel(options)
+        qemu, helpers = process.start(options, run_dir, accel, channel, saved)
+        reason = f"{accel} (as the snapshot was made)"
+        vm = Vm(qemu, run_dir, channel, accel, reason, started, helpers)
         try:
             _load_state(vm, snapshot)
             if share:
