@@ -285,6 +285,18 @@ Per extra guest: {per_extra:.0f} MB restored, {per_extra_cold:.0f} MB cold-boote
 """
 
 
+def with_section(text: str, section: str, before: str = "## Guest VM") -> str:
+    """`text` with its section of the same heading replaced by `section` (else inserted
+    before the heading `before`)."""
+    heading = section.splitlines()[0]
+    if heading in text:
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
+        return text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    at = text.index(before)
+    return text[:at] + section + text[at:]
+
+
 def report(r: dict[str, object]) -> str:
     med: dict[str, float] = r["calls_per_second_median"]  # type: ignore[assignment]
     seq, conc = float(r["ratio_sequential"]), float(r["ratio_concurrent"])  # type: ignore[arg-type]
@@ -618,6 +630,11 @@ def main() -> None:
         results = json.loads(Path(args.json).read_text())
         results["snapshots"] = snapshot_measure()
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        # Only this section of --output changes: the others keep the run they came from.
+        output = Path(args.output)
+        output.write_text(with_section(output.read_text(), snapshot_section(results)))
+        print(snapshot_section(results))
+        return
     elif args.only == "tracing":
         results = json.loads(Path(args.json).read_text())
         results["tracing"] = tracing_bench.measure()

@@ -10,12 +10,11 @@ from pykata.vm import qemu
 def guest_options(guest_image: image_mod.GuestImage, **given: object) -> qemu.VmOptions:
     """Two CPUs of which one is offline, a debug console, tracing: the guest most VM tests
     use, restored from one snapshot (tests/test_vm_snapshot.py restores the same one)."""
-    return qemu.VmOptions(
-        image=guest_image,
-        accel="tcg",
-        cpus=2,
-        kernel_params="maxcpus=1",
-        debug_console=True,
-        trace_socket=str(given.pop("trace_socket", "/nonexistent/trace.sock")),
-        **given,  # type: ignore[arg-type]
-    )
+    shape: dict[str, object] = {
+        "accel": "tcg",
+        "cpus": 2,
+        "kernel_params": "maxcpus=1",
+        "debug_console": True,
+        "trace_socket": "/nonexistent/trace.sock",  # each restore names its own
+    }
+    return qemu.VmOptions(image=guest_image, **{**shape, **given})  # type: ignore[arg-type]
