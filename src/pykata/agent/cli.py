@@ -141,20 +141,16 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     if os.getpid() == 1:
         # As upstream's agent: the sandbox destroyed, the guest's work is done (power-off).
         parts.after_sandbox_destroyed = stop.set
+    # Without tracing the server can be made before parking: a restored guest runs
+    # every code path anew (software emulation translates it again), so less is left.
+    server = None if config.tracing else make_server(config, parts, None)
     if config.restore_addr and not await parked_until_restored(config, parts, stop):
         log.info("stopped while parked")
         await parts.memory.stop()
         return
+    # The root span starts here, after any restore: its clock is the new guest's.
     tracing = TraceProvider(config.trace_addr) if config.tracing else None
-    server_limits = dataclasses.replace(
-        config.server_limits(),
-        max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),
-    )
-    server = Server(
-        services(parts),
-        interceptors=call_interceptors(parts.policy, tracing),
-        limits=server_limits,
-    )
+    server = server or make_server(config, parts, tracing)
     await server.start(config.server_addr)
     console = await start_console(config)
     log_port = await start_log_port(config)
@@ -180,6 +176,20 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     log.info("agent stopped")
     if log_port is not None:
         log_port.close()
+
+
+def make_server(
+    config: configmod.AgentConfig, parts: AgentParts, tracing: TraceProvider | None
+) -> Server:
+    server_limits = dataclasses.replace(
+        config.server_limits(),
+        max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),
+    )
+    return Server(
+        services(parts),
+        interceptors=call_interceptors(parts.policy, tracing),
+        limits=server_limits,
+    )
 
 
 async def parked_until_restored(

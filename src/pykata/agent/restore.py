@@ -38,8 +38,9 @@ log = logging.getLogger("pykata.agent.restore")
 MAX_LINE = 4096
 MIN_ENTROPY_BYTES = 32
 MAX_ENTROPY_BYTES = 512
-#: How often to look again while no host is connected to the port.
-HOST_POLL = 0.02
+#: How often to look again while the line has not come (a restored guest reads it
+#: at its first look: the launcher sends it before the guest runs).
+HOST_POLL = 0.005
 #: virtio-fs tags are at most 36 bytes (the device's config space).
 MAX_TAG = 36
 #: How long a hotplugged virtio-fs device may take to appear in the guest.

@@ -33,6 +33,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -362,7 +363,7 @@ def _hotplug_share(vm: Vm) -> None:
     qmp_socket_call(vm.qmp_socket, "device_add", device)
 
 
-def tell_restored(vm: Vm, restore_socket: Path, share: bool) -> int:
+def restore_line(share: bool) -> tuple[int, bytes]:
     """The restore line (agent/restore.py): fresh entropy, the time, a generation id."""
     generation = secrets.randbelow(1 << 62) + 1
     message: dict[str, object] = {
@@ -372,16 +373,36 @@ def tell_restored(vm: Vm, restore_socket: Path, share: bool) -> int:
     }
     if share:
         message["share"] = SHARE_TAG
-    with _connect(restore_socket, vm, 10) as port:
-        port.sendall(json.dumps(message).encode() + b"\n")
-        reply = _read_line(port, vm, RESTORE_SECONDS, "the agent's answer to the restore")
-    if reply.get("restored") != generation:
-        raise VmError(f"the agent refused the restore: {reply.get('error', reply)}")
-    return generation
+    return generation, json.dumps(message).encode() + b"\n"
+
+
+class _Checking:
+    """wait_for_agent on a thread of its own, so it runs while the guest is restored."""
+
+    def __init__(self, vm: Vm, timeout: float) -> None:
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(vm, timeout), daemon=True)
+        self._thread.start()
+
+    def _run(self, vm: Vm, timeout: float) -> None:
+        try:
+            wait_for_agent(vm, timeout)
+        except BaseException as exc:  # handed to the launching thread in join()
+            self.failure = exc
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.failure is not None:
+            raise self.failure
 
 
 def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
-    """A guest from `snapshot`, told it is new, its agent answering Check."""
+    """A guest from `snapshot`, told it is new, its agent answering Check.
+
+    The launcher's side is ready before the guest runs: the restore line is in the
+    restore port's socket and the relay's connection and the Check are waiting on the
+    agent's port, so QEMU hands them over as soon as the parked agent reads.
+    """
     _check_options(options)
     _check_shape(options, snapshot)
     started = time.monotonic()
@@ -397,12 +418,7 @@ def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
         reason = f"{accel} (as the snapshot was made)"
         vm = Vm(qemu, run_dir, channel, accel, reason, started, helpers)
         try:
-            _load_state(vm, snapshot)
-            if share:
-                _hotplug_share(vm)
-            vm.generation = tell_restored(vm, saved.restore_socket, share)
-            vm.relay = start_relay(vm)
-            wait_for_agent(vm, options.boot_timeout)
+            _restore_and_check(vm, snapshot, saved, options.boot_timeout)
         except BaseException:
             stop_now(vm)
             raise
@@ -410,6 +426,29 @@ def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
     finally:
         if share:  # QEMU holds it open; nothing else needs its name
             memory.unlink(missing_ok=True)
+
+
+def _restore_and_check(vm: Vm, snapshot: Snapshot, saved: SavedMachine, timeout: float) -> None:
+    _qmp_ready(vm)
+    share = saved.shared_memory
+    vm.generation, line = restore_line(share)
+    with _connect(saved.restore_socket, vm, 10) as port:
+        port.sendall(line)
+        vm.relay = start_relay(vm)
+        checking = _Checking(vm, timeout)
+        try:
+            _load_state(vm, snapshot)
+            if share:
+                _hotplug_share(vm)
+            reply = _read_line(port, vm, RESTORE_SECONDS, "the agent's answer to the restore")
+            if reply.get("restored") != vm.generation:
+                raise VmError(f"the agent refused the restore: {reply.get('error', reply)}")
+        except BaseException:
+            stop_now(vm)  # which ends the Check too
+            with contextlib.suppress(BaseException):
+                checking.join()
+            raise
+    checking.join()
 
 
 @contextlib.contextmanager
