@@ -165,7 +165,9 @@ async def park_until_restored(address: str, guest: Guest) -> Restore:
         log.info("parked: waiting to be restored", extra={"address": address})
         while True:
             try:
-                restore = parse(await port.read_line())
+                line = await port.read_line()
+                received = time.monotonic()
+                restore = parse(line)
                 become_new_guest(restore, guest)
                 if restore.share:
                     await wait_for_share(restore.share)
@@ -174,7 +176,8 @@ async def park_until_restored(address: str, guest: Guest) -> Restore:
                 await port.write(json.dumps({"error": str(exc)}).encode() + b"\n")
                 continue
             await port.write(json.dumps({"restored": restore.generation}).encode() + b"\n")
-            log.info("restored", extra={"generation": restore.generation})
+            handled_ms = round((time.monotonic() - received) * 1e3, 1)
+            log.info("restored", extra={"generation": restore.generation, "handled_ms": handled_ms})
             return restore
     finally:
         port.close()
