@@ -229,6 +229,9 @@ def make(options: VmOptions, directory: Path) -> Snapshot:
     _check_options(options)
     if options.shared_dir is not None:
         raise VmError("a snapshot is made without a shared directory: give it at restore")
+    if directory.exists() and any(directory.iterdir()) and not Snapshot(directory).exists():
+        # Never replace what is not ours: a snapshot directory holds a snapshot.json.
+        raise VmError(f"{directory} is not empty and holds no snapshot: give a new directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
