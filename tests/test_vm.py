@@ -37,6 +37,8 @@ from .receivers import GrpcReceiver, forwarder
 from .vmguest import guest_options
 
 pytestmark = pytest.mark.slow
+#: kata-agent-ctl's options for the guest of tests/vmguest.py (with --trace-socket).
+SNAPSHOT_SHAPE = ["--cpus", "2", "--kernel-params", "maxcpus=1", "--debug-console"]
 CTL = [sys.executable, "-m", "pykata.ctl.cli"]
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 
@@ -266,13 +268,15 @@ def test_killed_ctl_leaves_no_qemu(guest_image: image_mod.GuestImage, short_tmp:
 
 
 def test_vm_command_prints_how_to_reach_the_guest_and_stops_on_sigterm(
-    guest_image: image_mod.GuestImage, short_tmp: str, tmp_path: Path
+    guest_snapshot: snapshot.Snapshot, short_tmp: str, tmp_path: Path
 ) -> None:
+    """Restored (`vm --from-snapshot`): this is about the vm command, not the boot."""
     rootfs = build_rootfs(tmp_path / "bundle" / "rootfs")
     (rootfs / "marker").write_text("shared by vm\n")
     proc = subprocess.Popen(
         [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{short_tmp}/vm",
-         "--bundle-dir", str(tmp_path / "bundle")],
+         "--bundle-dir", str(tmp_path / "bundle"), "--from-snapshot", str(guest_snapshot.directory),
+         *SNAPSHOT_SHAPE, "--trace-socket", f"{short_tmp}/trace.sock"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -25,6 +25,7 @@ hotplugged after the restore; the agent waits for it before it answers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -86,6 +87,7 @@ class Snapshot:
         return (self.directory / MANIFEST).is_file()
 
 
+@functools.cache
 def qemu_version() -> str:
     done = subprocess.run([QEMU, "--version"], capture_output=True, text=True)
     return done.stdout.splitlines()[0] if done.stdout else ""
