@@ -48,7 +48,7 @@ from .errors import VmError
 from .image import _key
 from .machine import Vm, VmOptions
 from .qemu import run_directory, stop, stop_now
-from .qmp import qmp_socket_call
+from .qmp import QmpSession
 from .readiness import start_relay, wait_for_agent
 
 #: Bump when what a snapshot holds changes in a way its key does not show.
@@ -180,32 +180,31 @@ def _read_line(sock: socket.socket, vm: Vm, timeout: float, what: str) -> dict[s
     return line
 
 
-def _ignore_shared_memory(vm: Vm) -> None:
+def _ignore_shared_memory(monitor: QmpSession) -> None:
     """x-ignore-shared: the RAM file is not in the migration stream (cmdline.py)."""
     capabilities = [{"capability": "x-ignore-shared", "state": True}]
-    qmp_socket_call(vm.qmp_socket, "migrate-set-capabilities", {"capabilities": capabilities})
+    monitor.call("migrate-set-capabilities", {"capabilities": capabilities})
 
 
-def _qmp_ready(vm: Vm, timeout: float = 10.0) -> None:
-    """Until QEMU answers on its monitor socket."""
+def _monitor(vm: Vm, timeout: float = 10.0) -> QmpSession:
+    """A monitor session, once QEMU listens on its socket."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            qmp_socket_call(vm.qmp_socket, "query-status")
-            return
+            return QmpSession(vm.qmp_socket)
         except OSError:
             pass
         if vm.process.poll() is not None:
             raise VmError(f"QEMU exited ({vm.process.returncode}){vm.stderr_tail()}")
         if time.monotonic() > deadline:
             raise VmError(f"QEMU's monitor did not answer within {timeout:.0f}s")
-        time.sleep(0.005)
+        time.sleep(0.002)
 
 
-def _qmp_wait_migrated(vm: Vm, timeout: float = 120.0) -> None:
+def _wait_migrated(monitor: QmpSession, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        status = qmp_socket_call(vm.qmp_socket, "query-migrate") or {}
+        status = monitor.call("query-migrate") or {}
         if status.get("status") == "completed":
             return
         if status.get("status") in ("failed", "cancelled"):
@@ -251,12 +250,13 @@ def make(options: VmOptions, directory: Path) -> Snapshot:
                 with _connect(saved.restore_socket, vm, 10) as port:
                     _read_line(port, vm, options.boot_timeout, "the agent parked")
                     booted_s = time.monotonic() - started
-                    qmp_socket_call(vm.qmp_socket, "stop")
-                    _ignore_shared_memory(vm)
-                    target = f"exec:cat > {_quote(snapshot.state)}"
-                    qmp_socket_call(vm.qmp_socket, "migrate", {"uri": target})
-                    _qmp_wait_migrated(vm)
-                qmp_socket_call(vm.qmp_socket, "quit")
+                    with _monitor(vm) as monitor:
+                        monitor.call("stop")
+                        _ignore_shared_memory(monitor)
+                        target = f"exec:cat > {_quote(snapshot.state)}"
+                        monitor.call("migrate", {"uri": target})
+                        _wait_migrated(monitor)
+                        monitor.call("quit")
                 vm.process.wait(30)
             finally:
                 stop_now(vm)
@@ -332,40 +332,34 @@ def _private_memory(snapshot: Snapshot) -> Path:
     return Path(name)
 
 
-def _load_state(vm: Vm, snapshot: Snapshot, timeout: float = 60.0) -> None:
+def _load_state(vm: Vm, monitor: QmpSession, snapshot: Snapshot, timeout: float = 60.0) -> None:
     """Load the saved devices into the waiting QEMU (`-incoming defer`) and run the guest.
 
     The guest was saved paused, so it stays paused after the load until `cont`.
     """
-    _qmp_ready(vm)
-    _ignore_shared_memory(vm)
-    source = f"exec:cat {_quote(snapshot.state)}"
-    qmp_socket_call(vm.qmp_socket, "migrate-incoming", {"uri": source})
+    _ignore_shared_memory(monitor)
+    monitor.call("migrate-incoming", {"uri": f"exec:cat {_quote(snapshot.state)}"})
     deadline = time.monotonic() + timeout
-    while True:
+    while (monitor.call("query-migrate") or {}).get("status") != "completed":
         if vm.process.poll() is not None:
             raise VmError(
                 f"QEMU exited ({vm.process.returncode}) restoring the snapshot{vm.stderr_tail()}"
             )
-        with contextlib.suppress(OSError, VmError):
-            status = qmp_socket_call(vm.qmp_socket, "query-migrate") or {}
-            if status.get("status") == "completed":
-                break
         if time.monotonic() > deadline:
             raise VmError(f"the snapshot was not loaded within {timeout:.0f}s{vm.stderr_tail()}")
-        time.sleep(0.005)
-    qmp_socket_call(vm.qmp_socket, "cont")
+        time.sleep(0.002)
+    monitor.call("cont")
 
 
-def _hotplug_share(vm: Vm) -> None:
+def _hotplug_share(vm: Vm, monitor: QmpSession) -> None:
     """The vhost-user-fs device, attached now that the guest runs (it cannot be migrated)."""
     chardev = {"id": "virtiofs", "backend": {"type": "socket", "data": {
         "addr": {"type": "unix", "data": {"path": str(vm.run_dir / "virtiofsd.sock")}},
         "server": False}}}  # fmt: skip
-    qmp_socket_call(vm.qmp_socket, "chardev-add", chardev)
+    monitor.call("chardev-add", chardev)
     device = {"driver": "vhost-user-fs-pci", "id": "share0", "chardev": "virtiofs",
               "tag": SHARE_TAG}  # fmt: skip
-    qmp_socket_call(vm.qmp_socket, "device_add", device)
+    monitor.call("device_add", device)
 
 
 def restore_line(share: bool) -> tuple[int, bytes]:
@@ -434,17 +428,16 @@ def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
 
 
 def _restore_and_check(vm: Vm, snapshot: Snapshot, saved: SavedMachine, timeout: float) -> None:
-    _qmp_ready(vm)
     share = saved.shared_memory
     vm.generation, line = restore_line(share)
-    with _connect(saved.restore_socket, vm, 10) as port:
+    with _monitor(vm) as monitor, _connect(saved.restore_socket, vm, 10) as port:
         port.sendall(line)
         vm.relay = start_relay(vm)
         checking = _Checking(vm, timeout)
         try:
-            _load_state(vm, snapshot)
+            _load_state(vm, monitor, snapshot)
             if share:
-                _hotplug_share(vm)
+                _hotplug_share(vm, monitor)
             reply = _read_line(port, vm, RESTORE_SECONDS, "the agent's answer to the restore")
             if reply.get("restored") != vm.generation:
                 raise VmError(f"the agent refused the restore: {reply.get('error', reply)}")
