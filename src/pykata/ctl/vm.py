@@ -173,8 +173,7 @@ def _snapshot(options: qemu.VmOptions, directory: Path) -> snapshot.Snapshot:
     """The snapshot in `directory`, made first when it is missing or out of date."""
     from ..vm import snapshot
 
-    found = snapshot.Snapshot(directory)
-    if not (found.exists() and found.manifest.get("key") == snapshot.key(options)):
+    if not snapshot.Snapshot(directory).up_to_date(options):
         _say(f"making the snapshot in {directory} (booting the guest once) ...")
     return snapshot.ensure(options, directory)
 

@@ -25,6 +25,7 @@ hotplugged after the restore; the agent waits for it before it answers.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -86,6 +87,10 @@ class Snapshot:
     def exists(self) -> bool:
         return (self.directory / MANIFEST).is_file()
 
+    def up_to_date(self, options: VmOptions) -> bool:
+        """Made for this image and these options, by this QEMU."""
+        return self.exists() and self.manifest.get("key") == key(options)
+
 
 @functools.cache
 def qemu_version() -> str:
@@ -133,9 +138,16 @@ def ensure(options: VmOptions, directory: Path | None = None) -> Snapshot:
     """The snapshot for these options: the one in `directory` if it is up to date, else new."""
     _check_options(options)
     snapshot = Snapshot(directory or default_directory(options))
-    if snapshot.exists() and snapshot.manifest.get("key") == key(options):
+    if snapshot.up_to_date(options):
         return snapshot
-    return make(options, snapshot.directory)
+    snapshot.directory.parent.mkdir(parents=True, exist_ok=True)
+    # One maker at a time (two test sessions, two launchers): the second finds it made.
+    lock = snapshot.directory.with_name(f".{snapshot.directory.name}.lock")
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if snapshot.up_to_date(options):
+            return snapshot
+        return make(options, snapshot.directory)
 
 
 # --- making one -----------------------------------------------------------------
