@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
@@ -19,6 +20,10 @@ from pykata.api import agent_pb2
 from pykata.ttrpc import Client, Stub
 
 from .peers import build_go_peer, wait_for_socket
+
+if TYPE_CHECKING:
+    from pykata.vm.image import GuestImage
+    from pykata.vm.snapshot import Snapshot
 
 AGENT = [sys.executable, "-m", "pykata.agent.cli"]
 
@@ -147,3 +152,23 @@ async def api(container_agent: AgentProcess) -> AsyncIterator[Stub]:
     """A Stub for grpc.AgentService on container_agent (test modules may override)."""
     async with await Client.connect(container_agent.address) as client:
         yield Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+
+
+# --- the guest VM (slow tests only: nothing is built unless a test asks) ---------
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    from pykata.vm.image import build
+
+    return build(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def guest_snapshot(guest_image: GuestImage) -> Snapshot:
+    """The snapshot of the guest most VM tests use (tests/vmguest.py), cached with the image."""
+    from pykata.vm.snapshot import ensure
+
+    from .vmguest import guest_options
+
+    return ensure(guest_options(guest_image))

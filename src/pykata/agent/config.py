@@ -91,6 +91,9 @@ class AgentConfig:
     debug_console_addr: str = ""
     #: Log port address for stand-alone runs (else vsock://-1:<log_vport>).
     log_addr: str = ""
+    #: A virtio-serial port to park on before serving, for a snapshot (pykata extension:
+    #: agent/restore.py); "" serves at once.
+    restore_addr: str = ""
     # Limits (docs/agent.md, "Limits"): what clients can make the agent hold.
     max_connections: int = Limits.max_connections
     #: File descriptors kept free of connections, for containers, execs and the runtime.
@@ -260,6 +263,7 @@ _OPTIONS: dict[str, tuple[str, _Parser | None, Callable[[Any], bool] | None]] = 
     "agent.policy_file": ("policy_file", lambda _o, v: v, None),
     "agent.trace_addr": ("trace_addr", lambda _o, v: v, None),
     "agent.debug_console_addr": ("debug_console_addr", lambda _o, v: v, None),
+    "agent.restore_addr": ("restore_addr", lambda _o, v: v, None),
     **{f"agent.{name}": (name, parser, None) for name, parser in LIMITS.items()},
 }
 CONFIG_FILE_OPTION = "agent.config_file"
@@ -309,6 +313,7 @@ _FILE_TYPES: dict[str, type[Any]] = {
     "policy_file": str,
     "debug_console_addr": str,
     "log_addr": str,
+    "restore_addr": str,
     **{name: float if LIMITS[name] is parse_positive_float else int for name in LIMITS},
 }
 

@@ -273,23 +273,24 @@ class OciRuntime:
         Asked on GetGuestDetails, once (not at start-up): its `--version` is cached.
         """
         if self._seccomp is None:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    self.binary,
-                    "--version",
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.DEVNULL,
-                )
-            except OSError as exc:
-                log.warning("cannot ask %s --version: %s", self.binary, exc)
-                return False
-            try:
-                out, _ = await asyncio.wait_for(proc.communicate(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                log.warning("%s --version did not answer in 10 s", self.binary)
-                return False
+            with orphans.runtime_running():  # its exit status is asyncio's, not the sweeper's
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        self.binary,
+                        "--version",
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.DEVNULL,
+                    )
+                except OSError as exc:
+                    log.warning("cannot ask %s --version: %s", self.binary, exc)
+                    return False
+                try:
+                    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+                    log.warning("%s --version did not answer in 10 s", self.binary)
+                    return False
             text = out.decode(errors="replace")
             self._seccomp = "+SECCOMP" in text or "libseccomp" in text
         return self._seccomp
