@@ -253,7 +253,7 @@ def make(options: VmOptions, directory: Path) -> Snapshot:
         started = time.monotonic()
         with run_directory(None) as run_dir:
             # The trace port's chardev is not migrated: each restore names its own socket.
-            saving = _without_shared_dir(options, run_dir)
+            saving = _saving_options(options, run_dir)
             saved = SavedMachine(
                 snapshot.memory, True, snapshot.disk, True, run_dir / "restore.sock"
             )
@@ -269,7 +269,8 @@ def make(options: VmOptions, directory: Path) -> Snapshot:
                         monitor.call("migrate", {"uri": target})
                         _wait_migrated(monitor)
                         monitor.call("quit")
-                vm.process.wait(30)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    vm.process.wait(30)  # saved already: stop_now ends a QEMU slow to quit
             finally:
                 stop_now(vm)
         (building / MANIFEST).write_text(json.dumps({
@@ -299,7 +300,8 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _without_shared_dir(options: VmOptions, run_dir: Path) -> VmOptions:
+def _saving_options(options: VmOptions, run_dir: Path) -> VmOptions:
+    """The options of the guest a snapshot is made of: nothing shared, sockets here."""
     trace = str(run_dir / "trace.sock") if options.trace_socket else None
     return replace(options, shared_dir=None, trace_socket=trace, run_dir=run_dir)
 
