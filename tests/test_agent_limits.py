@@ -91,7 +91,11 @@ async def test_partial_frames_from_200_connections_are_bounded(tmp_path: Path) -
                 while progress:  # push until the agent takes no more from anyone
                     progress = False
                     for i, sock in enumerate(socks):
-                        n = send_what_fits(sock, frame[sent[i] :])
+                        try:
+                            n = send_what_fits(sock, frame[sent[i] :])
+                        except (BrokenPipeError, ConnectionResetError):
+                            # Stalled past its deadline on a slow machine: closed, rightly.
+                            n, sent[i] = 0, len(frame)
                         sent[i] += n
                         progress = progress or n > 0
                     await asyncio.sleep(0.02)

@@ -320,12 +320,14 @@ async def test_errors_name_the_problem(api: Any, rootfs: Path) -> None:
 
 
 async def test_sandbox_hostname_and_dns_stay_inside(
-    api: Any, rootfs: Path, agent_proc: AgentProcess, tmp_path: Path
+    api: Any, rootfs: Path, agent_proc: AgentProcess, tmp_path: Path, runtime: str
 ) -> None:
     host_name = os.uname().nodename
+    # A sandbox id names its cgroup parent: one per runtime, as the two run side by side.
+    sb1, sb2 = f"sb1-{runtime}", f"sb2-{runtime}"
     await api.CreateSandbox(
         agent_pb2.CreateSandboxRequest(
-            sandbox_id="sb1", hostname="sandbox-host", dns=["nameserver 192.0.2.53"]
+            sandbox_id=sb1, hostname="sandbox-host", dns=["nameserver 192.0.2.53"]
         )
     )
     await create_started(api, rootfs, "h1", "/bin/sh", "-c", "hostname; cat /etc/resolv.conf")
@@ -333,12 +335,12 @@ async def test_sandbox_hostname_and_dns_stay_inside(
     assert os.uname().nodename == host_name
     await expect(
         Code.INTERNAL,
-        api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb2")),
-        "sb1",
+        api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=sb2)),
+        sb1,
     )
     await create_started(api, rootfs, "h2", "/bin/sleep", "300")
     await api.DestroySandbox(agent_pb2.DestroySandboxRequest())
-    assert leftovers("sb1", tmp_path / "run") == []
+    assert leftovers(sb1, tmp_path / "run") == []
     await expect(
         Code.INVALID_ARGUMENT, api.WaitProcess(agent_pb2.WaitProcessRequest(container_id="h1"))
     )
@@ -350,7 +352,7 @@ async def test_sandbox_hostname_and_dns_stay_inside(
         "dummy",
         "change the host",
     )
-    await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb2"))
+    await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=sb2))
 
 
 async def test_sigterm_kills_and_removes_every_container(
