@@ -73,3 +73,21 @@ def test_making_a_snapshot_never_replaces_a_directory_that_holds_something_else(
     with pytest.raises(VmError, match="not empty and holds no snapshot"):
         snapshot.make(options(channel="serial"), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_first_restore_with_a_shared_directory_makes_the_snapshot_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `connect --from-snapshot DIR --bundle-dir B` with no snapshot in DIR yet: the guest
+    # is saved without the share (it is hotplugged at each restore), not refused.
+    made: list[VmOptions] = []
+
+    def make(given: VmOptions, directory: Path) -> snapshot.Snapshot:
+        made.append(given)  # stands in for the boot: tests/test_vm_snapshot.py boots
+        return snapshot.Snapshot(directory)
+
+    monkeypatch.setattr(snapshot, "make", make)
+    monkeypatch.setattr(snapshot, "qemu_version", lambda: "QEMU emulator version 7.2")
+    snapshot.ensure(options(channel="serial", shared_dir=tmp_path / "bundle"), tmp_path / "snap")
+    assert [m.shared_dir for m in made] == [None]
+    assert snapshot.shape(made[0]) == snapshot.shape(options(channel="serial"))

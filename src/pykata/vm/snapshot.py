@@ -147,7 +147,8 @@ def ensure(options: VmOptions, directory: Path | None = None) -> Snapshot:
         fcntl.flock(held, fcntl.LOCK_EX)
         if snapshot.up_to_date(options):
             return snapshot
-        return make(options, snapshot.directory)
+        # A shared directory is attached at restore, never saved in the snapshot.
+        return make(replace(options, shared_dir=None), snapshot.directory)
 
 
 # --- making one -----------------------------------------------------------------
