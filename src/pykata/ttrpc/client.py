@@ -105,6 +105,11 @@ class ClientStream:
         """The final response payload; raises TtrpcError for a failed status."""
         return await self._response
 
+    @property
+    def finished(self) -> bool:
+        """The server has answered (or the connection is lost)."""
+        return self._response.done()
+
 
 class Client:
     """A connection to a ttRPC server.
@@ -149,6 +154,10 @@ class Client:
     async def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+        await asyncio.shield(self._closed)
+
+    async def wait_closed(self) -> None:
+        """Until the connection is closed or lost."""
         await asyncio.shield(self._closed)
 
     @property
