@@ -134,6 +134,16 @@ class Container:
         self.undo.callback(self._close_processes)
         self.init.when_exited(self.lifecycle.stopped)
 
+    def open_root(self) -> int:
+        """An O_PATH fd of the container's root directory: as its processes see it
+        (their mounts included) while its init runs, else its rootfs."""
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        if self.init is not None and not self.init.exited:
+            # The init is our child and not reaped yet, so its pid is still its own.
+            with contextlib.suppress(OSError):
+                return os.open(f"/proc/{self.init.pid}/root", flags)
+        return os.open(Path(self.bundle, self.config["root"]["path"]), flags)
+
     def _close_processes(self) -> None:
         for proc in [*self.execs.values(), *([self.init] if self.init else [])]:
             proc.close()

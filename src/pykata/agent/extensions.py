@@ -8,6 +8,7 @@ and hands the stream to one domain object. Bad input is INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from ..ttrpc.server import Limits
 from .channel import Channel
 from .portforward import Forwards, target_address
 from .storage import DRIVERS
+from .transfer import Transfers
 
 if TYPE_CHECKING:
     from .service import AgentParts
@@ -53,6 +55,16 @@ class Extensions:
         self.server_limits = server_limits
         self.limits = limits
         self.forwards = Forwards(limits.max_forwards, limits.max_chunk_bytes)
+        self.transfers = Transfers(limits.max_transfers, limits.max_chunk_bytes)
+
+    def _open_root(self, location: ext.FileLocation) -> int:
+        """An O_PATH fd of the root `location` is inside: a container's, or the shared
+        directory (no container id)."""
+        if location.container_id:
+            return self.parts.sandbox.container(location.container_id).open_root()
+        root = self.parts.files.root
+        root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     async def GetCapabilities(
         self, req: ext.CapabilitiesRequest, ctx: ServerContext
@@ -89,6 +101,26 @@ class Extensions:
         target = target_address(first.open)
         netns = self.parts.sandbox.network.netns_path
         await self.forwards.run(channel, netns, target)
+
+    async def Upload(self, stream: ServerStream, ctx: ServerContext) -> None:
+        channel = Channel(stream, ext.UploadInput, self.limits.window_bytes)
+        first = await channel.first("open")
+        self.parts.policy.check(ctx.method, first)
+        root = self._open_root(first.open.file)
+        try:
+            await self.transfers.upload(channel, root, first.open)
+        finally:
+            os.close(root)
+
+    async def Download(self, stream: ServerStream, ctx: ServerContext) -> None:
+        channel = Channel(stream, ext.DownloadInput, self.limits.window_bytes)
+        first = await channel.first("open")
+        self.parts.policy.check(ctx.method, first)
+        root = self._open_root(first.open.file)
+        try:
+            await self.transfers.download(channel, root, first.open)
+        finally:
+            os.close(root)
 
 
 def extensions_service(

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from google.protobuf import json_format
 
@@ -16,8 +18,10 @@ from ..api import extensions_pb2 as ext
 from ..clihelp import Formatter
 from ..extensions.client import Extensions, MissingExtension, ProtocolError
 from ..extensions.forward import forward
+from ..extensions.transfer import download, upload
 from ..transport import AddressError, HybridVsockAddress, TransportError, UnixAddress, parse_address
 from ..ttrpc import Client, TtrpcError
+from .progress import ProgressBar
 
 CAPABILITIES_EPILOG = """\
 examples:
@@ -80,6 +84,84 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     _address_options(fwd)
     fwd.add_argument("forward", metavar="FORWARD", help="which ports (see below)")
+    _add_cp(sub)
+
+
+CP_EPILOG = """\
+A path in a container is CONTAINER:PATH (PATH absolute, resolved inside the
+container: symlinks and '..' never lead out); :PATH is in the shared
+directory. Anything else is a local path (write ./a:b for a local name
+with a colon). The file arrives atomically; a copy that broke goes on from
+where it stopped when run again (--no-resume starts over).
+
+examples:
+  kata-agent-ctl cp unix:///tmp/kata-agent.sock ./image.tar c1:/tmp/image.tar
+  kata-agent-ctl cp unix:///tmp/kata-agent.sock c1:/var/log/app.log ./app.log
+  kata-agent-ctl cp vsock://3:1024 --mode 0755 ./tool c1:/usr/local/bin/tool
+"""
+
+
+def _add_cp(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cp = sub.add_parser(
+        "cp",
+        help="copy a file of any size into or out of a container",
+        description="Copy one file between this machine and a container (Upload, "
+        "Download), in chunks, checked with SHA-256, with a progress bar.",
+        epilog=CP_EPILOG,
+        formatter_class=Formatter,
+    )
+    _address_options(cp)
+    cp.add_argument("source", metavar="SRC", help="CONTAINER:PATH or a local file")
+    cp.add_argument("dest", metavar="DST", help="CONTAINER:PATH or a local file")
+    cp.add_argument(
+        "--mode",
+        type=lambda text: int(text, 8),
+        metavar="OCTAL",
+        help="permissions of the copy in a container (default: the local file's)",
+    )
+    cp.add_argument(
+        "--no-resume", dest="resume", action="store_false", help="start over, never resume"
+    )
+    cp.add_argument(
+        "--progress",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="the progress bar on stderr: auto shows it on a terminal",
+    )
+
+
+def remote_path(text: str) -> ext.FileLocation | None:
+    """CONTAINER:PATH (or :PATH) as a location; None for a local path."""
+    if text.startswith(("/", "./", "../")) or ":" not in text:
+        return None
+    container, _, path = text.partition(":")
+    return ext.FileLocation(container_id=container, path=path)
+
+
+def _cp(args: argparse.Namespace) -> Callable[[Extensions], Awaitable[int]]:
+    source, dest = remote_path(args.source), remote_path(args.dest)
+    if (source is None) == (dest is None):
+        raise UsageError("cp copies between a container and here: give one CONTAINER:PATH")
+    show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
+    label = os.path.basename(args.source if dest is not None else args.dest)
+    progress = ProgressBar(label) if show else (lambda done, total: None)
+
+    async def run(extensions: Extensions) -> int:
+        if dest is not None:
+            local = Path(args.source)
+            if not local.is_file():
+                raise UsageError(f"{args.source}: no such file")
+            await upload(
+                extensions, local, dest, mode=args.mode, resume=args.resume, progress=progress
+            )
+        else:
+            assert source is not None
+            await download(
+                extensions, source, Path(args.dest), resume=args.resume, progress=progress
+            )
+        return 0
+
+    return run
 
 
 class UsageError(Exception):
@@ -131,8 +213,10 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_connected(str(address), command))
 
 
-#: More commands: name -> (args -> command); cp, exec and watch register here.
-COMMANDS: dict[str, Callable[[argparse.Namespace], Callable[[Extensions], Awaitable[int]]]] = {}
+#: More commands: name -> (args -> command).
+COMMANDS: dict[str, Callable[[argparse.Namespace], Callable[[Extensions], Awaitable[int]]]] = {
+    "cp": _cp,
+}
 
 
 async def _connected(address: str, command: Callable[[Extensions], Awaitable[int]]) -> int:
@@ -148,6 +232,9 @@ async def _connected(address: str, command: Callable[[Extensions], Awaitable[int
         return 1
     except (TtrpcError, ProtocolError) as exc:
         print(f"kata-agent-ctl: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a local file
+        print(f"kata-agent-ctl: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
     finally:
         await client.close()
