@@ -248,6 +248,15 @@ class Container:
     async def wait(self, exec_id: str) -> int:
         return await self.process(exec_id).wait()
 
+    async def end_exec(self, process: Process) -> None:
+        """An exec nobody will read or wait for any more (its streaming call ended):
+        killed if it still runs, reaped, and forgotten with what is left of its output."""
+        if not process.exited:
+            with contextlib.suppress(ProcessLookupError):
+                process.signal(signals.SIGKILL)
+        await process.wait()
+        self._forget(process)
+
     def _forget(self, process: Process) -> None:
         """An exec whose status was collected and whose output was all read: gone."""
         if self.execs.get(process.exec_id) is process:

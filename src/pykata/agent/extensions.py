@@ -21,6 +21,7 @@ from ..ttrpc.server import Limits
 from .channel import Channel
 from .portforward import Forwards, target_address
 from .storage import DRIVERS
+from .streamexec import StreamExecs
 from .transfer import Transfers
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class Extensions:
         self.limits = limits
         self.forwards = Forwards(limits.max_forwards, limits.max_chunk_bytes)
         self.transfers = Transfers(limits.max_transfers, limits.max_chunk_bytes)
+        self.execs = StreamExecs(limits.max_execs, limits.max_chunk_bytes)
 
     def _open_root(self, location: ext.FileLocation) -> int:
         """An O_PATH fd of the root `location` is inside: a container's, or the shared
@@ -121,6 +123,13 @@ class Extensions:
             await self.transfers.download(channel, root, first.open)
         finally:
             os.close(root)
+
+    async def Exec(self, stream: ServerStream, ctx: ServerContext) -> None:
+        channel = Channel(stream, ext.ExecInput, self.limits.window_bytes)
+        first = await channel.first("start")
+        self.parts.policy.check(ctx.method, first)
+        container = self.parts.sandbox.container(first.start.container_id)
+        await self.execs.run(channel, container, first.start)
 
 
 def extensions_service(

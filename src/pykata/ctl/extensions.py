@@ -21,6 +21,7 @@ from ..extensions.forward import forward
 from ..extensions.transfer import download, upload
 from ..transport import AddressError, HybridVsockAddress, TransportError, UnixAddress, parse_address
 from ..ttrpc import Client, TtrpcError
+from . import streamexec
 from .progress import ProgressBar
 
 CAPABILITIES_EPILOG = """\
@@ -85,6 +86,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     _address_options(fwd)
     fwd.add_argument("forward", metavar="FORWARD", help="which ports (see below)")
     _add_cp(sub)
+    streamexec.add_parser(sub, _address_options)
 
 
 CP_EPILOG = """\
@@ -216,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
 #: More commands: name -> (args -> command).
 COMMANDS: dict[str, Callable[[argparse.Namespace], Callable[[Extensions], Awaitable[int]]]] = {
     "cp": _cp,
+    "exec": streamexec.command,
 }
 
 
