@@ -23,6 +23,7 @@ from .portforward import Forwards, target_address
 from .storage import DRIVERS
 from .streamexec import StreamExecs
 from .transfer import Transfers
+from .watch import Watches
 
 if TYPE_CHECKING:
     from .service import AgentParts
@@ -58,6 +59,12 @@ class Extensions:
         self.forwards = Forwards(limits.max_forwards, limits.max_chunk_bytes)
         self.transfers = Transfers(limits.max_transfers, limits.max_chunk_bytes)
         self.execs = StreamExecs(limits.max_execs, limits.max_chunk_bytes)
+        self.watches = Watches(
+            limits.max_watches,
+            limits.watch_queue_events,
+            limits.watch_window_events,
+            limits.max_watched_directories,
+        )
 
     def _open_root(self, location: ext.FileLocation) -> int:
         """An O_PATH fd of the root `location` is inside: a container's, or the shared
@@ -130,6 +137,16 @@ class Extensions:
         self.parts.policy.check(ctx.method, first)
         container = self.parts.sandbox.container(first.start.container_id)
         await self.execs.run(channel, container, first.start)
+
+    async def Watch(self, stream: ServerStream, ctx: ServerContext) -> None:
+        channel = Channel(stream, ext.WatchInput, self.limits.window_bytes)
+        first = await channel.first("open")
+        self.parts.policy.check(ctx.method, first)
+        root = self._open_root(first.open.location)
+        try:
+            await self.watches.run(channel, root, first.open)
+        finally:
+            os.close(root)
 
 
 def extensions_service(

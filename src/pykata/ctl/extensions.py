@@ -19,6 +19,7 @@ from ..clihelp import Formatter
 from ..extensions.client import Extensions, MissingExtension, ProtocolError
 from ..extensions.forward import forward
 from ..extensions.transfer import download, upload
+from ..extensions.watch import watch
 from ..transport import AddressError, HybridVsockAddress, TransportError, UnixAddress, parse_address
 from ..ttrpc import Client, TtrpcError
 from . import streamexec
@@ -87,6 +88,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     fwd.add_argument("forward", metavar="FORWARD", help="which ports (see below)")
     _add_cp(sub)
     streamexec.add_parser(sub, _address_options)
+    _add_watch(sub)
 
 
 CP_EPILOG = """\
@@ -166,6 +168,73 @@ def _cp(args: argparse.Namespace) -> Callable[[Extensions], Awaitable[int]]:
     return run
 
 
+WATCH_EPILOG = """\
+Prints one line per change, as it happens: KIND PATH (RENAME OLD -> NEW),
+a trailing / for a directory, and "# N events lost" where the agent had to
+drop some because this tool read too slowly. Ctrl-C stops.
+
+examples:
+  kata-agent-ctl watch unix:///tmp/kata-agent.sock c1:/etc
+  kata-agent-ctl watch -r vsock://3:1024 c1:/srv/data
+"""
+
+
+def _add_watch(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser(
+        "watch",
+        help="print changes under a path in a container as they happen (Watch)",
+        description="Print each create, modify, delete, rename and attribute change "
+        "under a path inside a container (inotify in the agent).",
+        epilog=WATCH_EPILOG,
+        formatter_class=Formatter,
+    )
+    _address_options(parser)
+    parser.add_argument("where", metavar="CONTAINER:PATH", help="what to watch")
+    parser.add_argument(
+        "-r", "--recursive", action="store_true", help="every directory below it too"
+    )
+
+
+def format_event(event: ext.FileEvent) -> str:
+    kind = ext.FileEvent.Kind.Name(event.kind)
+    slash = "/" if event.is_dir else ""
+    if event.kind == ext.FileEvent.RENAME:
+        return f"{kind} {event.old_path}{slash} -> {event.path}{slash}"
+    return f"{kind} {event.path}{slash}"
+
+
+def _watch(args: argparse.Namespace) -> Callable[[Extensions], Awaitable[int]]:
+    location = remote_path(args.where)
+    if location is None:
+        raise UsageError(f"{args.where!r}: give CONTAINER:PATH")
+
+    async def run(extensions: Extensions) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+
+        async def report() -> None:
+            async for events, lost in watch(extensions, location, recursive=args.recursive):
+                if lost:
+                    print(f"# {lost} events lost")
+                for event in events:
+                    print(format_event(event))
+                sys.stdout.flush()
+
+        reporting = asyncio.ensure_future(report())
+        await asyncio.wait(
+            [reporting, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+        if reporting.done():
+            reporting.result()
+            return 1
+        reporting.cancel()
+        return 0
+
+    return run
+
+
 class UsageError(Exception):
     """A command line the tool cannot act on (exit status 2)."""
 
@@ -219,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], Callable[[Extensions], Awaitable[int]]]] = {
     "cp": _cp,
     "exec": streamexec.command,
+    "watch": _watch,
 }
 
 
