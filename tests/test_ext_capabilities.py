@@ -270,3 +270,38 @@ def test_go_ttrpc_client(container_agent: AgentProcess, tmp_path: Path) -> None:
     )
     assert bad["status"]["code"] == Code.INVALID_ARGUMENT, bad
     assert "not an IP address" in bad["status"]["message"]
+
+
+async def test_streams_are_traced(tmp_path: Path, rootfs: Path) -> None:
+    """A streaming call is one SERVER span, a child of the caller's traceparent, and
+    the agent's steps in it (the runtime's exec) are its children."""
+    from pykata.extensions.streamexec import ExecSession
+
+    from .conftest import run_container_agent
+    from .containers import process
+    from .receivers import forwarder
+    from .test_tracing import PARENT_SPAN, TRACE_ID, TRACEPARENT, read_file_spans
+
+    out = tmp_path / "spans.jsonl"
+    with forwarder(f"unix://{tmp_path}/fwd.sock", "--output", str(out)):
+        env = {"KATA_AGENT_TRACING": "true", "KATA_AGENT_TRACE_ADDR": f"unix://{tmp_path}/fwd.sock"}
+        with run_container_agent(tmp_path, env=env) as agent:
+            async with await Client.connect(agent.address) as client:
+                await start_container(Stub(client, AGENT), rootfs, "tr", "/bin/sleep", "100")
+                session = await ExecSession.start(
+                    Extensions(client),
+                    "tr",
+                    process("/bin/echo", "hi"),
+                    metadata={"traceparent": TRACEPARENT},
+                )
+                async for _ in session.output():
+                    pass
+                assert session.exit_status == 0
+            assert agent.stop() == 0
+    spans = read_file_spans(out)
+    (exec_span,) = [s for s in spans if s["name"] == "Exec"]
+    assert exec_span["trace"] == TRACE_ID and exec_span["parent"] == PARENT_SPAN
+    assert exec_span["kind"] == 2 and exec_span["error"] is None
+    assert any(s["name"] == "runtime exec" and s["parent"] == exec_span["id"] for s in spans)
+    (caps,) = [s for s in spans if s["name"] == "GetCapabilities"]
+    assert caps["kind"] == 2

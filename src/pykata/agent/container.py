@@ -203,7 +203,11 @@ class Container:
 
         await self._act(Action.UPDATE, update)
 
-    async def exec(self, exec_id: str, spec: dict[str, Any]) -> Process:
+    async def exec(
+        self, exec_id: str, spec: dict[str, Any], *, pipe_size: int | None = None
+    ) -> Process:
+        """Run a process in the container; `pipe_size`: its output pipes' size, if not
+        the container's (streaming execs read larger pieces from larger pipes)."""
         if not exec_id:
             raise InvalidArgument("exec_id is empty: an exec needs an id of its own")
         check_id("exec_id", exec_id)
@@ -222,7 +226,8 @@ class Container:
                 )
 
             terminal = bool(process_spec.get("terminal"))
-            proc = await spawn(self.id, exec_id, self.bundle, terminal, self.pipe_size, launch)
+            size = self.pipe_size if pipe_size is None else pipe_size
+            proc = await spawn(self.id, exec_id, self.bundle, terminal, size, launch)
             proc.on_finished = lambda: self._forget(proc)
             self.execs[exec_id] = proc
             started.append(proc)

@@ -23,6 +23,7 @@ from .portforward import Forwards, target_address
 from .storage import DRIVERS
 from .streamexec import StreamExecs
 from .transfer import Transfers
+from .watch import BATCH as WATCH_BATCH
 from .watch import Watches
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class ExtensionLimits:
 
     #: Unacknowledged data bytes in flight per direction of a stream.
     window_bytes: int = 4 << 20
-    #: Largest `data` in one message (at most 3/4 of the window: see flow.py).
+    #: Largest `data` in one message (at most a quarter of the window: see flow.py).
     max_chunk_bytes: int = 1 << 20
     max_forwards: int = 64
     max_transfers: int = 16
@@ -47,6 +48,12 @@ class ExtensionLimits:
     watch_queue_events: int = 4096
     watch_window_events: int = 256
     max_watched_directories: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_chunk_bytes * 4 > self.window_bytes:
+            raise ValueError("max_chunk_bytes must be at most a quarter of window_bytes")
+        if self.watch_window_events < WATCH_BATCH * 4:
+            raise ValueError(f"watch_window_events must be at least {WATCH_BATCH * 4}")
 
 
 class Extensions:

@@ -23,6 +23,10 @@ from .container import Container
 from .errors import InvalidArgument, LimitExceeded, MissingField
 from .process import Process
 
+#: Output pipes of a streaming exec: Linux's default largest pipe (pipe-max-size), so a
+#: fast writer is read in pieces of up to 1 MiB, not 64 KiB.
+PIPE_SIZE = 1 << 20
+
 
 class StreamExecs:
     """Every streaming exec running now, all connections together (bounded)."""
@@ -42,7 +46,7 @@ class StreamExecs:
         self.open += 1
         try:
             exec_id = start.exec_id or f"exec-{uuid.uuid4().hex[:16]}"
-            process = await container.exec(exec_id, oci.to_json(start.process))
+            process = await container.exec(exec_id, oci.to_json(start.process), pipe_size=PIPE_SIZE)
             try:
                 channel.send(ext.ExecOutput(exec_id=exec_id))
                 await _serve(channel, container, process, self.chunk)

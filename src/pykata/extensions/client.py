@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ..api import extensions_pb2 as ext
 from ..ttrpc import Client, ClientStream, Code, TtrpcError
+from ..ttrpc.client import Metadata
 from . import EXTENSIONS, SERVICE
 from .flow import ReceiveWindow, SendWindow, WindowExceeded
 
@@ -124,7 +125,11 @@ class Extensions:
             )
         return caps
 
-    async def open(self, name: str, incoming: type[In]) -> Channel[In]:
+    async def open(
+        self, name: str, incoming: type[In], *, metadata: Metadata | None = None
+    ) -> Channel[In]:
+        """A streaming call of `name` (after require()); `metadata` goes with it
+        (a W3C traceparent makes the agent's span a child of the caller's)."""
         caps = await self.require(name)
-        stream = self.client.stream(SERVICE, name)
+        stream = self.client.stream(SERVICE, name, metadata=metadata)
         return Channel(stream, incoming, caps.limits.window_bytes)

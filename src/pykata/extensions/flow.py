@@ -4,8 +4,12 @@ ttRPC streams have none of their own: a sender could fill its peer's memory.
 So each side may have at most a window of data in flight that the other has
 not acknowledged; the receiver acknowledges what it has consumed (not what
 it has merely received), in steps of a quarter window, so the sender never
-stops while the receiver keeps up. A peer that sends past the window
-breaks the protocol: `WindowExceeded`.
+stops while the receiver keeps up. A sender that must wait has more than
+three quarters of the window in flight (no message is larger than a
+quarter), so once the receiver has consumed it, an acknowledgement is due:
+the two never wait for each other. Data that trickles (a terminal) is
+acknowledged rarely, and need not be: it never fills the window. A peer
+that sends past the window breaks the protocol: `WindowExceeded`.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class ReceiveWindow:
     def consumed(self, amount: int) -> int:
         """Note `amount` consumed; what to acknowledge now (0: not yet)."""
         self._consumed += amount
-        if self._consumed < max(1, self.size // 4) and self._consumed < self.outstanding:
+        if self._consumed < max(1, self.size // 4):
             return 0
         ack, self._consumed = self._consumed, 0
         self.outstanding -= ack

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from ..api import extensions_pb2 as ext
 from ..api import oci_pb2
+from ..ttrpc.client import Metadata
 from .client import Channel, Extensions, ProtocolError
 
 
@@ -31,10 +32,12 @@ class ExecSession:
         container_id: str,
         process: oci_pb2.Process,
         exec_id: str = "",
+        *,
+        metadata: Metadata | None = None,
     ) -> ExecSession:
         """Run `process`; raises TtrpcError if the agent cannot (its status and reason)."""
         caps = await extensions.require("Exec")
-        channel = await extensions.open("Exec", ext.ExecOutput)
+        channel = await extensions.open("Exec", ext.ExecOutput, metadata=metadata)
         start = ext.ExecStart(container_id=container_id, exec_id=exec_id, process=process)
         channel.send(ext.ExecInput(start=start))
         first = await channel.recv()

@@ -91,7 +91,9 @@ class ClientStream:
 
     async def recv(self) -> bytes | None:
         """The next data message from the server; None when its response has come."""
-        if self._inbox.empty() and self._response.done():
+        if not self._inbox.empty():
+            return self._inbox.get_nowait()
+        if self._response.done():
             return None
         getter = asyncio.ensure_future(self._inbox.get())
         waiting: list[asyncio.Future[Any]] = [getter, self._response]
