@@ -210,3 +210,33 @@ async def test_bad_targets_are_named(web: Any) -> None:
     with pytest.raises(TtrpcError) as failed:
         await channel.finish()
     assert failed.value.code == Code.INVALID_ARGUMENT and "'open'" in failed.value.message
+
+
+async def test_forwards_at_once_are_bounded(web: Any) -> None:
+    client, _www, _pid = web
+    extensions = Extensions(client)
+    caps = await extensions.capabilities()
+    held = []
+    for _ in range(caps.limits.max_forwards):
+        channel = await extensions.open("PortForward", ext.ForwardMessage)
+        channel.send(ext.ForwardMessage(open=ext.ForwardTarget(port=PORT)))
+        first = await channel.recv()
+        assert first is not None and first.opened
+        held.append(channel)
+    channel = await extensions.open("PortForward", ext.ForwardMessage)
+    channel.send(ext.ForwardMessage(open=ext.ForwardTarget(port=PORT)))
+    with pytest.raises(TtrpcError) as failed:
+        await channel.finish()
+    assert failed.value.code == Code.RESOURCE_EXHAUSTED and "limit" in failed.value.message
+    for channel in held:
+        channel.abort()
+    server, port = await _local_forward(client)
+    async with server:
+        for _ in range(100):  # the aborted forwards end as their aborts arrive
+            try:
+                assert await http_get(port, "/index.html") == b"hello from the sandbox\n"
+                break
+            except AssertionError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no forward after the others ended")

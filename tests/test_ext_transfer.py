@@ -320,3 +320,16 @@ async def test_one_gib_each_way_with_bounded_memory(
     # Bounded by the windows and chunks (a few MiB), not by the file (1 GiB).
     assert grown < 64 * 1024, f"the agent's peak RSS grew by {grown} KiB"
     assert up_rss < 160 * 1024 and down_rss < 160 * 1024, (up_rss, down_rss)
+
+
+async def test_a_chunk_over_the_limit_is_refused(box: Any) -> None:
+    extensions, inside = box
+    caps = await extensions.capabilities()
+    big = caps.limits.max_chunk_bytes + 1
+    channel = await extensions.open("Upload", ext.UploadOutput)
+    channel.send(ext.UploadInput(open=ext.UploadOpen(file=at(inside, "c"), size=big)))
+    assert (await channel.recv()).ready  # type: ignore[union-attr]
+    channel.send(ext.UploadInput(data=bytes(big)))
+    with pytest.raises(TtrpcError) as failed:
+        await channel.finish()
+    assert failed.value.code == Code.INVALID_ARGUMENT and "is over" in failed.value.message

@@ -109,51 +109,81 @@ class Extensions:
         )
 
     async def PortForward(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel: Channel[ext.ForwardMessage] = Channel(
-            stream, ext.ForwardMessage, self.limits.window_bytes
+        channel = Channel(
+            stream,
+            ext.ForwardMessage,
+            self.limits.window_bytes,
+            ack_of=lambda m: m.ack,
+            data_of=lambda m: len(m.data),
         )
-        first = await channel.first("open")
-        self.parts.policy.check(ctx.method, first)
-        target = target_address(first.open)
-        netns = self.parts.sandbox.network.netns_path
-        await self.forwards.run(channel, netns, target)
+        try:
+            first = await channel.first("open")
+            self.parts.policy.check(ctx.method, first)
+            target = target_address(first.open)
+            netns = self.parts.sandbox.network.netns_path
+            await self.forwards.run(channel, netns, target)
+        finally:
+            await channel.close()
 
     async def Upload(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(stream, ext.UploadInput, self.limits.window_bytes)
-        first = await channel.first("open")
-        self.parts.policy.check(ctx.method, first)
-        root = self._open_root(first.open.file)
+        channel = Channel(
+            stream, ext.UploadInput, self.limits.window_bytes, data_of=lambda m: len(m.data)
+        )
         try:
-            await self.transfers.upload(channel, root, first.open)
+            first = await channel.first("open")
+            self.parts.policy.check(ctx.method, first)
+            root = self._open_root(first.open.file)
+            try:
+                await self.transfers.upload(channel, root, first.open)
+            finally:
+                os.close(root)
         finally:
-            os.close(root)
+            await channel.close()
 
     async def Download(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(stream, ext.DownloadInput, self.limits.window_bytes)
-        first = await channel.first("open")
-        self.parts.policy.check(ctx.method, first)
-        root = self._open_root(first.open.file)
+        channel = Channel(
+            stream, ext.DownloadInput, self.limits.window_bytes, ack_of=lambda m: m.ack
+        )
         try:
-            await self.transfers.download(channel, root, first.open)
+            first = await channel.first("open")
+            self.parts.policy.check(ctx.method, first)
+            root = self._open_root(first.open.file)
+            try:
+                await self.transfers.download(channel, root, first.open)
+            finally:
+                os.close(root)
         finally:
-            os.close(root)
+            await channel.close()
 
     async def Exec(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(stream, ext.ExecInput, self.limits.window_bytes)
-        first = await channel.first("start")
-        self.parts.policy.check(ctx.method, first)
-        container = self.parts.sandbox.container(first.start.container_id)
-        await self.execs.run(channel, container, first.start)
+        channel = Channel(
+            stream,
+            ext.ExecInput,
+            self.limits.window_bytes,
+            ack_of=lambda m: m.ack,
+            data_of=lambda m: len(m.stdin),
+        )
+        try:
+            first = await channel.first("start")
+            self.parts.policy.check(ctx.method, first)
+            container = self.parts.sandbox.container(first.start.container_id)
+            await self.execs.run(channel, container, first.start)
+        finally:
+            await channel.close()
 
     async def Watch(self, stream: ServerStream, ctx: ServerContext) -> None:
+        # Its acks count events, in a window of its own (watch.py).
         channel = Channel(stream, ext.WatchInput, self.limits.window_bytes)
-        first = await channel.first("open")
-        self.parts.policy.check(ctx.method, first)
-        root = self._open_root(first.open.location)
         try:
-            await self.watches.run(channel, root, first.open)
+            first = await channel.first("open")
+            self.parts.policy.check(ctx.method, first)
+            root = self._open_root(first.open.location)
+            try:
+                await self.watches.run(channel, root, first.open)
+            finally:
+                os.close(root)
         finally:
-            os.close(root)
+            await channel.close()
 
 
 def extensions_service(

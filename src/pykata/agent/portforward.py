@@ -111,7 +111,7 @@ async def _pump(channel: Channel[ext.ForwardMessage], sock: socket.socket, chunk
     reader, writer = await asyncio.open_connection(sock=sock, limit=chunk)
     # Our own high-water mark: drain() waits while this much is unsent.
     writer.transport.set_write_buffer_limits(high=chunk)
-    out = asyncio.ensure_future(_target_to_client(channel, reader))
+    out = asyncio.ensure_future(_target_to_client(channel, reader, chunk))
     try:
         await _client_to_target(channel, writer)
         # The client has closed its side: it acknowledges nothing more.
@@ -127,11 +127,11 @@ async def _pump(channel: Channel[ext.ForwardMessage], sock: socket.socket, chunk
 
 
 async def _target_to_client(
-    channel: Channel[ext.ForwardMessage], reader: asyncio.StreamReader
+    channel: Channel[ext.ForwardMessage], reader: asyncio.StreamReader, chunk: int
 ) -> None:
     while True:
         try:
-            data = await reader.read(reader._limit)  # type: ignore[attr-defined]
+            data = await reader.read(chunk)
         except OSError as exc:
             raise Unavailable(f"the forwarded connection failed: {exc.strerror}") from None
         if not data:
@@ -152,12 +152,9 @@ async def _client_to_target(
             if not eof:
                 raise InvalidArgument("the client closed the stream before sending eof")
             return
-        if message.ack:
-            channel.acknowledged(message.ack)
-        if message.data:
+        if message.data:  # (its ack, and the window, were taken by the channel)
             if eof:
                 raise InvalidArgument("data after eof")
-            channel.received_data(len(message.data))
             writer.write(message.data)
             try:
                 await writer.drain()

@@ -113,10 +113,7 @@ async def _inputs(channel: Channel[ext.ExecInput], process: Process) -> None:
 
 
 async def _take(channel: Channel[ext.ExecInput], process: Process, message: ext.ExecInput) -> None:
-    if message.ack:
-        channel.acknowledged(message.ack)
-    if message.stdin:
-        channel.received_data(len(message.stdin))
+    if message.stdin:  # (its ack, and the window, were taken by the channel)
         if not process.exited:
             await process.write_stdin(message.stdin)
         ack = channel.receive_window.consumed(len(message.stdin))

@@ -171,7 +171,6 @@ class _Upload:
                 size = len(message.data)
                 if size > self.chunk:
                     raise InvalidArgument(f"a chunk of {size} bytes is over {self.chunk}")
-                channel.received_data(size)
                 if self.offset + size > self.request.size:
                     raise InvalidArgument(
                         f"{self.path}: data past the size of {self.request.size} bytes"
@@ -256,12 +255,8 @@ async def _download(
 
 async def _take_acks(channel: Channel[ext.DownloadInput], path: str) -> None:
     try:
-        while True:
-            message = await channel.recv()
-            if message is None:
-                break
-            if message.ack:
-                channel.acknowledged(message.ack)
+        while await channel.recv() is not None:
+            pass  # acks: the channel applies them as they arrive
     except Exception as exc:
         channel.send_window.close(exc)
         raise

@@ -14,6 +14,7 @@ from ..ttrpc import Client, ClientStream, Code, TtrpcError
 from ..ttrpc.client import Metadata
 from . import EXTENSIONS, SERVICE
 from .flow import ReceiveWindow, SendWindow, WindowExceeded
+from .pump import Pump
 
 In = TypeVar("In", bound=Message)
 
@@ -26,8 +27,34 @@ class ProtocolError(Exception):
     """The agent broke the stream's protocol (flow control, message order)."""
 
 
+def _acks(message: Message) -> int:
+    """What an answer of the agent acknowledges (bytes)."""
+    if isinstance(message, ext.ForwardMessage | ext.UploadOutput):
+        return message.ack
+    if isinstance(message, ext.ExecOutput):
+        return message.stdin_ack
+    return 0
+
+
+def _data(message: Message) -> int:
+    """The data bytes an answer of the agent carries (Watch's events are not bytes)."""
+    if isinstance(message, ext.ForwardMessage | ext.DownloadOutput):
+        return len(message.data)
+    if isinstance(message, ext.ExecOutput):
+        return len(message.stdout) + len(message.stderr)
+    return 0
+
+
+def _failure(exc: Exception) -> BaseException:
+    if isinstance(exc, WindowExceeded):
+        return ProtocolError(f"flow control: {exc}")
+    return exc
+
+
 class Channel(Generic[In]):
-    """A streaming call: typed messages both ways, and its windows."""
+    """A streaming call: typed messages both ways, and its windows. A task takes the
+    agent's messages as they arrive (pump.py): acks are applied at once, data is
+    counted against the window, and recv() hands them out in order."""
 
     def __init__(self, stream: ClientStream, incoming: type[In], window: int) -> None:
         self.stream = stream
@@ -39,6 +66,9 @@ class Channel(Generic[In]):
         # reported as an error nobody saw.
         self._result = asyncio.ensure_future(stream.response())
         self._result.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pump: Pump[In] = Pump(
+            self._decoded, self.send_window, self.receive_window, _acks, _data, _failure
+        )
 
     def send(self, message: Message) -> None:
         self.stream.send(message.SerializeToString())
@@ -56,8 +86,7 @@ class Channel(Generic[In]):
             with contextlib.suppress(TtrpcError):
                 self.close_send()
 
-    async def recv(self) -> In | None:
-        """The agent's next message; None when the call has ended (then `finish()`)."""
+    async def _decoded(self) -> In | None:
         payload = await self.stream.recv()
         if payload is None:
             return None
@@ -66,21 +95,14 @@ class Channel(Generic[In]):
         except DecodeError as exc:
             raise ProtocolError(f"not a {self._incoming.DESCRIPTOR.full_name}: {exc}") from None
 
+    async def recv(self) -> In | None:
+        """The agent's next message (its ack and data already counted); None when the
+        call has ended (then `finish()`)."""
+        return await self._pump.recv()
+
     async def finish(self) -> None:
         """Wait for the call's status; raises TtrpcError if it failed."""
         await asyncio.shield(self._result)
-
-    def received_data(self, amount: int) -> None:
-        try:
-            self.receive_window.received(amount)
-        except WindowExceeded as exc:
-            raise ProtocolError(f"flow control: {exc}") from None
-
-    def acknowledged(self, amount: int) -> None:
-        try:
-            self.send_window.acknowledged(amount)
-        except WindowExceeded as exc:
-            raise ProtocolError(f"flow control: {exc}") from None
 
 
 class Extensions:

@@ -18,7 +18,15 @@ import asyncio
 
 
 class WindowExceeded(Exception):
-    """The peer sent more than the window allows, or acknowledged more than it got."""
+    """The peer broke flow control (one of the two below)."""
+
+
+class WindowOverrun(WindowExceeded):
+    """The peer sent more than the window allows."""
+
+
+class AckBeyondSent(WindowExceeded):
+    """The peer acknowledged more than it was sent."""
 
 
 class SendWindow:
@@ -43,7 +51,7 @@ class SendWindow:
 
     def acknowledged(self, amount: int) -> None:
         if amount > self.in_flight:
-            raise WindowExceeded(
+            raise AckBeyondSent(
                 f"the peer acknowledged {amount} bytes, but only {self.in_flight} are in flight"
             )
         self.in_flight -= amount
@@ -69,7 +77,7 @@ class ReceiveWindow:
     def received(self, amount: int) -> None:
         self.outstanding += amount
         if self.outstanding > self.size:
-            raise WindowExceeded(
+            raise WindowOverrun(
                 f"the peer has {self.outstanding} {self.unit} in flight, more than "
                 f"the window of {self.size}"
             )

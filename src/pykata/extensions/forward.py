@@ -75,10 +75,7 @@ async def _agent_to_local(
                 await channel.finish()
                 raise ProtocolError("PortForward ended before the agent's eof")
             return
-        if message.ack:
-            channel.acknowledged(message.ack)
-        if message.data:
-            channel.received_data(len(message.data))
+        if message.data:  # (its ack, and the window, were taken by the channel)
             writer.write(message.data)
             await writer.drain()
             ack = channel.receive_window.consumed(len(message.data))

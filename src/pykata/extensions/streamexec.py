@@ -77,11 +77,8 @@ class ExecSession:
                 if message is None:
                     await channel.finish()
                     raise ProtocolError("Exec ended before the exit status")
-                if message.stdin_ack:
-                    channel.acknowledged(message.stdin_ack)
-                data = message.stdout or message.stderr
+                data = message.stdout or message.stderr  # (acks: taken by the channel)
                 if data:
-                    channel.received_data(len(data))
                     yield ("stdout" if message.stdout else "stderr"), data
                     ack = channel.receive_window.consumed(len(data))
                     if ack:

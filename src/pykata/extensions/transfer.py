@@ -114,9 +114,7 @@ async def _upload_answers(channel: Channel[ext.UploadOutput]) -> bytes:
             if answer is None:
                 await channel.finish()  # raises the agent's error
                 raise ProtocolError("Upload ended before the file was committed")
-            if answer.ack:
-                channel.acknowledged(answer.ack)
-            if answer.committed:
+            if answer.committed:  # (acks: the channel applies them as they arrive)
                 return answer.sha256
     except BaseException as exc:
         channel.send_window.close(exc if isinstance(exc, Exception) else ProtocolError("stopped"))
@@ -174,7 +172,6 @@ async def _receive_file(
             await channel.finish()
             raise ProtocolError("Download ended before its checksum")
         if message.data:
-            channel.received_data(len(message.data))
             if offset + len(message.data) > size:
                 raise ProtocolError("the agent sent more than the file's size")
             await asyncio.to_thread(_write_at, fd, message.data, offset)
