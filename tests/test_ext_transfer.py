@@ -4,10 +4,13 @@ byte-identical, atomic, resumable, never outside the container's root."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -274,16 +277,26 @@ def _peak_rss_kib(pid: int) -> int:
 
 
 def _ctl_cp(address: str, src: str, dst: str) -> tuple[str, int]:
-    """kata-agent-ctl cp; (stderr, its peak RSS in KiB)."""
+    """kata-agent-ctl cp; (stderr, its peak RSS in KiB). The peak is VmHWM, read
+    while it runs: after exec it counts the tool alone (a child's ru_maxrss would
+    count the test process it was forked from)."""
     proc = subprocess.Popen(
-        [*CTL, "cp", "--progress", "always", address, src, dst], stderr=subprocess.PIPE, text=True
+        [*CTL, "cp", "--progress", "always", address, src, dst],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stderr is not None
-    err = proc.stderr.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, err
-    return err, usage.ru_maxrss
+    peak = 0
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()))  # type: ignore[union-attr]
+    reader.start()
+    while proc.poll() is None:
+        with contextlib.suppress(OSError, AssertionError):
+            peak = max(peak, _peak_rss_kib(proc.pid))
+        time.sleep(0.05)
+    reader.join()
+    assert proc.returncode == 0, stderr
+    return "".join(stderr), peak
 
 
 def _sha256_file(path: Path) -> bytes:
