@@ -11,7 +11,7 @@ DEB_PACKAGES := python3 crun runc busybox-static util-linux mount hostname golan
 VM_DEB_PACKAGES := qemu-system-x86 debootstrap cpio zstd
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo demo-vm test bench protos lint clean clean-traces guest-image clean-guest
+.PHONY: setup demo demo-vm test test-fast bench protos lint clean clean-traces guest-image clean-guest guest-snapshot
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ guest-image: setup
 clean-guest:
 	rm -rf -- $(GUEST_DIR)
 
+# A booted guest saved once (remade when the image or options change), for
+# `connect --vm qemu --from-snapshot $(GUEST_SNAPSHOT)`: docs/vm.md, Snapshots.
+GUEST_SNAPSHOT ?= $(GUEST_DIR)/snapshot
+guest-snapshot: guest-image
+	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/kata-agent-ctl vm --snapshot $(GUEST_SNAPSHOT)
+
 # The agent as a VM's init: boot the guest, ask it about itself, run a container, power off.
 demo-vm: setup guest-image
 	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/kata-agent-ctl connect --vm qemu \
@@ -67,6 +73,11 @@ demo-vm: setup guest-image
 
 test: setup lint guest-image
 	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/pytest -q
+
+# The fast tier: lint, types and every test that needs no VM, no Go peer and no LTTng.
+FAST_TESTS := not vm and not go and not lttng
+test-fast: setup lint
+	$(VENV)/bin/pytest -q -n 4 -m "$(FAST_TESTS)"
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -26,10 +26,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from tests.containers import build_rootfs, spec  # noqa: E402
 from tests.peers import wait_for_socket  # noqa: E402
 
+import containers as containers_bench  # noqa: E402
 from pykata.api import agent_pb2, oci_pb2  # noqa: E402
 from pykata.ttrpc import Client, Stub  # noqa: E402
 
@@ -121,7 +123,7 @@ async def _throughput(api: Any, rootfs: Path, size: int) -> float:
     await api.CreateContainer(
         R.CreateContainerRequest(
             container_id=cid,
-            OCI=spec(rootfs, "/bin/sh", "-c", f"head -c {STDOUT_BYTES} /dev/zero"),
+            OCI=spec(rootfs, "/bin/sh", "-c", containers_bench.PRODUCER),
         )
     )
     await api.StartContainer(R.StartContainerRequest(container_id=cid))

@@ -184,13 +184,13 @@ async def _container_cycle(address: str, rootfs: Path) -> float:
     """Median create/start/wait/remove of a /bin/true container in ms (RPCs carry a traceparent)."""
     from bench.containers import config
 
-    from pykata.agent import oci
+    from pykata import ocispec
     from pykata.api import agent_pb2, oci_pb2
     from pykata.ttrpc import Stub
 
     meta = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     spec = oci_pb2.Spec()
-    oci.from_json(config(rootfs, "/bin/true"), spec)
+    ocispec.from_json(config(rootfs, "/bin/true"), spec)
     async with await Client.connect(address) as client:
         api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
         samples = []

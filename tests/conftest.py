@@ -11,15 +11,25 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
 
 from pykata.api import agent_pb2
 from pykata.ttrpc import Client, Stub
 
 from .peers import build_go_peer, wait_for_socket
 
+if TYPE_CHECKING:
+    from pykata.vm.image import GuestImage
+    from pykata.vm.snapshot import Snapshot
+
 AGENT = [sys.executable, "-m", "pykata.agent.cli"]
+
+# Timing belongs in benchmarks: a loaded machine must not fail a property test.
+settings.register_profile("pykata", deadline=None)
+settings.load_profile("pykata")
 
 
 class AgentProcess:
@@ -97,6 +107,13 @@ def go_peer() -> Path:
     return build_go_peer()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for the Go peer is a Go test (make test-fast leaves it out)."""
+    for item in items:
+        if "go_peer" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.go)
+
+
 async def call_with_server_deadline(
     client: Client, service: str, method: str, payload: bytes, timeout_nano: int, wait: float = 3
 ) -> bytes:
@@ -135,3 +152,23 @@ async def api(container_agent: AgentProcess) -> AsyncIterator[Stub]:
     """A Stub for grpc.AgentService on container_agent (test modules may override)."""
     async with await Client.connect(container_agent.address) as client:
         yield Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+
+
+# --- the guest VM (slow tests only: nothing is built unless a test asks) ---------
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    from pykata.vm.image import build
+
+    return build(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def guest_snapshot(guest_image: GuestImage) -> Snapshot:
+    """The snapshot of the guest most VM tests use (tests/vmguest.py), cached with the image."""
+    from pykata.vm.snapshot import ensure
+
+    from .vmguest import guest_options
+
+    return ensure(guest_options(guest_image))

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from pykata.agent import oci
+from pykata import ocispec
 from pykata.api import oci_pb2
 
 BUSYBOX = "/bin/busybox"
@@ -60,7 +60,7 @@ def spec(rootfs: Path, *args: str, terminal: bool = False, **process: Any) -> oc
     config["process"]["terminal"] = terminal
     config["process"].update(process)
     message = oci_pb2.Spec()
-    unknown = oci.from_json(config, message)
+    unknown = ocispec.from_json(config, message)
     assert not unknown, unknown
     return message
 

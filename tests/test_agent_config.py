@@ -168,3 +168,12 @@ def test_bad_limits_stop_the_agent_naming_them(
     path.write_text(cmdline)
     with pytest.raises(ConfigError, match=message):
         load(cmdline_path=str(path), env=env)
+
+
+def test_busy_poll_is_off_by_default_and_bounded() -> None:
+    assert AgentConfig().busy_poll_us == 0
+    assert from_cmdline("agent.busy_poll_us=50").busy_poll_us == 50
+    assert apply_env(AgentConfig(), {"KATA_AGENT_BUSY_POLL_US": "0"}).busy_poll_us == 0
+    for bad in ("-1", "10001", "fast"):
+        with pytest.raises(ConfigError, match=r"agent\.busy_poll_us"):
+            from_cmdline(f"agent.busy_poll_us={bad}")

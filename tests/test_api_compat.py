@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pykata.api import agent_pb2, csi_pb2, health_pb2, oci_pb2, types_pb2
 
@@ -134,3 +136,14 @@ def test_services_are_complete() -> None:
     health = OURS["health.proto"].services_by_name["Health"]
     assert len(agent.methods) == 42
     assert [m.name for m in health.methods] == ["Check", "Version"]
+
+
+@given(st.one_of(st.binary(max_size=300), st.integers(0, 300_000).map(lambda n: b"o" * n)))
+def test_output_answers_are_the_bytes_protobuf_writes(data: bytes) -> None:
+    """ReadStdout/ReadStderr answers are encoded by hand (no copy of the output):
+    the same bytes as the message, which decode back to the output."""
+    from pykata.agent.service import read_stream_response
+
+    encoded = read_stream_response(data).SerializeToString()
+    assert encoded == agent_pb2.ReadStreamResponse(data=data).SerializeToString()
+    assert agent_pb2.ReadStreamResponse.FromString(encoded).data == data

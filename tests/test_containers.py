@@ -649,3 +649,30 @@ async def test_container_pipe_size_is_honoured(tmp_path: Path, rootfs: Path) -> 
             pid = (tmp_path / "run" / "containers" / "p1" / "init.pid").read_text()
             with open(f"/proc/{pid}/fd/1", "rb") as stdout:
                 assert fcntl.fcntl(stdout, 1032) == 262144  # F_GETPIPE_SZ
+
+
+@pytest.mark.parametrize("read_size", [1000, 32 << 10, 1 << 20])
+async def test_output_through_the_default_megabyte_pipe_arrives_whole(
+    tmp_path: Path, rootfs: Path, read_size: int
+) -> None:
+    """With no agent.container_pipe_size the stdout pipe holds 1 MiB (fewer wake-ups
+    per megabyte; stderr keeps the kernel's size); megabytes of distinct lines, read
+    in any size, lose and reorder nothing."""
+    import fcntl
+
+    with run_container_agent(tmp_path) as agent:
+        async with await Client.connect(agent.address) as client:
+            api = Stub(client, AGENT)
+            await create_started(api, rootfs, "lines", "/bin/sh", "-c", "sleep 0.2; seq 1 400000")
+            pid = (tmp_path / "run" / "containers" / "lines" / "init.pid").read_text()
+            with open(f"/proc/{pid}/fd/1", "rb") as stdout:
+                assert fcntl.fcntl(stdout, 1032) == 1 << 20  # F_GETPIPE_SZ
+            with open(f"/proc/{pid}/fd/2", "rb") as stderr:
+                assert fcntl.fcntl(stderr, 1032) < 1 << 20  # the kernel's default
+            chunks = []
+            request = agent_pb2.ReadStreamRequest(container_id="lines", len=read_size)
+            while data := (await api.ReadStdout(request)).data:
+                assert len(data) <= read_size
+                chunks.append(data)
+    expected = "".join(f"{n}\n" for n in range(1, 400001)).encode()
+    assert b"".join(chunks) == expected

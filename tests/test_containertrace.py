@@ -50,6 +50,7 @@ def record(
     )
 
 
+@pytest.mark.lttng
 def test_record_a_container_run(tmp_path: Path) -> None:
     done = record(
         tmp_path / "traces",
@@ -102,6 +103,7 @@ def test_record_a_container_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.lttng
 def test_no_session_is_left_behind(tmp_path: Path, sig: int) -> None:
     name = f"cut{os.getpid()}{int(sig)}"
     recorder = subprocess.Popen(
@@ -128,6 +130,7 @@ def test_no_session_is_left_behind(tmp_path: Path, sig: int) -> None:
             recorder.kill()
 
 
+@pytest.mark.lttng
 def test_failing_container_and_failing_runtime(tmp_path: Path) -> None:
     failing = record(tmp_path, f"f{os.getpid()}", "--command", "ls /nonexistent")
     # a command that fails is still traced, and its status said

@@ -124,7 +124,7 @@ async def test_every_example_works_as_pasted(tmp_path: Path, rootfs: Path) -> No
     assert "Traceback" not in err
 
 
-@pytest.mark.slow
+@pytest.mark.vm
 def test_the_guest_vm_example_works_as_pasted(rootfs: Path) -> None:
     """Boots the guest (`make guest-image` built it), runs, powers it off."""
     _, commands = examples()

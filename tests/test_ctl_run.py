@@ -382,9 +382,11 @@ def test_ctrl_c_in_interactive_mode_returns_to_a_clean_prompt(
 def test_ctrl_c_outside_run_exits_130_without_a_traceback(
     agent: AgentProcess, rootfs: Path, tmp_path: Path
 ) -> None:
-    term = terminal(agent, rootfs, tmp_path, "-c", "sleep 60", "-c", "echo not-reached")
+    term = terminal(
+        agent, rootfs, tmp_path, "-c", "Check", "-c", "sleep 60", "-c", "echo not-reached"
+    )
     try:
-        time.sleep(1.0)
+        term.expect("SERVING")  # loaded and connected: Ctrl-C is the tool's to handle now
         term.type("\x03")
         assert term.wait() == 130
     finally:

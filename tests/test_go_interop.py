@@ -18,6 +18,8 @@ from pykata.ttrpc import Client, Code, TtrpcError
 from .conftest import AgentProcess, call_with_server_deadline
 from .peers import go_client, go_server
 
+pytestmark = pytest.mark.go
+
 # --- Go client -> our agent -----------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import pytest
 from pykata.api import agent_pb2
 from pykata.ttrpc import Client, Code, Stub, TtrpcError
 
+from .attack import until
 from .conftest import AgentProcess, run_container_agent
 from .containers import leftovers, process, spec
 from .peers import processes_with
@@ -139,7 +140,9 @@ async def test_pending_writes_are_bounded_and_answered_when_the_container_goes(
         )
         for _ in range(40)
     ]
-    await asyncio.sleep(1)  # all 160 MiB have arrived at the agent by now
+    # At most two 4 MiB writes fit the 8 MiB bound, and one more is being written:
+    # every other write is refused, however slowly the 160 MiB arrive.
+    await until(lambda: sum(w.done() for w in writes) >= len(writes) - 3)
     full = [w for w in writes if w.done()]
     assert full, "no write was refused"
     for w in full:

@@ -36,7 +36,7 @@ from pykata.vm import image as image_mod
 
 from .containers import as_the_kata_runtime_sends, build_rootfs, spec
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.vm
 CTL = [sys.executable, "-m", "pykata.ctl.cli"]
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]

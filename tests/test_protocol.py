@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 from google.rpc import status_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pykata.ttrpc.frame import Flags, FrameDecoder, MessageType, encode_frame
+from pykata.ttrpc.frame import (
+    MAX_DATA_SIZE,
+    Flags,
+    FrameDecoder,
+    FrameTooLarge,
+    MessageType,
+    encode_frame,
+)
 from pykata.ttrpc.protocol import (
     ClientConnection,
     DataReceived,
@@ -176,3 +184,38 @@ def test_events_wait_in_the_connection_until_taken() -> None:
     first, second = conn.next_event(), conn.next_event()
     assert isinstance(first, RequestReceived) and isinstance(second, RequestReceived)
     assert conn.next_event() is None and conn.in_frame() and conn.buffered == 7
+
+
+def _open_stream(conn: ServerConnection, sid: int) -> None:
+    [event] = conn.receive(request_frame(sid))
+    assert isinstance(event, RequestReceived)
+
+
+@given(
+    st.lists(
+        st.one_of(st.binary(max_size=300), st.integers(0, 200_000).map(lambda n: b"x" * n)),
+        max_size=3,
+    ),
+    st.integers(1, 1000).map(lambda n: 2 * n + 1),
+)
+def test_successful_responses_are_the_bytes_protobuf_writes(parts: list[bytes], sid: int) -> None:
+    """The hand-encoded OK response (payload pieces written as they are) is
+    byte for byte what a Response message serializes to, pieces joined."""
+    conn = ServerConnection()
+    _open_stream(conn, sid)
+    ok = status_pb2.Status(code=Code.OK)
+    written = b"".join(conn.response_parts(sid, ok, parts))
+    body = Response(status=ok, payload=b"".join(parts)).SerializeToString()
+    assert written == encode_frame(sid, MessageType.RESPONSE, Flags.NONE, body)
+    [answer] = ClientConnection().receive(written)
+    assert isinstance(answer, ResponseReceived)
+    assert (answer.stream_id, answer.status.code) == (sid, Code.OK)
+    assert answer.payload == b"".join(parts)
+
+
+def test_a_successful_response_too_big_for_a_frame_is_refused() -> None:
+    conn = ServerConnection()
+    _open_stream(conn, 1)
+    ok = status_pb2.Status(code=Code.OK)
+    with pytest.raises(FrameTooLarge):
+        conn.response_parts(1, ok, [b"x" * MAX_DATA_SIZE])

@@ -40,7 +40,7 @@ from typing import Any
 
 import pytest
 
-from pykata.agent import oci
+from pykata import ocispec
 from pykata.api import agent_pb2, health_pb2, oci_pb2
 from pykata.ttrpc import Client, Code, Stub, TtrpcError
 
@@ -95,6 +95,7 @@ def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.mark.go
 async def test_the_runtimes_sequence_for_a_pod(
     transport: str, container_agent: AgentProcess, tmp_path: Path
 ) -> None:
@@ -245,7 +246,7 @@ class Pod:
         config["mounts"] = mounts
         config["annotations"] = annotations
         message = oci_pb2.Spec()
-        assert not oci.from_json(config, message)
+        assert not ocispec.from_json(config, message)
         path = tmp / f"{name}.binpb"
         path.write_bytes(message.SerializeToString())
         return path

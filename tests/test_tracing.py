@@ -430,8 +430,12 @@ def test_dropped_spans_are_counted_logged_and_in_the_metrics(
         for n in range(100):
             with tracing.step("runtime state", {"container_id": f"{n:0200d}"}):
                 pass
-        time.sleep(0.5)  # the export thread encodes them, and finds the buffer full
-        dropped = traced.exporter.dropped_spans
+        # Until the export thread has encoded them all and found the buffer full.
+        exporter, deadline = traced.exporter, time.monotonic() + 30
+        while exporter._ended or not exporter.dropped_spans:
+            assert time.monotonic() < deadline, "the export thread never took the spans"
+            time.sleep(0.01)
+        dropped = exporter.dropped_spans
         text = Metrics().text()
     finally:
         traced.stop(timeout=0.5)

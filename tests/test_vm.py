@@ -1,9 +1,11 @@
 """A real guest: the agent as init of a QEMU VM (software emulation), driven from the host.
 
-Slow (a boot is 10-20 s under TCG): one guest serves most tests. It boots with
-two CPUs of which one is offline (maxcpus=1), a debug console, and tracing to a
-host forwarder, so each test can act through the agent and look through the
-console. Nothing here is mocked: the image is the one `make guest-image` builds.
+Slow (a boot is 10-20 s under TCG): one guest serves most tests, restored from a
+snapshot (made once per image) rather than booted. It has two CPUs of which one
+is offline (maxcpus=1), a debug console, tracing to a host forwarder and a blank
+disk hotplugged after the restore, so each test can act through the agent and
+look through the console. The tests at the end boot guests of their own. Nothing
+here is mocked: the image is the one `make guest-image` builds.
 """
 
 from __future__ import annotations
@@ -27,20 +29,18 @@ import pytest
 from pykata.api import agent_pb2
 from pykata.ttrpc import Client, Stub
 from pykata.vm import image as image_mod
-from pykata.vm import qemu
+from pykata.vm import qemu, snapshot
 
 from .containers import build_rootfs
 from .peers import processes_with
 from .receivers import GrpcReceiver, forwarder
+from .vmguest import guest_options
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.vm
+#: kata-agent-ctl's options for the guest of tests/vmguest.py (with --trace-socket).
+SNAPSHOT_SHAPE = ["--cpus", "2", "--kernel-params", "maxcpus=1", "--debug-console"]
 CTL = [sys.executable, "-m", "pykata.ctl.cli"]
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
-
-
-@pytest.fixture(scope="session")
-def guest_image() -> image_mod.GuestImage:
-    return image_mod.build(quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +50,32 @@ def receiver() -> Iterator[GrpcReceiver]:
 
 
 @pytest.fixture(scope="module")
-def vm(guest_image: image_mod.GuestImage, receiver: GrpcReceiver) -> Iterator[qemu.Vm]:
+def vm(
+    guest_image: image_mod.GuestImage, guest_snapshot: snapshot.Snapshot, receiver: GrpcReceiver
+) -> Iterator[qemu.Vm]:
+    """Restored, not booted: these tests are about the agent in a guest, not the boot
+    (tests/test_vm_snapshot.py shows a restored guest is a guest of its own)."""
     with tempfile.TemporaryDirectory(prefix="pykata-test-vm-") as tmp:
         trace_socket = f"{tmp}/trace.sock"
         blank_disk = Path(tmp) / "blank.img"  # for AddSwap
         with open(blank_disk, "wb") as disk:
             disk.truncate(16 << 20)
         with forwarder(f"unix://{trace_socket}", "--otlp-endpoint", receiver.endpoint):
-            options = qemu.VmOptions(
-                image=guest_image,
-                accel="tcg",
-                cpus=2,
-                kernel_params="maxcpus=1",
-                trace_socket=trace_socket,
-                debug_console=True,
-                run_dir=Path(tmp) / "vm",
-                extra_args=["-drive", f"file={blank_disk},format=raw,if=virtio"],
+            options = guest_options(
+                guest_image, trace_socket=trace_socket, run_dir=Path(tmp) / "vm"
             )
-            with qemu.launched(options) as vm:
+            with snapshot.restored(options, guest_snapshot) as vm:
+                hotplug_disk(vm, blank_disk)
                 yield vm
                 # The module's last test powers it off with DestroySandbox, as upstream.
                 assert qemu.stop(vm) in ("powered off", "already stopped"), vm.console_tail()
+
+
+def hotplug_disk(vm: qemu.Vm, path: Path) -> None:
+    """A blank virtio-blk disk attached to the running guest (it becomes /dev/vdb)."""
+    file = {"driver": "file", "filename": str(path)}
+    qemu.qmp(vm, "blockdev-add", {"driver": "raw", "node-name": "blank", "file": file})
+    qemu.qmp(vm, "device_add", {"driver": "virtio-blk-pci", "drive": "blank", "id": "blank"})
 
 
 @pytest.fixture
@@ -155,6 +160,8 @@ async def test_set_guest_date_time_sets_the_guest_clock(vm: qemu.Vm, api: Stub) 
 
 
 async def test_add_swap_turns_the_disk_at_a_pci_path_into_swap(vm: qemu.Vm, api: Stub) -> None:
+    # The disk was hotplugged after the restore: the guest finds it within moments.
+    in_guest(vm, "for i in $(seq 100); do [ -e /sys/block/vdb ] && break; sleep 0.1; done")
     device = in_guest(vm, "readlink -f /sys/block/vdb/device")
     slot = re.search(r"/0000:00:([0-9a-f]{2})\.0/", device)
     assert slot, device
@@ -261,13 +268,15 @@ def test_killed_ctl_leaves_no_qemu(guest_image: image_mod.GuestImage, short_tmp:
 
 
 def test_vm_command_prints_how_to_reach_the_guest_and_stops_on_sigterm(
-    guest_image: image_mod.GuestImage, short_tmp: str, tmp_path: Path
+    guest_snapshot: snapshot.Snapshot, short_tmp: str, tmp_path: Path
 ) -> None:
+    """Restored (`vm --from-snapshot`): this is about the vm command, not the boot."""
     rootfs = build_rootfs(tmp_path / "bundle" / "rootfs")
     (rootfs / "marker").write_text("shared by vm\n")
     proc = subprocess.Popen(
         [*CTL, "vm", "--accel", "tcg", "--run-dir", f"{short_tmp}/vm",
-         "--bundle-dir", str(tmp_path / "bundle")],
+         "--bundle-dir", str(tmp_path / "bundle"), "--from-snapshot", str(guest_snapshot.directory),
+         *SNAPSHOT_SHAPE, "--trace-socket", f"{short_tmp}/trace.sock"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

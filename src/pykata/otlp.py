@@ -20,9 +20,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+if TYPE_CHECKING:  # loaded by decode_request: the agent only encodes, and need not load it
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
 
 HEADER = struct.Struct(">Q")
 #: The default record limit: the OTLP client limit a collector expects per request.
@@ -136,6 +141,10 @@ class RecordDecoder:
 
 
 def decode_request(payload: bytes) -> ExportTraceServiceRequest:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(payload)

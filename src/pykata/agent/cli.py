@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .. import log as logsetup
@@ -21,9 +21,8 @@ from ..transport import AddressError, TransportError
 from ..ttrpc import Server, UnaryServerInterceptor
 from ..ttrpc.server import StreamServerInterceptor
 from . import config as configmod
-from . import init, interceptors, leftovers, limits, lttng, reaper
+from . import init, interceptors, leftovers, limits, lttng, reaper, restore
 from . import runtime as runtime_mod
-from .console import DebugConsole, LogPort, shell_or_error
 from .copyfile import SharedFiles
 from .diagnostics import Diagnostics, RecentLogs
 from .errors import AgentError
@@ -35,6 +34,9 @@ from .sandbox import Sandbox
 from .service import AgentParts, services
 from .traceprovider import TraceProvider
 from .volumes import Volumes, mount_at
+
+if TYPE_CHECKING:  # loaded only when configured: a pty and a shell are rarely wanted
+    from .console import DebugConsole, LogPort
 
 log = logging.getLogger("pykata.agent")
 LTTNG_ENV = "KATA_AGENT_LTTNG"
@@ -150,17 +152,16 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     if os.getpid() == 1:
         # As upstream's agent: the sandbox destroyed, the guest's work is done (power-off).
         parts.after_sandbox_destroyed = stop.set
+    # Without tracing the server can be made before parking: a restored guest runs
+    # every code path anew (software emulation translates it again), so less is left.
+    server = None if config.tracing else make_server(config, parts, None)
+    if config.restore_addr and not await parked_until_restored(config, parts, stop):
+        log.info("stopped while parked")
+        await parts.memory.stop()
+        return
+    # The root span starts here, after any restore: its clock is the new guest's.
     tracing = TraceProvider(config.trace_addr) if config.tracing else None
-    server_limits = dataclasses.replace(
-        config.server_limits(),
-        max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),
-    )
-    server = Server(
-        services(parts, server_limits),
-        interceptors=call_interceptors(parts.policy, tracing),
-        stream_interceptors=stream_interceptors(tracing),
-        limits=server_limits,
-    )
+    server = server or make_server(config, parts, tracing)
     await server.start(config.server_addr)
     console = await start_console(config)
     log_port = await start_log_port(config)
@@ -188,12 +189,48 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
         log_port.close()
 
 
+def make_server(
+    config: configmod.AgentConfig, parts: AgentParts, tracing: TraceProvider | None
+) -> Server:
+    server_limits = dataclasses.replace(
+        config.server_limits(),
+        max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),
+    )
+    return Server(
+        services(parts, server_limits),
+        interceptors=call_interceptors(parts.policy, tracing),
+        stream_interceptors=stream_interceptors(tracing),
+        limits=server_limits,
+        busy_poll=config.busy_poll_us / 1e6,
+    )
+
+
+async def parked_until_restored(
+    config: configmod.AgentConfig, parts: AgentParts, stop: asyncio.Event
+) -> bool:
+    """Wait, parked for a snapshot, until restored (True) or told to stop (False).
+
+    Before anything is served: a restored guest answers nothing as the snapshot's copy.
+    """
+    parked = asyncio.ensure_future(restore.park_until_restored(config.restore_addr, parts.guest))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({parked, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not parked.done():
+        parked.cancel()
+        return False
+    parked.result()
+    return True
+
+
 async def start_console(config: configmod.AgentConfig) -> DebugConsole | None:
     address = config.console_address
     if not address:
         if config.debug_console_addr and not config.debug_console:
             log.warning("debug console address given but agent.debug_console is off: no console")
         return None
+    from .console import DebugConsole, shell_or_error
+
     console = DebugConsole(shell_or_error())
     await console.start(address)
     return console
@@ -203,6 +240,8 @@ async def start_log_port(config: configmod.AgentConfig) -> LogPort | None:
     address = config.log_port_address
     if not address:
         return None
+    from .console import LogPort
+
     port = LogPort(logsetup.JsonFormatter("kata-agent", "agent"), config.log_port_readers)
     await port.start(address)
     log.info("log port listening", extra={"address": address})
@@ -278,7 +317,10 @@ def agent_main(argv: list[str] | None, *, as_init: bool) -> int:
             init.setup(config.unified_cgroup_hierarchy)
         except OSError as exc:
             log.error("init mounts incomplete: %s", exc)
-        channels = [config.server_addr, config.console_address, config.log_port_address]
+        channels = [
+            config.server_addr, config.console_address, config.log_port_address,
+            config.restore_addr,
+        ]  # fmt: skip
         if config.tracing:
             channels.append(config.trace_addr)
         init.load_modules(init.modules_for([a for a in channels if a]))

@@ -38,6 +38,9 @@ TRACING_ENV = "KATA_AGENT_TRACING"
 RUN_DIR_ENV = "KATA_AGENT_RUN_DIR"
 TRACE_ADDR_ENV = "KATA_AGENT_TRACE_ADDR"
 DEFAULT_TRACE_ADDR = "vsock://2:10240"
+#: After an answer, poll this long for the next request before sleeping (docs/agent.md).
+DEFAULT_BUSY_POLL_US = 0
+MAX_BUSY_POLL_US = 10_000
 OCI_RUNTIME_ENV = "KATA_AGENT_OCI_RUNTIME"
 OWNS_MACHINE_ENV = "KATA_AGENT_OWNS_MACHINE"
 POLICY_FILE_ENV = "KATA_AGENT_POLICY_FILE"
@@ -88,6 +91,9 @@ class AgentConfig:
     debug_console_addr: str = ""
     #: Log port address for stand-alone runs (else vsock://-1:<log_vport>).
     log_addr: str = ""
+    #: A virtio-serial port to park on before serving, for a snapshot (pykata extension:
+    #: agent/restore.py); "" serves at once.
+    restore_addr: str = ""
     # Limits (docs/agent.md, "Limits"): what clients can make the agent hold.
     max_connections: int = Limits.max_connections
     #: File descriptors kept free of connections, for containers, execs and the runtime.
@@ -104,6 +110,9 @@ class AgentConfig:
     peer_log_burst: int = Limits.peer_log_burst
     log_queue_bytes: int = DEFAULT_QUEUE_BYTES
     log_port_readers: int = 8
+    #: Microseconds the event loop keeps polling after an answer, waiting for the
+    #: next request without sleeping (ttrpc.busypoll); 0: never.
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
     #: The config file this configuration came from, if any.
     config_file: str = ""
     #: Settings that were ignored: unknown agent.* options, bad env values (typos show up here).
@@ -190,6 +199,13 @@ def parse_count(option: str, value: str) -> int:
     return number
 
 
+def parse_microseconds(option: str, value: str) -> int:
+    number = _parse_int(option, value, "microseconds", 32, signed=True)
+    if not 0 <= number <= MAX_BUSY_POLL_US:
+        raise ConfigError(f"{option}: must be 0 to {MAX_BUSY_POLL_US} microseconds, got {number}")
+    return number
+
+
 def parse_positive_float(option: str, value: str) -> float:
     try:
         number = float(value)
@@ -223,6 +239,7 @@ LIMITS: dict[str, Callable[[str, str], Any]] = {
     "reserved_fds": parse_count,
     "log_queue_bytes": parse_count,
     "log_port_readers": parse_count,
+    "busy_poll_us": parse_microseconds,
 }
 
 
@@ -246,6 +263,7 @@ _OPTIONS: dict[str, tuple[str, _Parser | None, Callable[[Any], bool] | None]] = 
     "agent.policy_file": ("policy_file", lambda _o, v: v, None),
     "agent.trace_addr": ("trace_addr", lambda _o, v: v, None),
     "agent.debug_console_addr": ("debug_console_addr", lambda _o, v: v, None),
+    "agent.restore_addr": ("restore_addr", lambda _o, v: v, None),
     **{f"agent.{name}": (name, parser, None) for name, parser in LIMITS.items()},
 }
 CONFIG_FILE_OPTION = "agent.config_file"
@@ -295,6 +313,7 @@ _FILE_TYPES: dict[str, type[Any]] = {
     "policy_file": str,
     "debug_console_addr": str,
     "log_addr": str,
+    "restore_addr": str,
     **{name: float if LIMITS[name] is parse_positive_float else int for name in LIMITS},
 }
 

@@ -18,7 +18,13 @@ from google.protobuf.message import Message
 
 from .. import otlp
 from ..spans import RemoteParent, Span, SpanContext, Tracer
-from ..ttrpc import ServerContext, ServerStream, UnaryHandler, UnaryServerInterceptor
+from ..ttrpc import (
+    ServerContext,
+    ServerStream,
+    UnaryHandler,
+    UnaryResponse,
+    UnaryServerInterceptor,
+)
 from ..ttrpc.server import StreamHandler, StreamServerInterceptor
 from . import tracing
 from .policy import Enforcer
@@ -44,7 +50,7 @@ def rpc_spans(tracer: Tracer, root: SpanContext) -> UnaryServerInterceptor:
     """Each call in its span, made by `tracer`; `root` is the parent when the caller sent none."""
     max_length = tracer.limits.max_attribute_length
 
-    async def traced(request: Message, ctx: ServerContext, handler: UnaryHandler) -> Message:
+    async def traced(request: Message, ctx: ServerContext, handler: UnaryHandler) -> UnaryResponse:
         metadata = ctx.metadata
         traceparent = metadata.get("traceparent")
         parent: SpanContext | RemoteParent = root
@@ -110,7 +116,7 @@ def stream_spans(tracer: Tracer, root: SpanContext) -> StreamServerInterceptor:
 def policy(enforcer: Enforcer) -> UnaryServerInterceptor:
     """The policy in force (SetPolicy may replace it) decides each call."""
 
-    async def checked(request: Message, ctx: ServerContext, handler: UnaryHandler) -> Message:
+    async def checked(request: Message, ctx: ServerContext, handler: UnaryHandler) -> UnaryResponse:
         enforcer.check(ctx.method, request)
         return await handler(request, ctx)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from . import cgroups
 from .copyfile import SharedFiles
 from .errors import RuntimeFailure
+from .fdwait import until_ready
 from .ids import is_valid_id
 from .runtime import OciRuntime
 
@@ -32,6 +33,8 @@ log = logging.getLogger("pykata.agent.leftovers")
 HOLDER_FILE = "holder"
 #: How long a killed container's processes may take to leave their cgroup.
 CGROUP_EMPTY_TIMEOUT = 5.0
+#: How long the killed runtime processes of a previous agent get to exit.
+RUNTIME_EXIT_TIMEOUT = 5.0
 
 
 def process_start_time(pid: int) -> str:
@@ -52,7 +55,9 @@ async def clean(run_dir: Path, runtime: OciRuntime, shared: SharedFiles) -> None
     ids = {*_entries(bundles), *_entries(state)}
     holder = run_dir / "sandbox" / HOLDER_FILE
     if ids or holder.exists():
-        _kill_runtime_invocations(state)
+        # Gone, not only signalled: a runtime still dying could make a cgroup after we
+        # removed it.
+        await _until_gone(_kill_runtime_invocations(state))
         _kill_holder(holder)
     for container_id in sorted(ids):
         await _remove_container(container_id, bundles / container_id, runtime)
@@ -69,8 +74,10 @@ def _entries(directory: Path) -> list[str]:
         return []
 
 
-def _kill_runtime_invocations(state: Path) -> None:
-    """crun/runc processes of the dead agent (they name its runtime state directory)."""
+def _kill_runtime_invocations(state: Path) -> list[int]:
+    """Kill the crun/runc processes of the dead agent (they name its runtime state
+    directory); the pids signalled."""
+    killed = []
     marker = f"\0--root\0{state}\0".encode()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -82,7 +89,25 @@ def _kill_runtime_invocations(state: Path) -> None:
         if marker in b"\0" + cmdline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
                 log.warning("killed a previous agent's runtime process %s", entry.name)
+    return killed
+
+
+async def _until_gone(pids: list[int]) -> None:
+    """Until each process has exited (at most RUNTIME_EXIT_TIMEOUT seconds in all)."""
+    deadline = time.monotonic() + RUNTIME_EXIT_TIMEOUT
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            await asyncio.wait_for(until_ready(pidfd), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("a previous agent's runtime process %d did not exit", pid)
+        finally:
+            os.close(pidfd)
 
 
 def _kill_holder(holder: Path) -> None:

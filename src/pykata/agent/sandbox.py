@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bundle, cgroups, leftovers
+from .command import run
 from .container import Container
 from .errors import (
     AlreadyExists,
@@ -137,12 +138,7 @@ class Sandbox:
                 "and loading them would change the host"
             )
         for name, params in modules:
-            proc = await asyncio.create_subprocess_exec(
-                "modprobe", name, *params, stderr=asyncio.subprocess.PIPE
-            )
-            _, err = await proc.communicate()
-            if proc.returncode:
-                raise FailedPrecondition(f"modprobe {name} failed: {err.decode().strip()}")
+            await run("modprobe", name, *params)
 
     @property
     def network(self) -> Network:

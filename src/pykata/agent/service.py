@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
-from .. import __version__
+from .. import __version__, ocispec
 from ..api import agent_pb2, csi_pb2, health_pb2, types_pb2
-from ..ttrpc import Code, ServerContext, Service, TtrpcError, UnaryMethod
-from ..ttrpc.server import Limits, UnaryHandler
-from . import cgroups, network, oci
+from ..ttrpc import Code, EncodedResponse, ServerContext, Service, TtrpcError, UnaryMethod
+from ..ttrpc.frame import varint
+from ..ttrpc.server import Limits, UnaryHandler, UnaryResponse
+from . import cgroups, network
 from .codes import upstream_code
 from .copyfile import CopyRequest, SharedFiles
 from .diagnostics import Diagnostics
@@ -181,7 +182,7 @@ class AgentService:
         await self.sandbox.create_container(
             req.container_id,
             req.exec_id,
-            oci.to_json(req.OCI),
+            ocispec.to_json(req.OCI),
             _storages(list(req.storages)),
             sandbox_pidns=req.sandbox_pidns,
         )
@@ -216,7 +217,7 @@ class AgentService:
     ) -> Empty:
         container = self.sandbox.container(req.container_id)
         if req.HasField("resources"):  # none: nothing to do, as upstream
-            await container.update(oci.to_json(req.resources))
+            await container.update(ocispec.to_json(req.resources))
         return EMPTY
 
     async def StatsContainer(
@@ -235,7 +236,9 @@ class AgentService:
     async def ExecProcess(self, req: agent_pb2.ExecProcessRequest, ctx: ServerContext) -> Empty:
         if not req.HasField("process"):
             raise MissingField(f"process is missing for exec {req.exec_id!r}")
-        await self.sandbox.container(req.container_id).exec(req.exec_id, oci.to_json(req.process))
+        await self.sandbox.container(req.container_id).exec(
+            req.exec_id, ocispec.to_json(req.process)
+        )
         return EMPTY
 
     async def SignalProcess(self, req: agent_pb2.SignalProcessRequest, ctx: ServerContext) -> Empty:
@@ -265,15 +268,15 @@ class AgentService:
 
     async def ReadStdout(
         self, req: agent_pb2.ReadStreamRequest, ctx: ServerContext
-    ) -> agent_pb2.ReadStreamResponse:
+    ) -> EncodedResponse:
         process = self.sandbox.process(req.container_id, req.exec_id, for_output=True)
-        return agent_pb2.ReadStreamResponse(data=await process.read("stdout", req.len))
+        return read_stream_response(await process.read("stdout", req.len))
 
     async def ReadStderr(
         self, req: agent_pb2.ReadStreamRequest, ctx: ServerContext
-    ) -> agent_pb2.ReadStreamResponse:
+    ) -> EncodedResponse:
         process = self.sandbox.process(req.container_id, req.exec_id, for_output=True)
-        return agent_pb2.ReadStreamResponse(data=await process.read("stderr", req.len))
+        return read_stream_response(await process.read("stderr", req.len))
 
     async def CloseStdin(self, req: agent_pb2.CloseStdinRequest, ctx: ServerContext) -> Empty:
         await self.sandbox.process(req.container_id, req.exec_id).close_stdin()
@@ -490,12 +493,21 @@ class AgentService:
         return EMPTY
 
 
+def read_stream_response(data: bytes) -> EncodedResponse:
+    """ReadStreamResponse(data=data) as protobuf encodes it (field 1, length-delimited):
+    the output is written to the socket as it was read, not copied into a message
+    and out of it."""
+    if not data:
+        return EncodedResponse()
+    return EncodedResponse(b"\x0a" + varint(len(data)), data)
+
+
 def health_service() -> Service:
     return Service.from_descriptor(health_pb2.DESCRIPTOR.services_by_name["Health"], Health())
 
 
 def _answering_upstream_codes(rpc: str, handler: UnaryHandler) -> UnaryHandler:
-    async def handle(request: Any, ctx: ServerContext) -> Message:
+    async def handle(request: Any, ctx: ServerContext) -> UnaryResponse:
         try:
             return await handler(request, ctx)
         except AgentError as exc:

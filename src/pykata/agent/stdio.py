@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import socket
 import struct
+import sys
 import tempfile
 import termios
 from pathlib import Path
@@ -22,6 +24,12 @@ from pathlib import Path
 from .fdwait import OwnedFd
 
 F_SETPIPE_SZ = 1031
+#: Stdout's pipe size when the configuration leaves it to us (agent.container_pipe_size=0):
+#: a writer refills a 64 KiB default pipe 16 times per MiB, each refill a wake-up of
+#: the agent. Pages are allocated only as data waits in the pipe (so an unread
+#: process pins at most this much kernel memory for its stdout).
+DEFAULT_PIPE_SIZE = 1 << 20
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
 
 
 #: WriteStdin data a process may have waiting behind the one write in progress:
@@ -65,21 +73,12 @@ class OutputReader:
     def _read_available(self, fd: int, size: int) -> bytes:
         """Up to `size` bytes: blocks (raises BlockingIOError) only if none are there.
 
-        Takes what the writer has refilled meanwhile too, so a fast producer
-        is drained in fewer, larger answers.
+        Asks the kernel how much is waiting (FIONREAD) and reads exactly that
+        (up to `size`) in one call: os.read(fd, size) would allocate `size`
+        bytes up front, and reading in pieces would copy them to join them.
         """
-        chunks = [_read(fd, size)]
-        total = len(chunks[0])
-        while chunks[-1] and total < size:
-            try:
-                chunk = _read(fd, size - total)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        return b"".join(chunks)
+        waiting = _waiting(fd)
+        return _read(fd, min(waiting, size) if waiting else size)
 
     async def collect_rest(self, limit: int) -> None:
         """Keep up to `limit` bytes of what is still in the stream; close it if it ended."""
@@ -112,6 +111,35 @@ def _read(fd: int, size: int) -> bytes:
         if exc.errno == errno.EIO:
             return b""
         raise
+
+
+def _waiting(fd: int) -> int:
+    """Bytes waiting in a pipe or terminal (0 if the kernel will not say)."""
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+    except OSError:
+        return 0
+
+
+def set_pipe_size(fd: int, size: int) -> None:
+    """Make the pipe of `fd` hold `size` bytes; 0: DEFAULT_PIPE_SIZE where the kernel
+    allows it (pipe-max-size), else the kernel's own default."""
+    if size:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+        return
+    size = _default_pipe_size()
+    if size:
+        # Refused: the kernel's default size, slower output, nothing lost.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+
+
+@functools.cache
+def _default_pipe_size() -> int:
+    try:
+        return min(DEFAULT_PIPE_SIZE, int(PIPE_MAX_SIZE.read_text()))
+    except (OSError, ValueError):
+        return 0
 
 
 class StdinWriter:
@@ -188,9 +216,11 @@ class PipeStdio:
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        for fd in (out_w, err_w):
-            if pipe_size:
-                fcntl.fcntl(fd, F_SETPIPE_SZ, pipe_size)
+        set_pipe_size(out_w, pipe_size)
+        # Stderr keeps the kernel's default unless configured: it is rarely bulk,
+        # and output nobody reads pins the pipe's memory.
+        if pipe_size:
+            set_pipe_size(err_w, pipe_size)
         self._child = [stdin_r, out_w, err_w]
         self.stdin = StdinWriter(stdin_w)
         self.stdout = OutputReader(out_r)

@@ -11,7 +11,6 @@ when the last user goes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from . import tracing
 from .command import run
-from .errors import InvalidArgument, NotFound, Unsupported
+from .errors import FailedPrecondition, InvalidArgument, NotFound, Unsupported
 
 log = logging.getLogger("pykata.agent.storage")
 
@@ -58,16 +57,10 @@ async def _mount(*args: str) -> None:
 
 
 async def _umount(path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "umount",
-        "--lazy",
-        str(path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode:
-        log.warning("umount %s failed: %s", path, err.decode().strip())
+    try:
+        await run("umount", "--lazy", str(path))
+    except FailedPrecondition as exc:
+        log.warning("%s", exc)
 
 
 # --- the drivers: each prepares `point` for its storage; True when it mounted there ---

@@ -16,8 +16,8 @@ import signal as signals
 import uuid
 from typing import Any
 
+from .. import ocispec
 from ..api import extensions_pb2 as ext
-from . import oci
 from .channel import Channel
 from .container import Container
 from .errors import InvalidArgument, LimitExceeded, MissingField
@@ -46,7 +46,9 @@ class StreamExecs:
         self.open += 1
         try:
             exec_id = start.exec_id or f"exec-{uuid.uuid4().hex[:16]}"
-            process = await container.exec(exec_id, oci.to_json(start.process), pipe_size=PIPE_SIZE)
+            process = await container.exec(
+                exec_id, ocispec.to_json(start.process), pipe_size=PIPE_SIZE
+            )
             try:
                 channel.send(ext.ExecOutput(exec_id=exec_id))
                 await _serve(channel, container, process, self.chunk)

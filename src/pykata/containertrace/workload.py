@@ -26,7 +26,7 @@ from typing import Any
 
 from ..api import agent_pb2
 from ..children import die_with_parent
-from ..ctl.spec import default_config, to_spec
+from ..ocispec import default_config, to_spec
 from ..ttrpc import Client, Stub
 from .session import Guard
 

@@ -17,7 +17,7 @@ from ..clihelp import Formatter
 from ..vm import GUEST_ROOTFS
 
 if TYPE_CHECKING:
-    from ..vm import qemu
+    from ..vm import qemu, snapshot
 
 #: Kata's default_memory: the Kata initrd's root file system lives in guest memory.
 KATA_MEMORY_MIB = 2048
@@ -36,6 +36,8 @@ examples:
   kata-agent-ctl vm --trace-socket /tmp/forwarder.sock --cpus 2
   kata-agent-ctl vm --bundle-dir ./bundle   # connect with --bundle-dir ./bundle --shared-bundle
   kata-agent-ctl vm --kata-initrd           # the guest as the real Kata runtime would boot it
+  kata-agent-ctl vm --snapshot /var/tmp/snap    # boot once, save the parked guest, exit
+  kata-agent-ctl vm --from-snapshot /var/tmp/snap   # a new guest from it, in about a second
 """
 
 
@@ -90,6 +92,14 @@ def add_vm_options(parser: argparse.ArgumentParser) -> None:
         "--debug-console", action="store_true", help="give the guest a debug console"
     )
     group.add_argument(
+        "--from-snapshot",
+        type=Path,
+        metavar="DIR",
+        help="restore the guest from the snapshot in DIR instead of booting it (made there "
+        "first when DIR has none, or one for another image or other options; docs/vm.md) "
+        "(default: boot)",
+    )
+    group.add_argument(
         "--boot-timeout",
         type=float,
         default=180.0,
@@ -132,16 +142,23 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 def booted(
     args: argparse.Namespace, run_dir: Path | None = None, shared_dir: Path | None = None
 ) -> Iterator[qemu.Vm]:
-    """A guest whose agent answers, stopped when the block ends (whatever happens)."""
-    from ..vm import qemu
+    """A guest whose agent answers (booted, or restored from --from-snapshot), stopped
+    when the block ends (whatever happens)."""
+    from ..vm import qemu, snapshot
 
     options = vm_options(args, run_dir, shared_dir)
-    _say(f"booting the guest ({options.image.directory.name}) ...")
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with qemu.launched(options) as vm:
+        if args.from_snapshot:
+            saved = _snapshot(options, args.from_snapshot)
+            launching = snapshot.restored(options, saved)
+        else:
+            _say(f"booting the guest ({options.image.directory.name}) ...")
+            launching = qemu.launched(options)
+        with launching as vm:
+            how = f"restored from {args.from_snapshot} in" if vm.generation else "up in"
             _say(
-                f"guest up in {vm.ready_after:.1f}s; accel {vm.accel_reason}; "
+                f"guest {how} {vm.ready_after:.1f}s; accel {vm.accel_reason}; "
                 f"channel {vm.channel.kind}"
             )
             try:
@@ -150,6 +167,41 @@ def booted(
                 _say(f"guest stopped: {qemu.stop(vm)}")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _snapshot(options: qemu.VmOptions, directory: Path) -> snapshot.Snapshot:
+    """The snapshot in `directory`, made first when it is missing or out of date."""
+    from ..vm import snapshot
+
+    if not snapshot.Snapshot(directory).up_to_date(options):
+        _say(f"making the snapshot in {directory} (booting the guest once) ...")
+    return snapshot.ensure(options, directory)
+
+
+def make_snapshot(args: argparse.Namespace) -> int:
+    """vm --snapshot DIR: boot, save the parked guest into DIR, and stop."""
+    from ..vm.image import ImageError
+    from ..vm.qemu import VmError
+
+    if args.bundle_dir:
+        _say("a snapshot is made without --bundle-dir: give it to the guest restored from it")
+        return 2
+    try:
+        options = vm_options(args)
+        started = time.monotonic()
+        saved = _snapshot(options, args.snapshot)
+        _say(f"snapshot ready in {time.monotonic() - started:.1f}s")
+        print(saved.directory)
+        print(f"  kata-agent-ctl connect --vm qemu --from-snapshot {saved.directory} -c Check")
+        return 0
+    except (ImageError, VmError) as exc:
+        _say(str(exc))
+        return 1
+    except OSError as exc:
+        _say(_os_error(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def connect(args: argparse.Namespace, run_commands: Callable[..., int]) -> int:
@@ -179,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
     """The vm command: keep a guest up for interactive work until Ctrl-C."""
     from ..vm.image import ImageError
     from ..vm.qemu import VmError
+
+    if args.snapshot:
+        return make_snapshot(args)
 
     shared = args.bundle_dir.resolve() if args.bundle_dir else None
     rootfs = (
@@ -231,6 +286,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="DIR",
         help="share DIR with the guest (virtio-fs) for containers: connect with "
         "--bundle-dir DIR --shared-bundle (default: nothing shared)",
+    )
+    vm.add_argument(
+        "--snapshot",
+        type=Path,
+        metavar="DIR",
+        help="boot the guest, save it into DIR once its agent is ready, and stop; restore "
+        "it with --from-snapshot DIR (kept while the image and options stay the same) "
+        "(default: no snapshot)",
     )
     vm.add_argument(
         "--run-dir",

@@ -26,6 +26,7 @@ _HOMES = {
     ),
     **dict.fromkeys(
         [
+            "EncodedResponse",
             "Server",
             "ServerContext",
             "ServerStream",
@@ -35,6 +36,7 @@ _HOMES = {
             "StreamServerInterceptor",
             "UnaryHandler",
             "UnaryMethod",
+            "UnaryResponse",
             "UnaryServerInterceptor",
         ],
         "server",
@@ -45,6 +47,7 @@ _HOMES = {
 if TYPE_CHECKING:
     from .client import Client, ClientContext, ClientStream, Invoker, Stub, UnaryClientInterceptor
     from .server import (
+        EncodedResponse,
         Server,
         ServerContext,
         ServerStream,
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
         StreamServerInterceptor,
         UnaryHandler,
         UnaryMethod,
+        UnaryResponse,
         UnaryServerInterceptor,
     )
     from .status import Code, TtrpcError
@@ -73,6 +77,7 @@ __all__ = [
     "ClientContext",
     "ClientStream",
     "Code",
+    "EncodedResponse",
     "Invoker",
     "Server",
     "ServerContext",
@@ -86,5 +91,6 @@ __all__ = [
     "UnaryClientInterceptor",
     "UnaryHandler",
     "UnaryMethod",
+    "UnaryResponse",
     "UnaryServerInterceptor",
 ]

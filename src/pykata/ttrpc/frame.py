@@ -65,6 +65,16 @@ def encode_frame(stream_id: int, type: int, flags: int, data: bytes) -> bytes:
     return HEADER.pack(len(data), stream_id, type, flags) + data
 
 
+def varint(value: int) -> bytes:
+    """`value` (not negative) as a protobuf varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 class FrameDecoder:
     """Turns a byte stream into Frame and OversizeFrame events, one at a time.
 

@@ -10,7 +10,7 @@ input ends a connection.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -18,13 +18,16 @@ from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from .frame import (
+    HEADER,
     MAX_DATA_SIZE,
     Flags,
     Frame,
     FrameDecoder,
+    FrameTooLarge,
     MessageType,
     OversizeFrame,
     encode_frame,
+    varint,
 )
 from .status import Code
 from .ttrpc_pb2 import KeyValue, Request, Response
@@ -218,10 +221,22 @@ class ServerConnection(_Receiving[ServerEvent]):
 
     def response(self, stream_id: int, status: status_pb2.Status, payload: bytes = b"") -> bytes:
         """Bytes of the response that ends a stream."""
+        return b"".join(self.response_parts(stream_id, status, (payload,)))
+
+    def response_parts(
+        self, stream_id: int, status: status_pb2.Status, payload: Sequence[bytes]
+    ) -> list[bytes]:
+        """The response that ends a stream, as pieces to write in order.
+
+        `payload` comes in pieces too; a successful response keeps them as they
+        are (a big payload, such as a megabyte of output, is never copied here).
+        """
         self._receiving.discard(stream_id)
         self._open.discard(stream_id)
-        body = Response(status=status, payload=payload).SerializeToString()
-        return encode_frame(stream_id, MessageType.RESPONSE, Flags.NONE, body)
+        if status.code or status.message or len(status.details):
+            body = Response(status=status, payload=b"".join(payload)).SerializeToString()
+            return [encode_frame(stream_id, MessageType.RESPONSE, Flags.NONE, body)]
+        return _ok_response(stream_id, payload)
 
     def rejection(self, event: StreamRejected) -> bytes:
         """Bytes answering a rejected stream. A call already running on that id
@@ -232,6 +247,31 @@ class ServerConnection(_Receiving[ServerEvent]):
 
     def data(self, stream_id: int, data: bytes | None, end_stream: bool = False) -> bytes:
         return _data_frame(stream_id, data, end_stream)
+
+
+#: Payloads this big are written as they are, not joined into one piece with the header.
+BIG_PAYLOAD = 64 << 10
+#: Response.status = Status(code=OK), as protobuf encodes it: field 1, empty.
+_OK_STATUS = b"\x0a\x00"
+#: Response.payload's tag: field 2, length-delimited.
+_PAYLOAD_TAG = b"\x12"
+
+
+def _ok_response(stream_id: int, payload: Sequence[bytes]) -> list[bytes]:
+    """A successful Response frame, encoded here rather than by protobuf, which
+    would copy the payload into a message and out again. The bytes are those
+    protobuf writes."""
+    size = len(payload[0]) if len(payload) == 1 else sum(map(len, payload))
+    head = _OK_STATUS + _PAYLOAD_TAG + varint(size) if size else _OK_STATUS
+    length = len(head) + size
+    if length > MAX_DATA_SIZE:
+        raise FrameTooLarge(
+            f"message length {length} exceeds maximum message size of {MAX_DATA_SIZE}"
+        )
+    header = HEADER.pack(length, stream_id, MessageType.RESPONSE, Flags.NONE)
+    if size < BIG_PAYLOAD:
+        return [b"".join((header, head, *payload))]
+    return [header + head, *payload]
 
 
 # --- client side ------------------------------------------------------------

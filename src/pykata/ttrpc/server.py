@@ -22,6 +22,7 @@ from .. import transport as transport_mod
 from ..log import RateLimit
 from ..transport import Address, Listener
 from .boundaries import ClientBoundaries
+from .busypoll import BusyPoll
 from .frame import HEADER_SIZE, MAX_DATA_SIZE, FrameTooLarge
 from .interceptor import chain
 from .protocol import (
@@ -57,10 +58,29 @@ class ServerContext:
         return values[0] if values else None
 
 
-UnaryHandler = Callable[[Any, ServerContext], Awaitable[Message]]
+class EncodedResponse:
+    """A response its handler has already encoded (protobuf wire bytes, in pieces).
+
+    For bulk data: a handler that answers a megabyte of output saves the
+    copies that building a message and serializing it would cost; the
+    pieces are written to the socket as they are.
+    """
+
+    __slots__ = ("parts",)
+
+    def __init__(self, *parts: bytes) -> None:
+        self.parts = parts
+
+    def SerializeToString(self) -> bytes:  # as a protobuf Message
+        return b"".join(self.parts)
+
+
+#: What a unary handler answers: a message, or one already encoded.
+UnaryResponse = Message | EncodedResponse
+UnaryHandler = Callable[[Any, ServerContext], Awaitable[UnaryResponse]]
 #: Runs around a unary handler: `await interceptor(request, ctx, handler)`, where
 #: `handler(request, ctx)` is the rest of the chain (see Server).
-UnaryServerInterceptor = Callable[[Any, ServerContext, UnaryHandler], Awaitable[Message]]
+UnaryServerInterceptor = Callable[[Any, ServerContext, UnaryHandler], Awaitable[UnaryResponse]]
 
 
 class ServerStream:
@@ -221,6 +241,8 @@ class Limits:
 
 #: Largest single read from a connection: bounds what one read can add to memory.
 READ_SIZE = 64 << 10
+#: Answers queued in one loop turn are joined into one buffer below this many bytes.
+COALESCE_JOIN_LIMIT = 256 << 10
 #: Requests one connection may start before the other connections (and the
 #: calls just started) get a turn of the event loop.
 EVENTS_PER_TURN = 16
@@ -282,6 +304,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.protocol = ServerConnection(max_streams=server.limits.max_calls_per_connection)
         # Kept, not looked up per call: on 3.11 each lookup costs a getpid() syscall.
         self.loop = asyncio.get_running_loop()
+        self.busy_poll = server._busy_poll_on(self.loop)
         self.transport: asyncio.Transport | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.streams: dict[int, ServerStream] = {}
@@ -337,6 +360,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self.server._read_buffer[: max(1, min(room, READ_SIZE))]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.busy_poll.received()
         self.protocol.receive_data(bytes(self.server._read_buffer[:nbytes]))
         self._process()
 
@@ -471,28 +495,35 @@ class _Connection(asyncio.BufferedProtocol):
     # sending: while several calls are in flight, coalesce the frames produced
     # in one loop iteration into one write (one syscall instead of many)
 
-    def send(self, data: bytes) -> None:
+    def send(self, *data: bytes) -> None:
+        """Write `data`, pieces of frames in order (big ones are not joined: not copied)."""
         if len(self.tasks) <= 1 and not self._outbox:
             # The only call in flight: answer at once, no extra loop turn.
             self._write(data)
             return
         if not self._outbox:
             self.loop.call_soon(self._flush)
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
+        self._outbox.extend(data)
+        self._outbox_bytes += len(data[0]) if len(data) == 1 else sum(map(len, data))
 
     def _flush(self) -> None:
-        data = b"".join(self._outbox)
-        self._outbox.clear()
+        data, size = self._outbox, self._outbox_bytes
+        self._outbox = []
         self._outbox_bytes = 0
-        self._write(data)
+        # Small answers are joined (one buffer for the transport); big ones are not copied.
+        self._write((b"".join(data),) if size < COALESCE_JOIN_LIMIT else data)
         if _REPLIES in self._paused and not self._replies_backlogged():
             self._resume(_REPLIES)
 
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+    def _write(self, data: Sequence[bytes]) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            if len(data) == 1:
+                self.transport.write(data[0])
+            else:
+                # One writev on uvloop; the selector loop joins them (a copy) before 3.12.
+                self.transport.writelines(data)
             self.server._count_replies(self)
+            self.busy_poll.answered()
 
     def _replies_backlogged(self) -> bool:
         if self._write_blocked:
@@ -501,15 +532,17 @@ class _Connection(asyncio.BufferedProtocol):
         queued = transport.get_write_buffer_size() if transport is not None else 0
         return queued + self._outbox_bytes > self.limits.reply_high_water
 
-    def _answer(self, stream_id: int, status: status_pb2.Status, payload: bytes = b"") -> None:
+    def _answer(
+        self, stream_id: int, status: status_pb2.Status, payload: Sequence[bytes] | bytes = b""
+    ) -> None:
+        parts = (payload,) if isinstance(payload, bytes) else payload
         try:
-            frame = self.protocol.response(stream_id, status, payload)
+            frame = self.protocol.response_parts(stream_id, status, parts)
         except FrameTooLarge:
-            status = status_pb2.Status(
-                code=Code.RESOURCE_EXHAUSTED, message=oversize_message(len(payload))
-            )
-            frame = self.protocol.response(stream_id, status)
-        self.send(frame)
+            size = sum(len(part) for part in parts)
+            status = status_pb2.Status(code=Code.RESOURCE_EXHAUSTED, message=oversize_message(size))
+            frame = self.protocol.response_parts(stream_id, status, ())
+        self.send(*frame)
 
     def _reject(self, event: StreamRejected) -> None:
         self.server.counters["streams_rejected"] += 1
@@ -562,7 +595,7 @@ class _Connection(asyncio.BufferedProtocol):
                 metadata.setdefault(kv.key, []).append(kv.value)
         timeout = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
         ctx = ServerContext(request.service, request.method, sid, metadata, timeout, self.peer)
-        work: Awaitable[bytes | None]
+        work: Awaitable[Sequence[bytes] | bytes | None]
         if isinstance(method, UnaryMethod):
             work = self._decode_and_handle(method, request.payload, ctx)
         else:
@@ -579,7 +612,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     async def _decode_and_handle(
         self, method: UnaryMethod, payload: bytes, ctx: ServerContext
-    ) -> bytes:
+    ) -> Sequence[bytes]:
         try:
             request = method.request_type.FromString(payload)
         except DecodeError as exc:
@@ -588,7 +621,9 @@ class _Connection(asyncio.BufferedProtocol):
             ) from None
         del payload  # decoded: a call that waits long must not hold its bytes twice
         response = await method.handler(request, ctx)  # the interceptors, then the handler
-        return response.SerializeToString()
+        if type(response) is EncodedResponse:
+            return response.parts
+        return (response.SerializeToString(),)
 
     async def _handle_stream(
         self, method: StreamMethod, stream: ServerStream, ctx: ServerContext
@@ -596,9 +631,12 @@ class _Connection(asyncio.BufferedProtocol):
         # Called here, in the call's task: what the chain raises fails this call only.
         return await method.handler(stream, ctx)
 
-    async def _run(self, ctx: ServerContext, work: Awaitable[bytes | None]) -> None:
+    async def _run(
+        self, ctx: ServerContext, work: Awaitable[Sequence[bytes] | bytes | None]
+    ) -> None:
         """Run one call to its end and answer it, whatever happens."""
-        status, body = _OK, b""
+        status: status_pb2.Status = _OK
+        body: Sequence[bytes] | bytes = b""
         deadline: asyncio.Timeout | None = None
         try:
             if ctx.timeout is None:
@@ -675,6 +713,9 @@ class Server:
     `stream_interceptors` likewise around streaming calls, with the stream in
     place of the request. One that raises fails the call, with the status of
     its TtrpcError (INTERNAL for any other exception).
+
+    `busy_poll` (seconds, 0 = off): after an answer, keep the event loop polling
+    this long for the next request rather than sleeping (see busypoll).
     """
 
     def __init__(
@@ -684,8 +725,14 @@ class Server:
         interceptors: Sequence[UnaryServerInterceptor] = (),
         stream_interceptors: Sequence[StreamServerInterceptor] = (),
         limits: Limits | None = None,
+        busy_poll: float = 0.0,
     ) -> None:
+        if busy_poll < 0:
+            raise ValueError(f"busy_poll must not be negative, got {busy_poll!r}")
         self.interceptors = tuple(interceptors)
+        #: Seconds the event loop keeps polling after an answer (see busypoll); 0: off.
+        self.busy_poll = busy_poll
+        self._busy_polls: dict[asyncio.AbstractEventLoop, BusyPoll] = {}
         self.stream_interceptors = tuple(stream_interceptors)
         self.limits = limits or Limits()
         self._services: dict[str, Service] = {}
@@ -715,6 +762,13 @@ class Server:
         #: Answer bytes queued on all connections (as last counted), and who has some.
         self._queued_replies = 0
         self._backlogged: set[_Connection] = set()
+
+    def _busy_poll_on(self, loop: asyncio.AbstractEventLoop) -> BusyPoll:
+        """The loop's poller: one per loop, shared by its connections."""
+        poll = self._busy_polls.get(loop)
+        if poll is None:
+            poll = self._busy_polls[loop] = BusyPoll(loop, self.busy_poll)
+        return poll
 
     def stats(self) -> dict[str, int]:
         """What the server holds now, and how often each bound was hit."""
@@ -890,6 +944,8 @@ class Server:
             if conn.transport is not None:
                 conn.transport.abort()
         self.warnings.close()
+        for poll in self._busy_polls.values():
+            poll.close()
         for listener in self._listeners:
             await listener.wait_closed()
         self._listeners.clear()

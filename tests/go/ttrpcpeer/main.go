@@ -300,6 +300,33 @@ func client(socket, op string, n, conc int) {
 		err = c.Call(ctx, *callService, *callMethod, req, resp)
 		body, _ := protojson.Marshal(resp.m)
 		emit(map[string]interface{}{"op": op, "status": statusOf(err), "response": json.RawMessage(body)})
+	case "read-stdout":
+		// The shim's loop: ReadStdout (request as JSON) until the empty answer.
+		d, err := files.FindDescriptorByName("grpc.AgentService")
+		if err != nil {
+			fatal(err)
+		}
+		m := d.(protoreflect.ServiceDescriptor).Methods().ByName("ReadStdout")
+		req := &msg{dynamicpb.NewMessage(m.Input())}
+		if err := protojson.Unmarshal([]byte(*callRequest), req.m); err != nil {
+			fatal(err)
+		}
+		data := m.Output().Fields().ByName("data")
+		total := 0
+		start := time.Now()
+		for {
+			resp := &msg{dynamicpb.NewMessage(m.Output())}
+			if err := c.Call(ctx, "grpc.AgentService", "ReadStdout", req, resp); err != nil {
+				fatal(err)
+			}
+			got := len(resp.m.Get(data).Bytes())
+			if got == 0 {
+				break
+			}
+			total += got
+		}
+		secs := time.Since(start).Seconds()
+		emit(map[string]interface{}{"op": op, "bytes": total, "mib_s": float64(total) / secs / (1 << 20)})
 	case "bench":
 		rate(c, n/10+1, conc) // warm-up
 		emit(map[string]interface{}{"op": op, "calls": n, "concurrency": conc, "rate": rate(c, n, conc)})
