@@ -37,9 +37,10 @@ $(STAMP): pyproject.toml Makefile
 # top-level imports into package-relative ones so pykata.api is self-contained.
 protos: setup
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=src/pykata/api --pyi_out=src/pykata/api \
-	    protos/oci.proto protos/csi.proto protos/types.proto protos/agent.proto protos/health.proto
-	sed -i -E 's/^import (oci|csi|types|agent|health)_pb2 as/from . import \1_pb2 as/' src/pykata/api/*_pb2.py
-	sed -i -E 's/^import (oci|csi|types|agent|health)_pb2 as/from . import \1_pb2 as/; s/^from (oci|csi|types|agent|health)_pb2 import/from .\1_pb2 import/' src/pykata/api/*_pb2.pyi
+	    protos/oci.proto protos/csi.proto protos/types.proto protos/agent.proto protos/health.proto \
+	    protos/extensions.proto
+	sed -i -E 's/^import (oci|csi|types|agent|health|extensions)_pb2 as/from . import \1_pb2 as/' src/pykata/api/*_pb2.py
+	sed -i -E 's/^import (oci|csi|types|agent|health|extensions)_pb2 as/from . import \1_pb2 as/; s/^from (oci|csi|types|agent|health|extensions)_pb2 import/from .\1_pb2 import/' src/pykata/api/*_pb2.pyi
 	$(PY) -m grpc_tools.protoc -Iprotos -I$$($(PY) -c 'import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))')/_proto \
 	    -I$$($(PY) -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(google.rpc.__path__[0])))') \
 	    --python_out=src/pykata/ttrpc --pyi_out=src/pykata/ttrpc protos/ttrpc.proto

@@ -191,13 +191,20 @@ class FakeVmm:
         dst.close()
 
 
-def go_client(socket_path: str, op: str, *args: str, timeout: float = 300) -> list[dict[str, Any]]:
-    """Run the Go peer's client once; its JSON result lines."""
+def go_client(
+    socket_path: str,
+    op: str,
+    *args: str,
+    timeout: float = 300,
+    descriptors: Path = REFERENCE_DESCRIPTORS,
+) -> list[dict[str, Any]]:
+    """Run the Go peer's client once; its JSON result lines. `descriptors`: the
+    FileDescriptorSet it knows the messages from (the upstream API by default)."""
     result = subprocess.run(
         [
             str(build_go_peer()),
             "-desc",
-            str(REFERENCE_DESCRIPTORS),
+            str(descriptors),
             "client",
             "-socket",
             socket_path,

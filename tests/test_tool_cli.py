@@ -26,7 +26,19 @@ TOOLS = {
     "kata-guest-image": "pykata.vm.image",
 }
 SUBCOMMANDS = {
-    "kata-agent-ctl": ["connect", "vm", "console", "generate-cid", "generate-sid", "examples"],
+    "kata-agent-ctl": [
+        "connect",
+        "vm",
+        "console",
+        "capabilities",
+        "port-forward",
+        "cp",
+        "exec",
+        "watch",
+        "generate-cid",
+        "generate-sid",
+        "examples",
+    ],
     "kata-container-trace": ["record", "summary", "chrome"],
 }
 

@@ -19,6 +19,7 @@ from .. import __version__
 from .. import log as logsetup
 from ..transport import AddressError, TransportError
 from ..ttrpc import Server, UnaryServerInterceptor
+from ..ttrpc.server import StreamServerInterceptor
 from . import config as configmod
 from . import init, interceptors, leftovers, limits, lttng, reaper, restore
 from . import runtime as runtime_mod
@@ -125,6 +126,14 @@ def call_interceptors(
     return chain
 
 
+def stream_interceptors(tracing: TraceProvider | None) -> list[StreamServerInterceptor]:
+    """Around every streaming call (pykata.Extensions): its span, if tracing. The policy
+    decides in the handler, on the stream's opening message."""
+    if tracing is None:
+        return []
+    return [interceptors.stream_spans(tracing.tracer, tracing.root_context)]
+
+
 async def serve(config: configmod.AgentConfig, runtime_binary: str, started: float) -> None:
     asyncio.get_running_loop().set_exception_handler(logsetup.loop_exception_handler)
     run_dir = Path(config.run_dir)
@@ -188,8 +197,9 @@ def make_server(
         max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),
     )
     return Server(
-        services(parts),
+        services(parts, server_limits),
         interceptors=call_interceptors(parts.policy, tracing),
+        stream_interceptors=stream_interceptors(tracing),
         limits=server_limits,
         busy_poll=config.busy_poll_us / 1e6,
     )

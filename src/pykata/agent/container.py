@@ -134,6 +134,16 @@ class Container:
         self.undo.callback(self._close_processes)
         self.init.when_exited(self.lifecycle.stopped)
 
+    def open_root(self) -> int:
+        """An O_PATH fd of the container's root directory: as its processes see it
+        (their mounts included) while its init runs, else its rootfs."""
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        if self.init is not None and not self.init.exited:
+            # The init is our child and not reaped yet, so its pid is still its own.
+            with contextlib.suppress(OSError):
+                return os.open(f"/proc/{self.init.pid}/root", flags)
+        return os.open(Path(self.bundle, self.config["root"]["path"]), flags)
+
     def _close_processes(self) -> None:
         for proc in [*self.execs.values(), *([self.init] if self.init else [])]:
             proc.close()
@@ -193,7 +203,11 @@ class Container:
 
         await self._act(Action.UPDATE, update)
 
-    async def exec(self, exec_id: str, spec: dict[str, Any]) -> Process:
+    async def exec(
+        self, exec_id: str, spec: dict[str, Any], *, pipe_size: int | None = None
+    ) -> Process:
+        """Run a process in the container; `pipe_size`: its output pipes' size, if not
+        the container's (streaming execs read larger pieces from larger pipes)."""
         if not exec_id:
             raise InvalidArgument("exec_id is empty: an exec needs an id of its own")
         check_id("exec_id", exec_id)
@@ -212,7 +226,8 @@ class Container:
                 )
 
             terminal = bool(process_spec.get("terminal"))
-            proc = await spawn(self.id, exec_id, self.bundle, terminal, self.pipe_size, launch)
+            size = self.pipe_size if pipe_size is None else pipe_size
+            proc = await spawn(self.id, exec_id, self.bundle, terminal, size, launch)
             proc.on_finished = lambda: self._forget(proc)
             self.execs[exec_id] = proc
             started.append(proc)
@@ -237,6 +252,15 @@ class Container:
 
     async def wait(self, exec_id: str) -> int:
         return await self.process(exec_id).wait()
+
+    async def end_exec(self, process: Process) -> None:
+        """An exec nobody will read or wait for any more (its streaming call ended):
+        killed if it still runs, reaped, and forgotten with what is left of its output."""
+        if not process.exited:
+            with contextlib.suppress(ProcessLookupError):
+                process.signal(signals.SIGKILL)
+        await process.wait()
+        self._forget(process)
 
     def _forget(self, process: Process) -> None:
         """An exec whose status was collected and whose output was all read: gone."""

@@ -83,3 +83,9 @@ class RuntimeFailure(AgentError):
     """The OCI runtime refused; the message is the runtime's own."""
 
     code = Code.INTERNAL
+
+
+class Unavailable(AgentError):
+    """Something the call reaches for (a forwarded port) refused or went away."""
+
+    code = Code.UNAVAILABLE

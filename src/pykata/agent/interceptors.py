@@ -18,7 +18,14 @@ from google.protobuf.message import Message
 
 from .. import otlp
 from ..spans import RemoteParent, Span, SpanContext, Tracer
-from ..ttrpc import ServerContext, UnaryHandler, UnaryResponse, UnaryServerInterceptor
+from ..ttrpc import (
+    ServerContext,
+    ServerStream,
+    UnaryHandler,
+    UnaryResponse,
+    UnaryServerInterceptor,
+)
+from ..ttrpc.server import StreamHandler, StreamServerInterceptor
 from . import tracing
 from .policy import Enforcer
 
@@ -67,6 +74,35 @@ def rpc_spans(tracer: Tracer, root: SpanContext) -> UnaryServerInterceptor:
         token = tracing.current.set(span)
         try:
             return await handler(request, ctx)
+        except BaseException as exc:
+            span.record_error(exc)
+            raise
+        finally:
+            tracing.current.reset(token)
+            span.end()
+
+    return traced
+
+
+def stream_spans(tracer: Tracer, root: SpanContext) -> StreamServerInterceptor:
+    """Each streaming call (pykata.Extensions) in its span, as rpc_spans does for unary
+    ones; the span lasts as long as the stream."""
+
+    async def traced(
+        stream: ServerStream, ctx: ServerContext, handler: StreamHandler
+    ) -> bytes | None:
+        traceparent = ctx.metadata.get("traceparent")
+        parent: SpanContext | RemoteParent = root
+        if traceparent:
+            state = ",".join(ctx.metadata.get("tracestate", ()))
+            parent = RemoteParent(traceparent[0], state, root)
+        rpc_attributes = otlp.encode_attributes(
+            {"rpc.system": "ttrpc", "rpc.service": ctx.service, "rpc.method": ctx.method}
+        )
+        span = Span(tracer, ctx.method, parent, otlp.SERVER, {}, time.time_ns(), rpc_attributes)
+        token = tracing.current.set(span)
+        try:
+            return await handler(stream, ctx)
         except BaseException as exc:
             span.record_error(exc)
             raise

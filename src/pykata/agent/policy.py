@@ -32,7 +32,7 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from ..api import agent_pb2, health_pb2
+from ..api import agent_pb2, extensions_pb2, health_pb2
 from .errors import InvalidArgument, PermissionDenied
 
 log = logging.getLogger("pykata.agent.policy")
@@ -42,6 +42,8 @@ _STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?")
 _SERVICES: list[ServiceDescriptor] = [
     agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
     health_pb2.DESCRIPTOR.services_by_name["Health"],
+    # Its streaming calls are decided on their opening message (fields such as open.port).
+    extensions_pb2.DESCRIPTOR.services_by_name["Extensions"],
 ]
 #: RPC name -> its request's descriptor.
 REQUESTS = {m.name: m.input_type for s in _SERVICES for m in s.methods}

@@ -104,7 +104,8 @@ class OciRuntime:
     #: Create containers with --no-pivot: pivot_root(2) refuses to leave the initial
     #: ramfs, so a guest whose root is its initrd needs it (as upstream's agent does).
     no_pivot: bool = False
-    _seccomp: bool | None = field(default=None, init=False, repr=False)
+    #: `--version`'s output, once asked (an answer that failed is asked again).
+    _version: str | None = field(default=None, init=False, repr=False)
     _invocations: int = field(default=0, init=False, repr=False)
 
     @property
@@ -272,28 +273,42 @@ class OciRuntime:
 
         Asked on GetGuestDetails, once (not at start-up): its `--version` is cached.
         """
-        if self._seccomp is None:
-            with orphans.runtime_running():  # its exit status is asyncio's, not the sweeper's
-                try:
-                    proc = await asyncio.create_subprocess_exec(
-                        self.binary,
-                        "--version",
-                        stdout=asyncio.subprocess.PIPE,
-                        stderr=asyncio.subprocess.DEVNULL,
-                    )
-                except OSError as exc:
-                    log.warning("cannot ask %s --version: %s", self.binary, exc)
-                    return False
-                try:
-                    out, _ = await asyncio.wait_for(proc.communicate(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
-                    log.warning("%s --version did not answer in 10 s", self.binary)
-                    return False
-            text = out.decode(errors="replace")
-            self._seccomp = "+SECCOMP" in text or "libseccomp" in text
-        return self._seccomp
+        text = await self._version_text()
+        return "+SECCOMP" in text or "libseccomp" in text
+
+    async def version(self) -> str:
+        """The first line of `--version` ("crun version 1.14.1"), or the binary's name."""
+        lines = (await self._version_text()).splitlines()
+        return lines[0].strip() if lines else self.name
+
+    async def _version_text(self) -> str:
+        if self._version is None:
+            text = await self._ask_version()
+            if not text:
+                return ""
+            self._version = text
+        return self._version
+
+    async def _ask_version(self) -> str:
+        with orphans.runtime_running():  # its exit status is asyncio's, not the sweeper's
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.binary,
+                    "--version",
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            except OSError as exc:
+                log.warning("cannot ask %s --version: %s", self.binary, exc)
+                return ""
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                log.warning("%s --version did not answer in 10 s", self.binary)
+                return ""
+        return out.decode(errors="replace")
 
     async def state(self, container_id: str) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(

@@ -20,7 +20,7 @@ from .. import __version__, ocispec
 from ..api import agent_pb2, csi_pb2, health_pb2, types_pb2
 from ..ttrpc import Code, EncodedResponse, ServerContext, Service, TtrpcError, UnaryMethod
 from ..ttrpc.frame import varint
-from ..ttrpc.server import UnaryHandler, UnaryResponse
+from ..ttrpc.server import Limits, UnaryHandler, UnaryResponse
 from . import cgroups, network
 from .codes import upstream_code
 from .copyfile import CopyRequest, SharedFiles
@@ -531,5 +531,8 @@ def agent_service(parts: AgentParts) -> Service:
     return service
 
 
-def services(parts: AgentParts) -> list[Service]:
-    return [health_service(), agent_service(parts)]
+def services(parts: AgentParts, limits: Limits | None = None) -> list[Service]:
+    """The upstream services, and pykata.Extensions (extensions.py) next to them."""
+    from .extensions import extensions_service
+
+    return [health_service(), agent_service(parts), extensions_service(parts, limits or Limits())]

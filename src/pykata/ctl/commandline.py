@@ -28,7 +28,7 @@ from ..transport import (
 from ..ttrpc import Client
 from ..vm import GUEST_ROOTFS, GUEST_SHARE
 from . import console as console_mod
-from . import terminal
+from . import extensions, terminal
 from . import vm as vm_mod
 from .autovalues import AutoValues
 from .examples import EXAMPLES
@@ -225,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
         help="give up after this long: seconds, or 500ms, 5s, 2m (default: 10s to connect, "
         "then no limit)",
     )
+    extensions.add_parsers(sub)
     sub.add_parser(
         "generate-cid", help="print a new container id", description="Print a new container id."
     )
@@ -399,4 +400,9 @@ def _main(args: argparse.Namespace) -> int:
         return console(args)
     if args.command == "vm":
         return vm_mod.run(args)
+    if args.command in extensions.NAMES:
+        try:
+            return extensions.run(args)
+        except extensions.UsageError as exc:
+            raise UsageError(str(exc)) from None
     return connect(args)

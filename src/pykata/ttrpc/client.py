@@ -91,7 +91,9 @@ class ClientStream:
 
     async def recv(self) -> bytes | None:
         """The next data message from the server; None when its response has come."""
-        if self._inbox.empty() and self._response.done():
+        if not self._inbox.empty():
+            return self._inbox.get_nowait()
+        if self._response.done():
             return None
         getter = asyncio.ensure_future(self._inbox.get())
         waiting: list[asyncio.Future[Any]] = [getter, self._response]
@@ -104,6 +106,11 @@ class ClientStream:
     async def response(self) -> bytes:
         """The final response payload; raises TtrpcError for a failed status."""
         return await self._response
+
+    @property
+    def finished(self) -> bool:
+        """The server has answered (or the connection is lost)."""
+        return self._response.done()
 
 
 class Client:
@@ -149,6 +156,10 @@ class Client:
     async def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+        await asyncio.shield(self._closed)
+
+    async def wait_closed(self) -> None:
+        """Until the connection is closed or lost."""
         await asyncio.shield(self._closed)
 
     @property

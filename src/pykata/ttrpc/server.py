@@ -84,21 +84,58 @@ UnaryServerInterceptor = Callable[[Any, ServerContext, UnaryHandler], Awaitable[
 
 
 class ServerStream:
-    """Both directions of a streaming call, as raw payloads."""
+    """Both directions of a streaming call, as raw payloads.
 
-    def __init__(self, conn: _Connection, stream_id: int) -> None:
+    Messages the handler has not taken yet are held up to `max_buffered`
+    payload bytes (Limits.stream_buffer_bytes); a client that sends more
+    (one not keeping to its service's flow control) fails the call with
+    RESOURCE_EXHAUSTED, and what it sent beyond is dropped.
+    """
+
+    def __init__(self, conn: _Connection, stream_id: int, max_buffered: int = 1 << 62) -> None:
         self._conn = conn
         self._stream_id = stream_id
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._max_buffered = max_buffered
+        self._buffered = 0
+        self._overrun = False
 
     async def recv(self) -> bytes | None:
         """The next message from the client; None once it has closed its side."""
-        return await self._inbox.get()
+        payload = await self._inbox.get()
+        if payload is not None:
+            self._buffered -= len(payload)
+        return payload
 
     def send(self, payload: bytes) -> None:
         self._conn.send(self._conn.protocol.data(self._stream_id, payload))
 
+    @property
+    def buffered(self) -> int:
+        """Payload bytes received and not taken by recv() yet."""
+        return self._buffered
+
+    @property
+    def overrun(self) -> bool:
+        return self._overrun
+
+    def overrun_status(self) -> status_pb2.Status:
+        message = (
+            f"the client sent more than {self._max_buffered} bytes the call had not "
+            "taken yet (Limits.stream_buffer_bytes)"
+        )
+        return status_pb2.Status(code=Code.RESOURCE_EXHAUSTED, message=message)
+
     def _deliver(self, payload: bytes | None) -> None:
+        if self._overrun:
+            return
+        if payload is not None:
+            if self._buffered + len(payload) > self._max_buffered:
+                # The call ends now, whatever its handler waits for.
+                self._overrun = True
+                self._conn._end_overrun(self._stream_id)
+                return
+            self._buffered += len(payload)
         self._inbox.put_nowait(payload)
 
 
@@ -180,6 +217,9 @@ class Limits:
     #: logged once the burst would have refilled.
     peer_log_rate: float = 1.0
     peer_log_burst: int = 10
+    #: Payload bytes of one streaming call's messages received and not taken by
+    #: its handler yet; past it the call fails RESOURCE_EXHAUSTED.
+    stream_buffer_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -559,7 +599,7 @@ class _Connection(asyncio.BufferedProtocol):
         if isinstance(method, UnaryMethod):
             work = self._decode_and_handle(method, request.payload, ctx)
         else:
-            stream = ServerStream(self, sid)
+            stream = ServerStream(self, sid, self.limits.stream_buffer_bytes)
             if not event.streaming:
                 stream._deliver(request.payload)
                 stream._deliver(None)
@@ -606,12 +646,23 @@ class _Connection(asyncio.BufferedProtocol):
                     body = await work or b""
         except BaseException as exc:
             expired = deadline is not None and deadline.expired()
+            stream = self.streams.get(ctx.stream_id)
+            if stream is not None and stream.overrun:
+                status = stream.overrun_status()
+                return
             status = self._failure(exc, ctx, expired)
             if isinstance(exc, asyncio.CancelledError) and not expired:
                 raise
         finally:
             self._answer(ctx.stream_id, status, body)
             self._call_done(ctx, status)
+
+    def _end_overrun(self, stream_id: int) -> None:
+        """A streaming call whose client sent past its buffer: cancelled, and answered
+        RESOURCE_EXHAUSTED (see _run)."""
+        task = self.tasks.get(stream_id)
+        if task is not None:
+            task.cancel()
 
     def _call_done(self, ctx: ServerContext, status: status_pb2.Status) -> None:
         if self.tasks.pop(ctx.stream_id, None) is not None:

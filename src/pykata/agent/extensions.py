@@ -1,0 +1,200 @@
+"""pykata.Extensions: the agent's own service (protos/extensions.proto,
+docs/extensions.md), on the same connection as the upstream API.
+
+Thin handlers, as in service.py: each streaming call reads its opening
+message, lets the policy decide on it (rules name these RPCs as any other),
+and hands the stream to one domain object. Bad input is INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import __version__
+from ..api import extensions_pb2 as ext
+from ..extensions import EXTENSIONS, SERVICE
+from ..ttrpc import ServerContext, ServerStream, Service, StreamMethod, UnaryMethod
+from ..ttrpc.frame import MAX_DATA_SIZE
+from ..ttrpc.server import Limits
+from .channel import Channel
+from .portforward import Forwards, target_address
+from .storage import DRIVERS
+from .streamexec import StreamExecs
+from .transfer import Transfers
+from .watch import BATCH as WATCH_BATCH
+from .watch import Watches
+
+if TYPE_CHECKING:
+    from .service import AgentParts
+
+#: The upstream Kata agent API this agent implements (docs/api.md).
+UPSTREAM_API_VERSION = "kata-containers agent.proto @7c6ba40c"
+
+
+@dataclass(frozen=True)
+class ExtensionLimits:
+    """Bounds of the extensions; docs/extensions.md lists them with these defaults."""
+
+    #: Unacknowledged data bytes in flight per direction of a stream.
+    window_bytes: int = 4 << 20
+    #: Largest `data` in one message (at most a quarter of the window: see flow.py).
+    max_chunk_bytes: int = 1 << 20
+    max_forwards: int = 64
+    max_transfers: int = 16
+    max_execs: int = 64
+    max_watches: int = 32
+    watch_queue_events: int = 4096
+    watch_window_events: int = 256
+    max_watched_directories: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_chunk_bytes * 4 > self.window_bytes:
+            raise ValueError("max_chunk_bytes must be at most a quarter of window_bytes")
+        if self.watch_window_events < WATCH_BATCH * 4:
+            raise ValueError(f"watch_window_events must be at least {WATCH_BATCH * 4}")
+
+
+class Extensions:
+    """pykata.Extensions; method names are the RPC names."""
+
+    def __init__(self, parts: AgentParts, server_limits: Limits, limits: ExtensionLimits) -> None:
+        self.parts = parts
+        self.server_limits = server_limits
+        self.limits = limits
+        self.forwards = Forwards(limits.max_forwards, limits.max_chunk_bytes)
+        self.transfers = Transfers(limits.max_transfers, limits.max_chunk_bytes)
+        self.execs = StreamExecs(limits.max_execs, limits.max_chunk_bytes)
+        self.watches = Watches(
+            limits.max_watches,
+            limits.watch_queue_events,
+            limits.watch_window_events,
+            limits.max_watched_directories,
+        )
+
+    def _open_root(self, location: ext.FileLocation) -> int:
+        """An O_PATH fd of the root `location` is inside: a container's, or the shared
+        directory (no container id)."""
+        if location.container_id:
+            return self.parts.sandbox.container(location.container_id).open_root()
+        root = self.parts.files.root
+        root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    async def GetCapabilities(
+        self, req: ext.CapabilitiesRequest, ctx: ServerContext
+    ) -> ext.Capabilities:
+        limits = self.limits
+        return ext.Capabilities(
+            agent_version=__version__,
+            upstream_api_version=UPSTREAM_API_VERSION,
+            extensions=[ext.Extension(name=n, version=v) for n, v in EXTENSIONS.items()],
+            limits=ext.ExtensionLimits(
+                max_message_bytes=MAX_DATA_SIZE,
+                max_calls_per_connection=self.server_limits.max_calls_per_connection,
+                max_connections=self.server_limits.max_connections,
+                window_bytes=limits.window_bytes,
+                max_chunk_bytes=limits.max_chunk_bytes,
+                max_forwards=limits.max_forwards,
+                watch_queue_events=limits.watch_queue_events,
+                watch_window_events=limits.watch_window_events,
+                max_watches=limits.max_watches,
+                max_watched_directories=limits.max_watched_directories,
+                max_transfers=limits.max_transfers,
+                max_execs=limits.max_execs,
+            ),
+            storage_drivers=list(DRIVERS),
+            runtime=await self.parts.sandbox.runtime.version(),
+        )
+
+    async def PortForward(self, stream: ServerStream, ctx: ServerContext) -> None:
+        channel = Channel(
+            stream,
+            ext.ForwardMessage,
+            self.limits.window_bytes,
+            ack_of=lambda m: m.ack,
+            data_of=lambda m: len(m.data),
+        )
+        try:
+            first = await channel.first("open")
+            self.parts.policy.check(ctx.method, first)
+            target = target_address(first.open)
+            netns = self.parts.sandbox.network.netns_path
+            await self.forwards.run(channel, netns, target)
+        finally:
+            await channel.close()
+
+    async def Upload(self, stream: ServerStream, ctx: ServerContext) -> None:
+        channel = Channel(
+            stream, ext.UploadInput, self.limits.window_bytes, data_of=lambda m: len(m.data)
+        )
+        try:
+            first = await channel.first("open")
+            self.parts.policy.check(ctx.method, first)
+            root = self._open_root(first.open.file)
+            try:
+                await self.transfers.upload(channel, root, first.open)
+            finally:
+                os.close(root)
+        finally:
+            await channel.close()
+
+    async def Download(self, stream: ServerStream, ctx: ServerContext) -> None:
+        channel = Channel(
+            stream, ext.DownloadInput, self.limits.window_bytes, ack_of=lambda m: m.ack
+        )
+        try:
+            first = await channel.first("open")
+            self.parts.policy.check(ctx.method, first)
+            root = self._open_root(first.open.file)
+            try:
+                await self.transfers.download(channel, root, first.open)
+            finally:
+                os.close(root)
+        finally:
+            await channel.close()
+
+    async def Exec(self, stream: ServerStream, ctx: ServerContext) -> None:
+        channel = Channel(
+            stream,
+            ext.ExecInput,
+            self.limits.window_bytes,
+            ack_of=lambda m: m.ack,
+            data_of=lambda m: len(m.stdin),
+        )
+        try:
+            first = await channel.first("start")
+            self.parts.policy.check(ctx.method, first)
+            container = self.parts.sandbox.container(first.start.container_id)
+            await self.execs.run(channel, container, first.start)
+        finally:
+            await channel.close()
+
+    async def Watch(self, stream: ServerStream, ctx: ServerContext) -> None:
+        # Its acks count events, in a window of its own (watch.py).
+        channel = Channel(stream, ext.WatchInput, self.limits.window_bytes)
+        try:
+            first = await channel.first("open")
+            self.parts.policy.check(ctx.method, first)
+            root = self._open_root(first.open.location)
+            try:
+                await self.watches.run(channel, root, first.open)
+            finally:
+                os.close(root)
+        finally:
+            await channel.close()
+
+
+def extensions_service(
+    parts: AgentParts, server_limits: Limits, limits: ExtensionLimits | None = None
+) -> Service:
+    impl = Extensions(parts, server_limits, limits or ExtensionLimits())
+    service = Service(SERVICE)
+    service.methods["GetCapabilities"] = UnaryMethod(ext.CapabilitiesRequest, impl.GetCapabilities)
+    for name in EXTENSIONS:
+        if name != "GetCapabilities":
+            handler = getattr(impl, name, None)
+            if handler is not None:
+                service.methods[name] = StreamMethod(handler)
+    return service

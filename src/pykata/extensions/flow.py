@@ -1,0 +1,92 @@
+"""Flow control for the extensions' streams, the same on both ends.
+
+ttRPC streams have none of their own: a sender could fill its peer's memory.
+So each side may have at most a window of data in flight that the other has
+not acknowledged; the receiver acknowledges what it has consumed (not what
+it has merely received), in steps of a quarter window, so the sender never
+stops while the receiver keeps up. A sender that must wait has more than
+three quarters of the window in flight (no message is larger than a
+quarter), so once the receiver has consumed it, an acknowledgement is due:
+the two never wait for each other. Data that trickles (a terminal) is
+acknowledged rarely, and need not be: it never fills the window. A peer
+that sends past the window breaks the protocol: `WindowExceeded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class WindowExceeded(Exception):
+    """The peer broke flow control (one of the two below)."""
+
+
+class WindowOverrun(WindowExceeded):
+    """The peer sent more than the window allows."""
+
+
+class AckBeyondSent(WindowExceeded):
+    """The peer acknowledged more than it was sent."""
+
+
+class SendWindow:
+    """What this side may still send before the peer acknowledges some."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.in_flight = 0
+        self._changed = asyncio.Event()
+        self._closed: BaseException | None = None
+
+    async def reserve(self, amount: int) -> None:
+        """Wait until `amount` more fits (one message always fits an empty window)."""
+        while self.in_flight and self.in_flight + amount > self.size:
+            if self._closed is not None:
+                raise self._closed
+            self._changed.clear()
+            await self._changed.wait()
+        if self._closed is not None:
+            raise self._closed
+        self.in_flight += amount
+
+    def acknowledged(self, amount: int) -> None:
+        if amount > self.in_flight:
+            raise AckBeyondSent(
+                f"the peer acknowledged {amount} bytes, but only {self.in_flight} are in flight"
+            )
+        self.in_flight -= amount
+        self._changed.set()
+
+    def close(self, reason: BaseException) -> None:
+        """Wake a waiting reserve(), which raises `reason`."""
+        self._closed = reason
+        self._changed.set()
+
+
+class ReceiveWindow:
+    """What the peer has sent that this side has not acknowledged yet."""
+
+    def __init__(self, size: int, unit: str = "bytes") -> None:
+        self.size = size
+        self.unit = unit
+        #: Received and not acknowledged.
+        self.outstanding = 0
+        #: Consumed and not acknowledged.
+        self._consumed = 0
+
+    def received(self, amount: int) -> None:
+        self.outstanding += amount
+        if self.outstanding > self.size:
+            raise WindowOverrun(
+                f"the peer has {self.outstanding} {self.unit} in flight, more than "
+                f"the window of {self.size}"
+            )
+
+    def consumed(self, amount: int) -> int:
+        """Note `amount` consumed; what to acknowledge now (0: not yet)."""
+        self._consumed += amount
+        if self._consumed < max(1, self.size // 4):
+            return 0
+        ack, self._consumed = self._consumed, 0
+        self.outstanding -= ack
+        return ack

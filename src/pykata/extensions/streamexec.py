@@ -1,0 +1,93 @@
+"""The client end of Exec: a process in a container on one stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ..api import extensions_pb2 as ext
+from ..api import oci_pb2
+from ..ttrpc.client import Metadata
+from .client import Channel, Extensions, ProtocolError
+
+
+class ExecSession:
+    """A running process: write its stdin, read its output, then its exit status.
+
+    >>> session = await ExecSession.start(extensions, "c1", process)
+    >>> async for stream, data in session.output():   # ("stdout" | "stderr", bytes)
+    ...     ...
+    >>> session.exit_status
+    """
+
+    def __init__(self, channel: Channel[ext.ExecOutput], exec_id: str, chunk: int) -> None:
+        self.channel = channel
+        self.exec_id = exec_id
+        self.chunk = chunk
+        self.exit_status: int | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        extensions: Extensions,
+        container_id: str,
+        process: oci_pb2.Process,
+        exec_id: str = "",
+        *,
+        metadata: Metadata | None = None,
+    ) -> ExecSession:
+        """Run `process`; raises TtrpcError if the agent cannot (its status and reason)."""
+        caps = await extensions.require("Exec")
+        channel = await extensions.open("Exec", ext.ExecOutput, metadata=metadata)
+        start = ext.ExecStart(container_id=container_id, exec_id=exec_id, process=process)
+        channel.send(ext.ExecInput(start=start))
+        first = await channel.recv()
+        if first is None:
+            await channel.finish()
+            raise ProtocolError("Exec ended before the process started")
+        if not first.exec_id:
+            channel.abort()
+            raise ProtocolError("Exec's first answer does not name the exec")
+        return cls(channel, first.exec_id, caps.limits.max_chunk_bytes)
+
+    async def write(self, data: bytes) -> None:
+        """To its stdin, within the window (waits while the agent has not taken enough)."""
+        view = memoryview(data)
+        while view:
+            piece = bytes(view[: self.chunk])
+            await self.channel.send_window.reserve(len(piece))
+            self.channel.send(ext.ExecInput(stdin=piece))
+            view = view[len(piece) :]
+
+    def close_stdin(self) -> None:
+        self.channel.send(ext.ExecInput(stdin_eof=True))
+
+    def resize(self, rows: int, columns: int) -> None:
+        self.channel.send(ext.ExecInput(resize=ext.WindowSize(rows=rows, columns=columns)))
+
+    def signal(self, signum: int) -> None:
+        self.channel.send(ext.ExecInput(signal=signum))
+
+    async def output(self) -> AsyncIterator[tuple[str, bytes]]:
+        """("stdout" | "stderr", data) as it comes; then `exit_status` is set. Each
+        piece is acknowledged once the caller comes back for the next."""
+        channel = self.channel
+        try:
+            while True:
+                message = await channel.recv()
+                if message is None:
+                    await channel.finish()
+                    raise ProtocolError("Exec ended before the exit status")
+                data = message.stdout or message.stderr  # (acks: taken by the channel)
+                if data:
+                    yield ("stdout" if message.stdout else "stderr"), data
+                    ack = channel.receive_window.consumed(len(data))
+                    if ack:
+                        channel.send(ext.ExecInput(ack=ack))
+                if message.exited:
+                    self.exit_status = message.exit_status
+                    break
+            channel.close_send()
+            await channel.finish()
+        finally:
+            channel.abort()
+            channel.send_window.close(ProtocolError("the exec has ended"))

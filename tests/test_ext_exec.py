@@ -1,0 +1,213 @@
+"""Exec: processes in real containers with their I/O on one stream."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pykata.api import agent_pb2
+from pykata.api import extensions_pb2 as ext
+from pykata.extensions.client import Extensions
+from pykata.extensions.streamexec import ExecSession
+from pykata.ttrpc import Client, Code, Stub, TtrpcError
+
+from .conftest import AgentProcess
+from .containers import process
+from .extensions import eventually, start_container
+
+AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+CTL = [sys.executable, "-m", "pykata.ctl.cli"]
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def box(container_agent: AgentProcess, rootfs: Path) -> AsyncIterator[Extensions]:
+    async with await Client.connect(container_agent.address) as client:
+        await start_container(Stub(client, AGENT), rootfs, "box", "/bin/sleep", "1000")
+        yield Extensions(client)
+
+
+async def collect(session: ExecSession) -> tuple[bytes, bytes]:
+    out, err = bytearray(), bytearray()
+    async for stream, data in session.output():
+        (out if stream == "stdout" else err).extend(data)
+    return bytes(out), bytes(err)
+
+
+async def test_output_streams_and_exit_status(box: Extensions) -> None:
+    session = await ExecSession.start(
+        box, "box", process("/bin/sh", "-c", "echo out; echo err >&2; exit 7")
+    )
+    assert session.exec_id.startswith("exec-")
+    assert await collect(session) == (b"out\n", b"err\n")
+    assert session.exit_status == 7
+
+
+async def test_large_output_byte_for_byte(box: Extensions, rootfs: Path) -> None:
+    data = os.urandom(MiB) * 40
+    name = f"big-{os.getpid()}"
+    (rootfs / "tmp" / name).write_bytes(data)
+    try:
+        session = await ExecSession.start(box, "box", process("/bin/cat", f"/tmp/{name}"))
+        out, err = await collect(session)
+    finally:
+        (rootfs / "tmp" / name).unlink()
+    assert err == b"" and session.exit_status == 0
+    assert len(out) == len(data) and hashlib.sha256(out).digest() == hashlib.sha256(data).digest()
+
+
+async def test_stdin_larger_than_the_window_comes_back(box: Extensions) -> None:
+    caps = await box.capabilities()
+    data = os.urandom(3 * caps.limits.window_bytes + 12345)
+    session = await ExecSession.start(box, "box", process("/bin/cat"))
+
+    async def feed() -> None:
+        await session.write(data)
+        session.close_stdin()
+
+    feeding = asyncio.ensure_future(feed())
+    out, _err = await collect(session)
+    await feeding
+    assert out == data and session.exit_status == 0
+
+
+async def test_terminal_resize_and_signals(box: Extensions) -> None:
+    tty = process("/bin/sh", "-c", "read line; stty size; tty", terminal=True)
+    session = await ExecSession.start(box, "box", tty)
+    session.resize(33, 101)
+    await session.write(b"go\n")
+    out, err = await collect(session)
+    assert b"33 101" in out and b"/dev/pts/" in out and err == b""
+    assert session.exit_status == 0
+    session = await ExecSession.start(box, "box", process("/bin/sleep", "1000"))
+    session.signal(signal.SIGTERM)
+    await collect(session)
+    assert session.exit_status == 128 + signal.SIGTERM
+
+
+def _sleepers(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline == b"/bin/sleep\0" + marker.encode() + b"\0":
+                found.append(int(pid))
+    return found
+
+
+async def test_a_client_that_goes_away_leaves_nothing_running(
+    box: Extensions, container_agent: AgentProcess
+) -> None:
+    session = await ExecSession.start(box, "box", process("/bin/sleep", "7777"))
+    await eventually(lambda: len(_sleepers("7777")) == 1)
+    session.channel.abort()  # closed before the exit status
+    await eventually(lambda: not _sleepers("7777"))
+    async with await Client.connect(container_agent.address) as other:
+        session = await ExecSession.start(Extensions(other), "box", process("/bin/sleep", "7778"))
+        await eventually(lambda: len(_sleepers("7778")) == 1)
+        assert other._transport is not None
+        other._transport.abort()  # the whole connection lost
+    await eventually(lambda: not _sleepers("7778"))
+    # the exec ids are free again, and the agent goes on
+    session = await ExecSession.start(box, "box", process("/bin/true"), exec_id=session.exec_id)
+    await collect(session)
+    assert session.exit_status == 0
+
+
+async def test_bad_input_is_invalid_argument(box: Extensions) -> None:
+    channel = await box.open("Exec", ext.ExecOutput)
+    channel.send(ext.ExecInput(start=ext.ExecStart(container_id="box")))
+    with pytest.raises(TtrpcError) as failed:
+        await channel.finish()
+    assert failed.value.code == Code.INVALID_ARGUMENT and "process" in failed.value.message
+    channel = await box.open("Exec", ext.ExecOutput)
+    channel.send(ext.ExecInput(stdin=b"no start"))
+    with pytest.raises(TtrpcError) as failed:
+        await channel.finish()
+    assert failed.value.code == Code.INVALID_ARGUMENT and "'start'" in failed.value.message
+    session = await ExecSession.start(box, "box", process("/bin/sleep", "1000"))
+    session.signal(99)
+    with pytest.raises(TtrpcError) as failed:
+        await collect(session)
+    assert failed.value.code == Code.INVALID_ARGUMENT and "signal 99" in failed.value.message
+    with pytest.raises(TtrpcError) as failed:
+        await ExecSession.start(box, "nosuch", process("/bin/true"))
+    assert failed.value.code == Code.NOT_FOUND
+    with pytest.raises(TtrpcError) as failed:
+        await ExecSession.start(box, "box", process("/bin/true"), exec_id="../x")
+    assert failed.value.code == Code.INVALID_ARGUMENT
+
+
+async def test_execs_at_once_are_bounded(box: Extensions) -> None:
+    caps = await box.capabilities()
+    sessions = await asyncio.gather(
+        *(
+            ExecSession.start(box, "box", process("/bin/sleep", "1000"))
+            for _ in range(caps.limits.max_execs)
+        )
+    )
+    with pytest.raises(TtrpcError) as failed:
+        await ExecSession.start(box, "box", process("/bin/true"))
+    assert failed.value.code == Code.RESOURCE_EXHAUSTED and "limit" in failed.value.message
+    for session in sessions:
+        session.signal(signal.SIGKILL)
+    await asyncio.gather(*(collect(s) for s in sessions))
+    session = await ExecSession.start(box, "box", process("/bin/true"))
+    await collect(session)
+
+
+async def test_ctl_exec_scripted(box: Extensions, container_agent: AgentProcess) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *CTL,
+        "exec",
+        "-i",
+        container_agent.address,
+        "box",
+        "--",
+        "/bin/sh",
+        "-c",
+        "tr a-z A-Z; echo done >&2; exit 5",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(b"hello\n")
+    assert (proc.returncode, out, err) == (5, b"HELLO\n", b"done\n")
+    proc = await asyncio.create_subprocess_exec(
+        *CTL,
+        "exec",
+        container_agent.address,
+        "box",
+        "--",
+        "/bin/cat",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert (proc.returncode, out) == (0, b""), err  # no -i: empty stdin
+
+
+def test_ctl_exec_interactive_with_a_terminal(
+    box: Extensions, container_agent: AgentProcess
+) -> None:
+    """Under a real pty (script(1)): the command has a terminal and our keys."""
+    command = " ".join([*CTL, "exec", "-it", container_agent.address, "box", "--", "/bin/sh"])
+    result = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        input=b"tty; echo $((6*7)); exit 3\n",
+        capture_output=True,
+        timeout=60,
+    )
+    assert b"/dev/pts/" in result.stdout and b"42" in result.stdout, result
+    assert result.returncode == 3
