@@ -46,23 +46,34 @@ def _ids(request: Any) -> tuple[str, ...]:
     return fields
 
 
+def _parent(ctx: ServerContext, root: SpanContext) -> SpanContext | RemoteParent:
+    """The caller's W3C traceparent, else the agent's root span."""
+    traceparent = ctx.metadata.get("traceparent")
+    if not traceparent:
+        return root
+    # Parsed by the export thread (or by a step that needs it), not on the call's path.
+    state = ",".join(ctx.metadata.get("tracestate", ()))
+    return RemoteParent(traceparent[0], state, root)
+
+
+def _rpc_attributes_of(ctx: ServerContext) -> bytes:
+    """The span's rpc.* attributes, encoded once per method."""
+    method = (ctx.service, ctx.method)
+    encoded = _rpc_attributes.get(method)
+    if encoded is None:
+        encoded = _rpc_attributes[method] = otlp.encode_attributes(
+            {"rpc.system": "ttrpc", "rpc.service": ctx.service, "rpc.method": ctx.method}
+        )
+    return encoded
+
+
 def rpc_spans(tracer: Tracer, root: SpanContext) -> UnaryServerInterceptor:
     """Each call in its span, made by `tracer`; `root` is the parent when the caller sent none."""
     max_length = tracer.limits.max_attribute_length
 
     async def traced(request: Message, ctx: ServerContext, handler: UnaryHandler) -> UnaryResponse:
-        metadata = ctx.metadata
-        traceparent = metadata.get("traceparent")
-        parent: SpanContext | RemoteParent = root
-        if traceparent:  # parsed by the export thread (or by a step that needs it)
-            state = ",".join(metadata.get("tracestate", ()))
-            parent = RemoteParent(traceparent[0], state, root)
-        method = (ctx.service, ctx.method)
-        rpc_attributes = _rpc_attributes.get(method)
-        if rpc_attributes is None:
-            rpc_attributes = _rpc_attributes[method] = otlp.encode_attributes(
-                {"rpc.system": "ttrpc", "rpc.service": ctx.service, "rpc.method": ctx.method}
-            )
+        parent = _parent(ctx, root)
+        rpc_attributes = _rpc_attributes_of(ctx)
         attributes: dict[str, otlp.AttributeValue] = {}
         for name in _ids(request):
             value = getattr(request, name)
@@ -91,14 +102,7 @@ def stream_spans(tracer: Tracer, root: SpanContext) -> StreamServerInterceptor:
     async def traced(
         stream: ServerStream, ctx: ServerContext, handler: StreamHandler
     ) -> bytes | None:
-        traceparent = ctx.metadata.get("traceparent")
-        parent: SpanContext | RemoteParent = root
-        if traceparent:
-            state = ",".join(ctx.metadata.get("tracestate", ()))
-            parent = RemoteParent(traceparent[0], state, root)
-        rpc_attributes = otlp.encode_attributes(
-            {"rpc.system": "ttrpc", "rpc.service": ctx.service, "rpc.method": ctx.method}
-        )
+        parent, rpc_attributes = _parent(ctx, root), _rpc_attributes_of(ctx)
         span = Span(tracer, ctx.method, parent, otlp.SERVER, {}, time.time_ns(), rpc_attributes)
         token = tracing.current.set(span)
         try:
