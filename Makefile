@@ -74,8 +74,9 @@ demo-vm: setup guest-image
 test: setup lint guest-image
 	PYKATA_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/pytest -q
 
-# The fast tier: lint, types and every test that needs no VM, no Go peer and no LTTng.
-FAST_TESTS := not vm and not go and not lttng
+# The fast tier: lint, types and every test that needs no VM, no Go peer and no LTTng,
+# and is not a load test (a gigabyte moved, thousands of processes).
+FAST_TESTS := not vm and not go and not lttng and not load
 test-fast: setup lint
 	$(VENV)/bin/pytest -q -n 4 -m "$(FAST_TESTS)"
 

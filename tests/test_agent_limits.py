@@ -167,6 +167,7 @@ async def test_pending_calls_are_bounded_per_connection_and_overall(tmp_path: Pa
     assert told < 100
 
 
+@pytest.mark.load
 async def test_answers_nobody_reads_are_bounded_and_all_delivered_later(tmp_path: Path) -> None:
     """2,000 pipelined GetDiagnosticData (each answer the last 1,000 log lines,
     ~200 KB) that the client does not read (423 MB and a 16 s outage before).

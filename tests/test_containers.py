@@ -432,6 +432,7 @@ def test_go_client_drives_a_container_end_to_end(
     assert missing["status"] == {"code": Code.INTERNAL, "message": "no container 'g1'"}
 
 
+@pytest.mark.load
 async def test_20_containers_and_200_execs_in_parallel(api: Any, rootfs: Path) -> None:
     async def container(n: int) -> tuple[bytes, int]:
         cid = f"par{n}"

@@ -307,6 +307,7 @@ def _sha256_file(path: Path) -> bytes:
     return digest.digest()
 
 
+@pytest.mark.load
 async def test_one_gib_each_way_with_bounded_memory(
     box: Any, tmp_path: Path, container_agent: AgentProcess
 ) -> None:

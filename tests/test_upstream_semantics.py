@@ -102,6 +102,7 @@ async def test_sandbox_pidns_shares_the_first_containers_namespace(api: Any, roo
     assert exc.value.code == Code.INTERNAL and "PID namespace" in exc.value.message
 
 
+@pytest.mark.load
 async def test_no_output_is_lost_over_many_short_execs(api: Any, rootfs: Path) -> None:
     """End of stream is the pipe's end of file: every byte first, however quick the exit
     (upstream gives up 500 ms after the exit and can lose output: issue #9071)."""
