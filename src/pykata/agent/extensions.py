@@ -9,8 +9,9 @@ and hands the stream to one domain object. Bad input is INVALID_ARGUMENT.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..api import extensions_pb2 as ext
@@ -129,27 +130,27 @@ class Extensions:
         channel = Channel(
             stream, ext.UploadInput, self.limits.window_bytes, data_of=lambda m: len(m.data)
         )
-        try:
-            first = await channel.first("open")
-            self.parts.policy.check(ctx.method, first)
-            root = self._open_root(first.open.file)
-            try:
-                await self.transfers.upload(channel, root, first.open)
-            finally:
-                os.close(root)
-        finally:
-            await channel.close()
+        await self._transfer(channel, ctx, self.transfers.upload)
 
     async def Download(self, stream: ServerStream, ctx: ServerContext) -> None:
         channel = Channel(
             stream, ext.DownloadInput, self.limits.window_bytes, ack_of=lambda m: m.ack
         )
+        await self._transfer(channel, ctx, self.transfers.download)
+
+    async def _transfer(
+        self,
+        channel: Channel[Any],
+        ctx: ServerContext,
+        move: Callable[[Channel[Any], int, Any], Awaitable[None]],
+    ) -> None:
+        """Upload or Download: the opening message, the policy, the container's root."""
         try:
             first = await channel.first("open")
             self.parts.policy.check(ctx.method, first)
             root = self._open_root(first.open.file)
             try:
-                await self.transfers.download(channel, root, first.open)
+                await move(channel, root, first.open)
             finally:
                 os.close(root)
         finally:
