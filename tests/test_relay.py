@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from pykata.api.health_pb2 import CheckRequest
 from pykata.transport import TransportError
 from pykata.ttrpc import Client, Code, Server, TtrpcError
-from pykata.api.health_pb2 import CheckRequest
 from pykata.ttrpc.frame import HEADER, MAX_DATA_SIZE
 from pykata.ttrpc.protocol import ClientConnection
 from pykata.ttrpc.relay import Relay, RelayLimits, RelayThread, StreamMap
@@ -245,7 +245,7 @@ async def test_an_upstream_that_does_not_read_stops_the_clients_not_the_relays_m
                     sent += len(frame)
             assert sent < 64 << 20  # the client was made to wait
             assert relay.upstream_full
-            upstream = relay._upstream  # noqa: SLF001 - the bound under test
+            upstream = relay._upstream
             assert upstream is not None
             # Past the mark by at most what one read from the client brought in.
             assert upstream.get_write_buffer_size() <= (64 << 10) + (2 << 20)
