@@ -171,32 +171,37 @@ async def _raw(address: str) -> socket.socket:
 
 
 async def test_clients_beyond_the_limit_are_closed_and_the_others_served(tmp_path: Path) -> None:
-    async with relay_to_peer(tmp_path, RelayLimits(max_clients=2)) as (address, _, relay):
-        async with await Client.connect(address) as a:
-            async with await Client.connect(address) as b:
-                assert (await call(b, "Sleep", "0")).service == "0"
-                with await _raw(address) as refused:
-                    loop = asyncio.get_running_loop()
-                    assert await asyncio.wait_for(loop.sock_recv(refused, 1), 5) == b""
-                assert (await call(a, "Sleep", "0")).service == "0"
-            while len(relay.clients) > 1:  # b's leaving reaches the relay
-                await asyncio.sleep(0.01)
-            async with await Client.connect(address) as c:
-                assert (await call(c, "Sleep", "0")).service == "0"
+    limited = relay_to_peer(tmp_path, RelayLimits(max_clients=2))
+    async with limited as (address, _, relay), await Client.connect(address) as a:
+        async with await Client.connect(address) as b:
+            assert (await call(b, "Sleep", "0")).service == "0"
+            with await _raw(address) as refused:
+                loop = asyncio.get_running_loop()
+                assert await asyncio.wait_for(loop.sock_recv(refused, 1), 5) == b""
+            assert (await call(a, "Sleep", "0")).service == "0"
+        while len(relay.clients) > 1:  # b's leaving reaches the relay
+            await asyncio.sleep(0.01)
+        async with await Client.connect(address) as c:
+            assert (await call(c, "Sleep", "0")).service == "0"
 
 
 async def test_too_many_calls_from_one_client_are_refused_to_it_alone(tmp_path: Path) -> None:
-    async with relay_to_peer(tmp_path, RelayLimits(max_calls_per_client=2)) as (address, _, _):
-        async with await Client.connect(address) as a, await Client.connect(address) as b:
-            held = [asyncio.ensure_future(call(a, "Sleep", "0.5")) for _ in range(2)]
-            await asyncio.sleep(0.1)
-            with pytest.raises(TtrpcError) as refused:
-                await call(a, "Sleep", "0")
-            assert refused.value.code == Code.RESOURCE_EXHAUSTED
-            assert "too many calls in flight through the relay (limit 2)" in str(refused.value)
-            assert [(await call(b, "Sleep", "0")).service for _ in range(3)] == ["0"] * 3
-            assert [r.service for r in await asyncio.gather(*held)] == ["0.5"] * 2
-            assert (await call(a, "Sleep", "0")).service == "0"  # its calls ended: room again
+    limited = relay_to_peer(tmp_path, RelayLimits(max_calls_per_client=2))
+    async with (
+        limited as (address, _, relay),
+        await Client.connect(address) as a,
+        await Client.connect(address) as b,
+    ):
+        held = [asyncio.ensure_future(call(a, "Sleep", "1")) for _ in range(2)]
+        while len(relay.streams) < 2:  # both reached the relay
+            await asyncio.sleep(0.01)
+        with pytest.raises(TtrpcError) as refused:
+            await call(a, "Sleep", "0")
+        assert refused.value.code == Code.RESOURCE_EXHAUSTED
+        assert "too many calls in flight through the relay (limit 2)" in str(refused.value)
+        assert [(await call(b, "Sleep", "0")).service for _ in range(3)] == ["0"] * 3
+        assert [r.service for r in await asyncio.gather(*held)] == ["1"] * 2
+        assert (await call(a, "Sleep", "0")).service == "0"  # its calls ended: room again
 
 
 async def test_a_client_that_never_reads_is_closed_and_the_others_served(tmp_path: Path) -> None:
