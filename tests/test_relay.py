@@ -21,6 +21,7 @@ from pykata.ttrpc.frame import HEADER, MAX_DATA_SIZE
 from pykata.ttrpc.protocol import ClientConnection
 from pykata.ttrpc.relay import Relay, RelayLimits, RelayThread, StreamMap
 
+from .extensions import eventually
 from .test_ttrpc import SERVICE, call, peer_service
 
 
@@ -179,8 +180,7 @@ async def test_clients_beyond_the_limit_are_closed_and_the_others_served(tmp_pat
                 loop = asyncio.get_running_loop()
                 assert await asyncio.wait_for(loop.sock_recv(refused, 1), 5) == b""
             assert (await call(a, "Sleep", "0")).service == "0"
-        while len(relay.clients) > 1:  # b's leaving reaches the relay
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(relay.clients) == 1)  # b's leaving reaches the relay
         async with await Client.connect(address) as c:
             assert (await call(c, "Sleep", "0")).service == "0"
 
@@ -193,8 +193,7 @@ async def test_too_many_calls_from_one_client_are_refused_to_it_alone(tmp_path: 
         await Client.connect(address) as b,
     ):
         held = [asyncio.ensure_future(call(a, "Sleep", "1")) for _ in range(2)]
-        while len(relay.streams) < 2:  # both reached the relay
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(relay.streams) == 2)  # both reached the relay
         with pytest.raises(TtrpcError) as refused:
             await call(a, "Sleep", "0")
         assert refused.value.code == Code.RESOURCE_EXHAUSTED
@@ -217,8 +216,8 @@ async def test_a_client_that_never_reads_is_closed_and_the_others_served(tmp_pat
             await loop.sock_sendall(greedy, requests)
             async with await Client.connect(address) as polite:
                 assert (await call(polite, "Sleep", "0")).service == "0"
-                while len(relay.clients) > 1:  # the answers come back; greedy reads none
-                    await asyncio.sleep(0.01)
+                # The answers come back; greedy reads none and is closed.
+                await eventually(lambda: len(relay.clients) == 1)
                 assert (await call(polite, "Sleep", "0")).service == "0"
             received = 0
             with contextlib.suppress(ConnectionResetError):
