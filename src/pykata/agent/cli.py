@@ -32,11 +32,12 @@ from .policy import Enforcer
 from .runtime import OciRuntime
 from .sandbox import Sandbox
 from .service import AgentParts, services
-from .traceprovider import TraceProvider
 from .volumes import Volumes, mount_at
 
-if TYPE_CHECKING:  # loaded only when configured: a pty and a shell are rarely wanted
+if TYPE_CHECKING:  # loaded only when configured: a pty and a shell are rarely wanted,
+    # and the span machinery only with tracing on
     from .console import DebugConsole, LogPort
+    from .traceprovider import TraceProvider
 
 log = logging.getLogger("pykata.agent")
 LTTNG_ENV = "KATA_AGENT_LTTNG"
@@ -160,7 +161,11 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
         await parts.memory.stop()
         return
     # The root span starts here, after any restore: its clock is the new guest's.
-    tracing = TraceProvider(config.trace_addr) if config.tracing else None
+    tracing = None
+    if config.tracing:
+        from .traceprovider import TraceProvider
+
+        tracing = TraceProvider(config.trace_addr)
     server = server or make_server(config, parts, tracing)
     await server.start(config.server_addr)
     console = await start_console(config)

@@ -18,9 +18,10 @@ from google.protobuf.message import Message
 
 from .. import __version__, ocispec
 from ..api import agent_pb2, csi_pb2, health_pb2, types_pb2
+from ..extensions import SERVICE as EXTENSIONS
 from ..ttrpc import Code, EncodedResponse, ServerContext, Service, TtrpcError, UnaryMethod
 from ..ttrpc.frame import varint
-from ..ttrpc.server import Limits, UnaryHandler, UnaryResponse
+from ..ttrpc.server import LazyService, Limits, UnaryHandler, UnaryResponse
 from . import cgroups, network
 from .codes import upstream_code
 from .copyfile import CopyRequest, SharedFiles
@@ -531,8 +532,14 @@ def agent_service(parts: AgentParts) -> Service:
     return service
 
 
-def services(parts: AgentParts, limits: Limits | None = None) -> list[Service]:
-    """The upstream services, and pykata.Extensions (extensions.py) next to them."""
-    from .extensions import extensions_service
+def services(parts: AgentParts, limits: Limits | None = None) -> list[Service | LazyService]:
+    """The upstream services, and pykata.Extensions (extensions.py) next to them,
+    loaded on its first call: most runtimes never call it, and its modules (port
+    forwarding, file transfer, streaming exec, watches) cost start-up time."""
 
-    return [health_service(), agent_service(parts), extensions_service(parts, limits or Limits())]
+    def load_extensions() -> Service:
+        from .extensions import extensions_service
+
+        return extensions_service(parts, limits or Limits())
+
+    return [health_service(), agent_service(parts), LazyService(EXTENSIONS, load_extensions)]
