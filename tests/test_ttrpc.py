@@ -258,7 +258,7 @@ async def test_unix_socket_is_owner_only(server: Server, tmp_path: Path) -> None
 
 
 async def test_health_descriptor_service_binding(tmp_path: Path) -> None:
-    from pykata.agent.service import health_service
+    from pykata.agent.serving import health_service
 
     server = Server([health_service()])
     async with connected(server) as client:

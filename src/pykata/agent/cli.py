@@ -21,7 +21,7 @@ from ..transport import AddressError, TransportError
 from ..ttrpc import Server, UnaryServerInterceptor
 from ..ttrpc.server import StreamServerInterceptor
 from . import config as configmod
-from . import init, interceptors, leftovers, limits, lttng, reaper, restore
+from . import init, interceptors, leftovers, limits, lttng, reaper
 from . import runtime as runtime_mod
 from .copyfile import SharedFiles
 from .diagnostics import Diagnostics, RecentLogs
@@ -31,7 +31,7 @@ from .memagent import MemAgent
 from .policy import Enforcer
 from .runtime import OciRuntime
 from .sandbox import Sandbox
-from .service import AgentParts, services
+from .serving import AgentParts, services
 from .volumes import Volumes, mount_at
 
 if TYPE_CHECKING:  # loaded only when configured: a pty and a shell are rarely wanted,
@@ -217,6 +217,8 @@ async def parked_until_restored(
 
     Before anything is served: a restored guest answers nothing as the snapshot's copy.
     """
+    from . import restore  # only a guest made for snapshots parks
+
     parked = asyncio.ensure_future(restore.park_until_restored(config.restore_addr, parts.guest))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({parked, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -32,7 +32,6 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from ..api import agent_pb2, extensions_pb2, health_pb2
 from .errors import InvalidArgument, PermissionDenied
 
 log = logging.getLogger("pykata.agent.policy")
@@ -44,7 +43,9 @@ _STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?")
 @functools.cache
 def requests() -> dict[str, Descriptor]:
     """RPC name -> its request's descriptor. Built when a policy with rules is loaded,
-    not at start-up: walking every method's descriptor costs milliseconds."""
+    not at start-up: the API's messages and walking every method cost milliseconds."""
+    from ..api import agent_pb2, extensions_pb2, health_pb2
+
     services: list[ServiceDescriptor] = [
         agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
         health_pb2.DESCRIPTOR.services_by_name["Health"],
