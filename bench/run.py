@@ -900,7 +900,8 @@ descriptor walk and TOML (only with a policy), the snapshot-restore code
 in 16 interleaved pairs (load 3-4): CPU from start to the first Check and
 stop 0.86x, wall time to the first Check 0.93x (the spread of single pairs
 is 0.4-1.4x at this load). The first AgentService call pays what was
-deferred (~10-20 ms here, once). The guest starts the agent with `python3
+deferred (its imports ~8 ms here, once); pykata.Extensions' 20-25 ms only a
+client that calls it pays. The guest starts the agent with `python3
 -IS` (no `site` scan of the package directories: ~7 ms of Debian's python3
 start here). `-X frozen_modules=on` is already the default of release
 builds, Debian's included. Not reached: the interpreter alone is 20-26 ms
