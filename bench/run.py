@@ -666,7 +666,9 @@ Each row: the median over the rounds, and the lowest and highest round
 
 The bare side drives the same runtime binary the same way (create, start,
 wait on a pidfd, delete --force; exec in the foreground) from a process in
-its own mount namespace, as the agent is. Medians over the rounds.
+its own mount namespace, as the agent is. Cycles and execs run in
+{containers_bench.BATCHES} batches, bare and agent in turn, so that a spell
+of other load falls on both sides. Medians over the rounds.
 
 ## Process output, read the way the Kata shim reads it
 
