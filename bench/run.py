@@ -854,7 +854,16 @@ process, measured with no agent at all (crun alone, 40 interleaved rounds,
 on ext4 and on tmpfs), which is the whole 1.05x budget; on top come two
 ttRPC round trips (ExecProcess, WaitProcess), whose socket writes, waking
 the client, are 20% of the agent's GIL-held samples, and the `vfork`+`exec`
-of the runtime (blocking the loop ~0.4 ms each when quiet).
+of the runtime (blocking the loop ~0.4 ms each when quiet). The ratio also
+grows with the machine's load, more than the work does: an exec through the
+agent passes the CPU between processes about seven times (the request wakes
+the agent, crun runs, its exit wakes the agent, the answer wakes the client,
+WaitProcess wakes the agent, the process's exit wakes it again, the answer
+wakes the client), bare crun about three times, and when more tasks are
+runnable than there are CPUs each hand-off waits for a CPU. Measured with
+bare and agent in alternating batches: 1.19x in the calmest round of a run
+at load ~3, 2.3x (19.3 ms bare, 43.8 ms agent) at load ~4; 1.50x in the
+previous run on a quiet machine.
 
 **Stdout through ReadStdout (targets >= 1 GiB/s with 1 MiB calls, >= 500
 MiB/s with 32 KiB calls).** An earlier round took out six copies per MiB: the
