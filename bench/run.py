@@ -44,6 +44,8 @@ import vm as vm_bench  # noqa: E402
 
 AGENT = [sys.executable, "-m", "pykata.agent.cli"]
 SEQUENTIAL_CALLS = 20_000
+#: The Kata shim's read size (bench/containers.py reads stdout with it).
+SHIM_READ_BYTES = containers_bench.SHIM_READ
 CONCURRENT_CALLS = 80_000
 CONCURRENCY = 16
 #: The polling window the "polling" agent gets (agent.busy_poll_us).
@@ -126,6 +128,15 @@ async def _py_client(socket_path: str, calls: int, concurrency: int) -> float:
         return per * concurrency / (time.perf_counter() - started)
 
 
+def compile_bytecode() -> None:
+    """Bytecode for pykata's modules, as an installed agent has it (pip and the guest
+    image compile it). Without it every start-up compiles the agent's sources anew:
+    an editable install under PYTHONDONTWRITEBYTECODE never keeps its bytecode."""
+    import compileall
+
+    compileall.compile_dir(str(ROOT / "src" / "pykata"), quiet=1)
+
+
 def startup_ms(tmp: str) -> float:
     """From spawning kata-agent to the first answered Check, as a runtime sees it."""
     from pykata.api.health_pb2 import CheckRequest, HealthCheckResponse
@@ -194,8 +205,14 @@ def idle_rss_mb(tmp: str) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def load_average() -> float:
+    """The machine's 1-minute load average: what else ran beside the measurement."""
+    return os.getloadavg()[0]
+
+
 def measure(rounds: int, only_targets: bool = False) -> dict[str, object]:
     build_go_peer()  # once, before any timing
+    loads = [load_average()]
     samples: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:
@@ -221,14 +238,18 @@ def measure(rounds: int, only_targets: bool = False) -> dict[str, object]:
                 add("go->py c16", go_client_rate(sock, CONCURRENT_CALLS, CONCURRENCY))
                 add("py->py seq", py_client_rate(sock, SEQUENTIAL_CALLS, 1))
                 add("py->py c16", py_client_rate(sock, CONCURRENT_CALLS, CONCURRENCY))
+        compile_bytecode()
         startups = [startup_ms(tmp) for _ in range(10)]
         rss_samples = [idle_rss_mb(tmp) for _ in range(rounds)]
         idle_cpu = idle_cpu_ms(tmp)
     rss = statistics.median(rss_samples)
     med = {k: statistics.median(v) for k, v in samples.items()}
     print("containers", file=sys.stderr, flush=True)
+    loads.append(load_average())
     containers = [containers_bench.measure() for _ in range(rounds)]
+    loads.append(load_average())
     targets = {
+        "load_average": loads,
         "containers": containers,
         "machine": (
             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -355,6 +376,14 @@ def target_rows(
             f"(the default) | {statistics.median(polling):.2f}x | "
             f"{min(polling):.2f}x - {max(polling):.2f}x | - | |"
         )
+    # The ceiling of 32 KiB reads for any server: one read per round trip, at the
+    # rate the Go server answers the Go client's sequential calls.
+    ceiling = [rate * SHIM_READ_BYTES / (1 << 20) for rate in samples["go->go seq"]]
+    rows.append(
+        f"| 32 KiB x the Go server's sequential round trips (Go client): what 32 KiB "
+        f"calls could reach from any server | {statistics.median(ceiling):.0f} MiB/s | "
+        f"{min(ceiling):.0f} MiB/s - {max(ceiling):.0f} MiB/s | - | |"
+    )
     if "idle_cpu_ms" in r:
         rows.append(
             f"| the agent's CPU over {IDLE_SECONDS} s idle (a client connected, right after "
@@ -637,7 +666,9 @@ Each row: the median over the rounds, and the lowest and highest round
 
 The bare side drives the same runtime binary the same way (create, start,
 wait on a pidfd, delete --force; exec in the foreground) from a process in
-its own mount namespace, as the agent is. Medians over the rounds.
+its own mount namespace, as the agent is. Cycles and execs run in
+{containers_bench.BATCHES} batches, bare and agent in turn, so that a spell
+of other load falls on both sides. Medians over the rounds.
 
 ## Process output, read the way the Kata shim reads it
 
@@ -765,7 +796,10 @@ before (`main` at e840d56) and after, two agents side by side, rounds
 alternating which goes first; ratios are within a round, CPU is each agent's
 user + system time from /proc. Tools: py-spy (`--gil` for CPU, `--native` for
 C), `perf record -a`, `strace -c`, `-X importtime`. A quiet machine gives
-lower absolute times; the ratios below are what the changes did.
+lower absolute times; the ratios below are what the changes did. The latest
+round (start-up, memory, runtime invocations) was compared the same way with
+`main` at 64a5fcc, at load averages of 2-5 (this VM has no hardware
+performance counters, so CPU time is the measure of work).
 
 **Sequential Check (target >= 1.0x Go).** CPU per call is level: 95-117 us
 for our agent and 104 us for the Go server in the same measurement (Go's
@@ -785,6 +819,9 @@ framing, decoding, the policy check and the handler; the code before and
 after these changes is level (new / old 1.00x over 8 rounds, polling off).
 CPython 3.12.1 (a pyenv build) running the same agent: 1.01x over 4 rounds,
 and its imports were slower; not pursued, as the guest runs Debian's 3.11.
+asyncio's eager task factory (a handler that finishes without waiting would
+skip a loop turn and a task switch) exists from 3.12 only; Debian bookworm's
+python3, the guest's, is 3.11.2, so it is not used.
 
 **16 concurrent callers (target >= 0.8x).** One read carries many requests;
 the answers of one loop turn leave in one joined write (writing them as
@@ -794,60 +831,106 @@ Python's per-call CPU (~40 us against Go's ~25 us at 16 callers).
 
 **Container create+start+wait+remove and exec (target <= 1.05x bare
 crun).** crun itself dominates (it copies its own binary into a memfd and
-re-executes it on every call; `runtime create` alone is 24-41 ms here). The
-agent's own work per runtime invocation was ~250 us of tempfile (a random
-name, a buffered file, an unlink), a walk of /proc for orphans after each
-call (40 us), a scan of the ~15 cgroup v1 hierarchies on every removal (~45
-system calls) and `GetOptions()` rebuilt for every field of every spec (the
-first call also loaded descriptor_pb2, ~30 ms once). Now: a counter-named log
-file and an O_TMPFILE output, one `waitid(WNOWAIT)` before any walk,
-hierarchies and field names looked up once. The agent's CPU per cycle + exec
-fell to 0.86-0.90x of the old; the wall-time ratios moved within this
-machine's noise (cycle 0.89-1.00x new / old). What is left per cycle is
-three `vfork`+`exec` of the runtime (0.4 ms each when quiet, blocking the
-loop) and the Python around four RPCs.
+re-executes it on every call; `runtime create` alone is 24-41 ms here). An
+earlier round took out ~250 us of tempfile per runtime invocation, a /proc
+walk after each call, a scan of the cgroup v1 hierarchies on every removal
+and spec field names rebuilt per field. Profiled again for an exec (py-spy,
+`perf record`, 150-300 exec round trips per run): crun is 67% of the CPU an
+exec costs, the agent 30%, half of it in the interpreter and half in the
+kernel, where the hottest symbols were ext4's inode allocation
+(`recently_deleted`, `find_inode_bit`): every runtime invocation created and
+removed a log file and an unnamed output file, and the bench's run
+directory is on ext4 here (a guest's is tmpfs). Now an invocation takes a
+log file kept from an earlier one (emptied; at most 8 kept, in
+`runtime/.logs`) and makes an output file only when the caller gives the
+runtime no stdio of its own, which create and exec always do: an exec
+creates one file (its process.json) instead of four. The agent's system
+CPU per exec fell from 1.0-2.1 ms to 0.6-1.2 ms (4 interleaved rounds of
+120 execs); its user CPU, ~2 ms per exec on this loaded machine, did not
+move. What is left is not the agent's to cut: the way upstream's agent
+drives the runtime - `exec --detach --process FILE --pid-file`, then a wait
+on the process - costs 1.05-1.06x crun's own `exec` that waits for the
+process, measured with no agent at all (crun alone, 40 interleaved rounds,
+on ext4 and on tmpfs), which is the whole 1.05x budget; on top come two
+ttRPC round trips (ExecProcess, WaitProcess), whose socket writes, waking
+the client, are 20% of the agent's GIL-held samples, and the `vfork`+`exec`
+of the runtime (blocking the loop ~0.4 ms each when quiet). The ratio also
+grows with the machine's load, more than the work does: an exec through the
+agent passes the CPU between processes about seven times (the request wakes
+the agent, crun runs, its exit wakes the agent, the answer wakes the client,
+WaitProcess wakes the agent, the process's exit wakes it again, the answer
+wakes the client), bare crun about three times, and when more tasks are
+runnable than there are CPUs each hand-off waits for a CPU. Measured with
+bare and agent in alternating batches: 1.19x in the calmest round of a run
+at load ~3, 2.3x (19.3 ms bare, 43.8 ms agent) at load ~4; 1.50x in the
+previous run on a quiet machine.
 
 **Stdout through ReadStdout (targets >= 1 GiB/s with 1 MiB calls, >= 500
-MiB/s with 32 KiB calls).** Before: 43% of the agent's busy samples were
-`memmove`: each MiB was read in 16 pieces from a 64 KiB pipe, joined, copied
-into a ReadStreamResponse, serialized, copied into a ttRPC Response,
-serialized and prefixed with the frame header (six copies and large
-allocations). Now the pipe holds 1 MiB (`agent.container_pipe_size`
-default), FIONREAD says how much is waiting and one `read` takes exactly
-that, and the answer is encoded by hand (the same bytes protobuf writes,
-checked by a property test) and handed to the socket as pieces with one
-`writev`: no copy in user space. Read by containerd's Go client (as the
-shim reads): 1 MiB calls 2.45x faster (82 -> 206 MiB/s here), the agent's
-CPU per MiB 6.2 -> 1.15 ms; read by our own Python client 3.0x. With 1 MiB
-calls the agent is now mostly idle in epoll_wait: the rest is the reader
-(the Go client decodes through dynamicpb; our client copies each answer
-several times) and this machine. With 32 KiB calls the rate is the
-sequential round trip: every call is one request and one answer, so 32 KiB
-x calls per second; at the sequential rates above that is 150-250 MiB/s for
-any server, Go's included (Go -> Go sequential Checks x 32 KiB = ~230
-MiB/s). 500 MiB/s needs ~16,000 sequential round trips a second, twice what
-the Go server answers here: not reachable while each read is a round trip.
-The old `head -c` producer (busybox writes 4 KiB per call) was itself the
-limit near 70 MiB/s on this machine; the bench now produces output with `dd
-bs=1M`.
+MiB/s with 32 KiB calls).** An earlier round took out six copies per MiB: the
+pipe holds 1 MiB (`agent.container_pipe_size` default), FIONREAD says how
+much is waiting and one `read` takes exactly that, and the answer is encoded
+by hand (the same bytes protobuf writes, checked by a property test) and
+written with one `writev`: no copy in user space (Go client 82 -> 206 MiB/s,
+the agent's CPU per MiB 6.2 -> 1.15 ms). Measured again, the CPU of each
+side while containerd's Go client reads 256 MiB (`dd bs=1M` producing, load
+average ~3): with 1 MiB calls 229-234 MiB/s in 1.12-1.14 s, of which the
+agent used 0.29-0.30 s of CPU (1.1 ms per MiB) and the Go client 0.78-0.86 s
+(3.0-3.4 ms per MiB: dynamicpb decoding, copies and its garbage
+collector): the reader is the limit; 1 GiB/s would need it to take under
+1 ms per MiB, and our agent would then use about a third of a CPU. With 32
+KiB calls 82-95 MiB/s: 8,192 calls at ~3,000 a second, the agent using 167
+us of CPU per call and the Go client 212 us, on a machine whose other load
+took the rest. Each call is one request and one answer, so the rate is 32 KiB
+x sequential round trips a second, whatever the server: the Go server
+answers the Go client's sequential Checks at the rate in the table above
+(x 32 KiB: the row "32 KiB x the Go server's sequential round trips" under
+Targets), below 500 MiB/s,
+which needs ~16,000 round trips a second. Not reachable while each read is
+a round trip; a shim reading larger pieces (the 1 MiB row) is the way.
 
 **Start-up (target <= 100 ms).** From `main()` to serving the agent takes
-14-17 ms (its own log); the rest is the interpreter and its imports: ~180 ms
-quiet (315-460 ms under this machine's load), of which asyncio with ssl,
-concurrent.futures and subprocess is the largest single part and no agent
-module more than ~15 ms. Removed from start-up: the OpenTelemetry protos
-(only the forwarder decodes OTLP; the agent writes it by hand), the debug
-console and log port (pty, tty, a shell) unless configured. Not reached:
-the remaining imports are the API's protobuf descriptors, the transports
-and every RPC's domain module; loading those on first use is the next step.
+14-17 ms (its own log); the rest is the interpreter and its imports. The
+bench now measures with the bytecode an installed agent has: pip and the
+guest image compile it, but this checkout's editable install under
+`PYTHONDONTWRITEBYTECODE` compiled every module of the agent at every start
+(0.40-0.65 s against 0.24-0.28 s for the same import with bytecode). The
+guest image ships bytecode for pykata, its dependencies (pip) and the
+standard library (Debian's postinst), checked in its root disk. Import by
+import (`-X importtime`, the least of 6 runs, load 2-4): the standard
+library that asyncio brings (ssl, concurrent.futures, logging, inspect,
+subprocess) ~87 ms, the agent's own modules ~41 ms (their largest part is
+creating dataclasses, each of which compiles generated methods), the
+protobuf runtime ~23 ms, ttRPC and the transports ~20 ms, uvloop ~7 ms.
+Now loaded only when used: grpc.AgentService's handlers and the whole
+agent API's messages (agent/serving.py registers them as a ttRPC
+`LazyService`, loaded by its first call: a Check is answered without them,
+`tests/test_agent_cli.py` checks which modules a served Check loaded),
+pykata.Extensions, the span machinery (only with tracing), the policy's
+descriptor walk and TOML (only with a policy), the snapshot-restore code
+(only when parking), the configuration file's TOML reader. Against `main`,
+in 16 interleaved pairs (load 3-4): CPU from start to the first Check and
+stop 0.86x, wall time to the first Check 0.93x (the spread of single pairs
+is 0.4-1.4x at this load). The first AgentService call pays what was
+deferred (its imports ~8 ms here, once); pykata.Extensions' 20-25 ms only a
+client that calls it pays. The guest starts the agent with `python3
+-IS` (no `site` scan of the package directories: ~7 ms of Debian's python3
+start here). `-X frozen_modules=on` is already the default of release
+builds, Debian's included. Not reached: the interpreter alone is 20-26 ms
+here, and a server with only uvloop, ttRPC and grpc.Health - no agent code at
+all - reached its first Check in 175 ms against the agent's 221 ms (the
+least of 10 alternating runs each, load 3-5; 26.9 MB against 29.7 MB): the
+floor is asyncio and protobuf, not the agent.
 
 **Idle RSS (target <= 20 MB).** Measured import by import: the interpreter
-8.8 MB; + asyncio 19.8 MB (ssl alone 4.2 MB, which uvloop requires); +
-uvloop 21.0 MB; + protobuf and the agent API's descriptors 25.4 MB; + the
-ttRPC server and transports 28.5 MB; + the agent 31.5 MB. The floor before
-any agent code is above the target: 20 MB needs the agent without uvloop
-and without protobuf's descriptor pool for the whole API, which these
-changes do not attempt.
+8.5 MB; + asyncio 19.3 MB (ssl alone 4.4 MB, which uvloop requires); +
+uvloop 20.4 MB; + protobuf, the ttRPC server and the transports 24.6 MB; the
+agent serving 29.7 MB (31.9 MB before this round: the API's messages,
+the AgentService handlers, Extensions and the span machinery now load on
+first use). Without ssl, asyncio alone is 14.9 MB and with the ttRPC server
+20.4 MB: even the default event loop with no uvloop and no agent code is at
+the target, because the protobuf runtime (ttRPC's own frames are protobuf)
+comes with the server. 20 MB needs the agent without uvloop and without the
+protobuf runtime at start-up, which this round does not attempt.
 
 ## Reproduce
 
@@ -904,9 +987,15 @@ def main() -> None:
     elif args.only == "targets":
         results = json.loads(Path(args.json).read_text())
         results.update(measure(args.rounds, only_targets=True))
+        start, containers, end = results["load_average"]
         results["note"] = (
             "\nOnly the targets, the call rates and the containers were measured at this date "
-            "(`bench/run.py --only targets`); the other sections keep their earlier numbers.\n"
+            "(`bench/run.py --only targets`); the other sections keep their earlier numbers. "
+            f"The machine's 1-minute load average was {start:.1f} when the run began, "
+            f"{containers:.1f} when its containers part began and {end:.1f} at its end: "
+            "other sessions shared its 2 CPUs, so the "
+            "absolute times are slower than on a quiet machine and the ratios, taken "
+            "within each round, are the numbers to compare.\n"
         )
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     elif args.only == "snapshots":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,66 @@ async def test_answers_health_check_and_version(agent: AgentProcess) -> None:
 
 def test_every_agent_rpc_has_a_handler() -> None:
     assert [m for m in AGENT_METHODS if not hasattr(AgentService, m)] == []
+
+
+#: Serves an agent in a fresh interpreter, calls Check, then an AgentService and an
+#: Extensions method; prints which of the modules loaded on demand were loaded when.
+LAZY_PROBE = """
+import asyncio, json, sys, tempfile
+from pathlib import Path
+from pykata import log
+from pykata.agent import cli, config
+from pykata.agent.diagnostics import RecentLogs
+from pykata.agent.runtime import OciRuntime
+from pykata.api import health_pb2
+from pykata.ttrpc import Client, TtrpcError
+ON_DEMAND = ["pykata.api.agent_pb2", "pykata.agent.service", "pykata.agent.extensions",
+             "pykata.spans", "pykata.agent.restore", "tomllib"]
+def loaded():
+    return [m for m in ON_DEMAND if m in sys.modules]
+async def main():
+    tmp = tempfile.mkdtemp()
+    conf = config.AgentConfig(run_dir=tmp)
+    recent = RecentLogs(log.JsonFormatter("kata-agent", "agent"))
+    parts = cli.agent_parts(conf, OciRuntime("crun", Path(tmp) / "runtime"), recent)
+    server = cli.make_server(conf, parts, None)
+    await server.start(f"unix://{tmp}/a.sock")
+    steps = {}
+    async with await Client.connect(f"unix://{tmp}/a.sock") as client:
+        check = await client.call("grpc.Health", "Check", health_pb2.CheckRequest(),
+                                  health_pb2.HealthCheckResponse)
+        steps["check"] = [check.status, loaded()]
+        from pykata.api import agent_pb2, extensions_pb2
+        try:  # the handler's own answer: the path is outside the agent's directory
+            await client.call("grpc.AgentService", "GetVolumeStats",
+                              agent_pb2.VolumeStatsRequest(volume_guest_path="/no/such"),
+                              health_pb2.HealthCheckResponse)
+        except TtrpcError as exc:
+            steps["agent"] = [exc.message, loaded()]
+        caps = await client.call("pykata.Extensions", "GetCapabilities",
+                                 extensions_pb2.CapabilitiesRequest(),
+                                 extensions_pb2.Capabilities)
+        steps["extensions"] = [len(caps.extensions) > 0, loaded()]
+    await server.shutdown(grace=0)
+    print(json.dumps(steps))
+asyncio.run(main())
+"""
+
+
+def test_an_agent_answers_check_before_loading_what_no_one_called() -> None:
+    """Start-up cost: the API's messages and the AgentService and Extensions handlers
+    load on their first call, tracing's span machinery and TOML only when used."""
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_PROBE], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    steps = json.loads(out.stdout)
+    assert steps["check"] == [health_pb2.HealthCheckResponse.SERVING, []]
+    message, loaded = steps["agent"]
+    assert "outside the agent's directory" in message
+    assert loaded == ["pykata.api.agent_pb2", "pykata.agent.service"]
+    assert steps["extensions"][0] is True
+    assert "pykata.agent.extensions" in steps["extensions"][1]
 
 
 async def test_unknown_methods_say_so_naming_them(agent: AgentProcess) -> None:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pykata.agent.service import health_service
+from pykata.agent.serving import health_service
 from pykata.api.health_pb2 import CheckRequest, HealthCheckResponse
 from pykata.ttrpc import Server
 from pykata.ttrpc.frame import HEADER, MAX_DATA_SIZE, FrameDecoder, MessageType, encode_frame

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pykata.agent.service import health_service
+from pykata.agent.serving import health_service
 from pykata.api.health_pb2 import CheckRequest, HealthCheckResponse
 from pykata.transport import (
     AbstractAddress,

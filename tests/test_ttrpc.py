@@ -15,6 +15,7 @@ from pykata.api.health_pb2 import CheckRequest, HealthCheckResponse
 from pykata.ttrpc import (
     Client,
     Code,
+    LazyService,
     Server,
     ServerContext,
     ServerStream,
@@ -257,10 +258,55 @@ async def test_unix_socket_is_owner_only(server: Server, tmp_path: Path) -> None
 
 
 async def test_health_descriptor_service_binding(tmp_path: Path) -> None:
-    from pykata.agent.service import health_service
+    from pykata.agent.serving import health_service
 
     server = Server([health_service()])
     async with connected(server) as client:
         reply = await client.call("grpc.Health", "Check", CheckRequest(), HealthCheckResponse)
         assert reply.status == HealthCheckResponse.SERVING
     await server.shutdown(grace=0)
+
+
+async def test_lazy_service_is_made_on_its_first_call_and_a_failed_load_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    loads: list[str] = []
+
+    def load() -> Service:
+        loads.append("load")
+        if len(loads) == 1:
+            raise ImportError("no module named peer_handlers")
+        return peer_service()
+
+    server = Server([LazyService(SERVICE, load)])
+    await server.start(f"unix://{tmp_path}/s.sock")
+    async with await Client.connect(f"unix://{tmp_path}/s.sock") as client:
+        # Nothing is loaded for calls to other services, or before any call.
+        with pytest.raises(TtrpcError) as exc:
+            await client.call("no.Such", "Thing", CheckRequest(), CheckRequest)
+        assert exc.value.code == Code.INVALID_ARGUMENT and loads == []
+        # A load that fails fails that call, naming the service and why; the server serves on.
+        with (
+            caplog.at_level(logging.ERROR, logger="pykata.ttrpc.server"),
+            pytest.raises(TtrpcError) as exc,
+        ):
+            await call(client, "Sleep", "0")
+        assert exc.value.code == Code.INTERNAL
+        assert SERVICE in exc.value.message and "peer_handlers" in exc.value.message
+        assert "cannot load service" in caplog.text
+        # The next call loads it; later calls use what was loaded.
+        assert (await call(client, "Sleep", "0")).service == "0"
+        assert (await call(client, "Metadata")).service == ""
+        assert loads == ["load", "load"]
+        with pytest.raises(TtrpcError) as exc:
+            await call(client, "Nope")
+        assert exc.value.code == Code.UNIMPLEMENTED
+    await server.shutdown(grace=0)
+
+
+def test_a_lazy_service_name_can_be_registered_once() -> None:
+    server = Server([LazyService(SERVICE, peer_service)])
+    with pytest.raises(ValueError, match="already registered"):
+        server.add_service(peer_service())
+    with pytest.raises(ValueError, match="already registered"):
+        server.add_service(LazyService(SERVICE, peer_service))

@@ -21,7 +21,7 @@ from ..transport import AddressError, TransportError
 from ..ttrpc import Server, UnaryServerInterceptor
 from ..ttrpc.server import StreamServerInterceptor
 from . import config as configmod
-from . import init, interceptors, leftovers, limits, lttng, reaper, restore
+from . import init, interceptors, leftovers, limits, lttng, reaper
 from . import runtime as runtime_mod
 from .copyfile import SharedFiles
 from .diagnostics import Diagnostics, RecentLogs
@@ -31,12 +31,13 @@ from .memagent import MemAgent
 from .policy import Enforcer
 from .runtime import OciRuntime
 from .sandbox import Sandbox
-from .service import AgentParts, services
-from .traceprovider import TraceProvider
+from .serving import AgentParts, services
 from .volumes import Volumes, mount_at
 
-if TYPE_CHECKING:  # loaded only when configured: a pty and a shell are rarely wanted
+if TYPE_CHECKING:  # loaded only when configured: a pty and a shell are rarely wanted,
+    # and the span machinery only with tracing on
     from .console import DebugConsole, LogPort
+    from .traceprovider import TraceProvider
 
 log = logging.getLogger("pykata.agent")
 LTTNG_ENV = "KATA_AGENT_LTTNG"
@@ -160,7 +161,11 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
         await parts.memory.stop()
         return
     # The root span starts here, after any restore: its clock is the new guest's.
-    tracing = TraceProvider(config.trace_addr) if config.tracing else None
+    tracing = None
+    if config.tracing:
+        from .traceprovider import TraceProvider
+
+        tracing = TraceProvider(config.trace_addr)
     server = server or make_server(config, parts, tracing)
     await server.start(config.server_addr)
     console = await start_console(config)
@@ -212,6 +217,8 @@ async def parked_until_restored(
 
     Before anything is served: a restored guest answers nothing as the snapshot's copy.
     """
+    from . import restore  # only a guest made for snapshots parks
+
     parked = asyncio.ensure_future(restore.park_until_restored(config.restore_addr, parts.guest))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({parked, stopping}, return_when=asyncio.FIRST_COMPLETED)

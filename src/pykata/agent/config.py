@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import math
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -338,6 +337,8 @@ def _file_value(path: str, key: str, value: Any) -> Any:
 
 
 def from_file(path: str) -> AgentConfig:
+    import tomllib  # only with a configuration file: most agents have none
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

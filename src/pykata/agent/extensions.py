@@ -28,7 +28,7 @@ from .watch import BATCH as WATCH_BATCH
 from .watch import Watches
 
 if TYPE_CHECKING:
-    from .service import AgentParts
+    from .serving import AgentParts
 
 #: The upstream Kata agent API this agent implements (docs/api.md).
 UPSTREAM_API_VERSION = "kata-containers agent.proto @7c6ba40c"

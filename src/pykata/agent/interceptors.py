@@ -12,12 +12,10 @@ policy     the agent policy decides; a call it denies fails PERMISSION_DENIED
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
-from .. import otlp
-from ..spans import RemoteParent, Span, SpanContext, Tracer
 from ..ttrpc import (
     ServerContext,
     ServerStream,
@@ -28,6 +26,10 @@ from ..ttrpc import (
 from ..ttrpc.server import StreamHandler, StreamServerInterceptor
 from . import tracing
 from .policy import Enforcer
+
+if TYPE_CHECKING:  # the span machinery is loaded only when tracing is on
+    from .. import otlp
+    from ..spans import RemoteParent, SpanContext, Tracer
 
 #: Request fields an RPC span carries as attributes.
 ID_FIELDS = ("container_id", "exec_id", "sandbox_id")
@@ -48,6 +50,8 @@ def _ids(request: Any) -> tuple[str, ...]:
 
 def _parent(ctx: ServerContext, root: SpanContext) -> SpanContext | RemoteParent:
     """The caller's W3C traceparent, else the agent's root span."""
+    from ..spans import RemoteParent
+
     traceparent = ctx.metadata.get("traceparent")
     if not traceparent:
         return root
@@ -61,6 +65,8 @@ def _rpc_attributes_of(ctx: ServerContext) -> bytes:
     method = (ctx.service, ctx.method)
     encoded = _rpc_attributes.get(method)
     if encoded is None:
+        from .. import otlp
+
         encoded = _rpc_attributes[method] = otlp.encode_attributes(
             {"rpc.system": "ttrpc", "rpc.service": ctx.service, "rpc.method": ctx.method}
         )
@@ -69,6 +75,9 @@ def _rpc_attributes_of(ctx: ServerContext) -> bytes:
 
 def rpc_spans(tracer: Tracer, root: SpanContext) -> UnaryServerInterceptor:
     """Each call in its span, made by `tracer`; `root` is the parent when the caller sent none."""
+    from .. import otlp
+    from ..spans import Span
+
     max_length = tracer.limits.max_attribute_length
 
     async def traced(request: Message, ctx: ServerContext, handler: UnaryHandler) -> UnaryResponse:
@@ -98,6 +107,8 @@ def rpc_spans(tracer: Tracer, root: SpanContext) -> UnaryServerInterceptor:
 def stream_spans(tracer: Tracer, root: SpanContext) -> StreamServerInterceptor:
     """Each streaming call (pykata.Extensions) in its span, as rpc_spans does for unary
     ones; the span lasts as long as the stream."""
+    from .. import otlp
+    from ..spans import Span
 
     async def traced(
         stream: ServerStream, ctx: ServerContext, handler: StreamHandler

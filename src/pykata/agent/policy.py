@@ -23,30 +23,37 @@ silent non-match later.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import re
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from ..api import agent_pb2, extensions_pb2, health_pb2
 from .errors import InvalidArgument, PermissionDenied
 
 log = logging.getLogger("pykata.agent.policy")
 
 DECISIONS = ("allow", "deny")
 _STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?")
-_SERVICES: list[ServiceDescriptor] = [
-    agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
-    health_pb2.DESCRIPTOR.services_by_name["Health"],
-    # Its streaming calls are decided on their opening message (fields such as open.port).
-    extensions_pb2.DESCRIPTOR.services_by_name["Extensions"],
-]
-#: RPC name -> its request's descriptor.
-REQUESTS = {m.name: m.input_type for s in _SERVICES for m in s.methods}
+
+
+@functools.cache
+def requests() -> dict[str, Descriptor]:
+    """RPC name -> its request's descriptor. Built when a policy with rules is loaded,
+    not at start-up: the API's messages and walking every method cost milliseconds."""
+    from ..api import agent_pb2, extensions_pb2, health_pb2
+
+    services: list[ServiceDescriptor] = [
+        agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+        # Its streaming calls are decided on their opening message (fields such as open.port).
+        extensions_pb2.DESCRIPTOR.services_by_name["Extensions"],
+    ]
+    return {m.name: m.input_type for s in services for m in s.methods}
+
 
 _MISSING = object()
 
@@ -100,11 +107,18 @@ class Policy:
     by_method: dict[str, list[Rule]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.by_method = {rpc: [r for r in self.rules if r.names(rpc)] for rpc in REQUESTS}
+        # No rules (the built-in allow-all): nothing to look up, and no descriptors walked.
+        self.by_method = (
+            {rpc: [r for r in self.rules if r.names(rpc)] for rpc in requests()}
+            if self.rules
+            else {}
+        )
 
     @classmethod
     def parse(cls, text: str, source: str) -> Policy:
         """A policy from its TOML text; InvalidArgument naming what is wrong."""
+        import tomllib  # only when a policy is given: rarely at start-up
+
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -150,7 +164,7 @@ def _rule(source: str, number: int, raw: Any) -> Rule:
     methods = raw.get("methods")
     if not isinstance(methods, list) or not methods:
         raise InvalidArgument(f"{where}: methods must be a non-empty list of RPC names")
-    matched = sorted({rpc for m in methods for rpc in REQUESTS if fnmatch.fnmatchcase(rpc, m)})
+    matched = sorted({rpc for m in methods for rpc in requests() if fnmatch.fnmatchcase(rpc, m)})
     if not matched:
         raise InvalidArgument(f"{where}: methods {methods} match no RPC")
     decision = raw.get("decision")
@@ -166,7 +180,7 @@ def _rule(source: str, number: int, raw: Any) -> Rule:
             if isinstance(patterns, str):
                 patterns = [patterns]
             for rpc in matched:
-                _check_path(REQUESTS[rpc], path, f"{where}: {kind} {path!r} for {rpc}")
+                _check_path(requests()[rpc], path, f"{where}: {kind} {path!r} for {rpc}")
             found.append(Condition(path, tuple(str(p) for p in patterns)))
         conditions[kind] = tuple(found)
     return Rule(name, tuple(methods), decision, conditions["when"], conditions["unless"])

@@ -1,7 +1,8 @@
 """The OCI runtime (crun or runc), driven as a separate program.
 
-One method per runtime command. Every invocation logs to its own JSON file
-so the runtime's own error message can be put in the caller's status.
+One method per runtime command. Every invocation logs to a JSON file of its
+own while it runs (LogFiles, used again once emptied) so the runtime's own
+error message can be put in the caller's status.
 The runtime keeps its state under the agent's run directory, never in the
 host's default (/run/runc, /run/crun).
 """
@@ -96,6 +97,62 @@ def choose(preferred: str) -> str:
     raise RuntimeFailure("no OCI runtime found: install crun or runc")
 
 
+#: The invocations' log files, in the runtime's state directory: a name no container
+#: id can take (an id begins with a letter or a digit, agent/ids.py).
+LOG_DIR = ".logs"
+#: Log files kept for the next invocations; more running at once are made, then removed.
+MAX_SPARE_LOGS = 8
+
+
+@dataclass
+class LogFile:
+    """One invocation's log (--log): its path, and an fd the agent keeps to empty it."""
+
+    path: str
+    fd: int
+
+
+class LogFiles:
+    """Log files for runtime invocations, used again rather than made and removed for
+    each: on a disk file system creating, truncating and unlinking a file cost about
+    as much as the rest of the agent's work for an exec. A file is empty when taken:
+    no invocation reads another's errors."""
+
+    def __init__(self, directory: Path, spare: int = MAX_SPARE_LOGS) -> None:
+        self.directory = directory
+        self.spare = spare
+        self._free: list[LogFile] = []
+        self._made = 0
+
+    def take(self) -> LogFile:
+        if self._free:
+            return self._free.pop()
+        self._made += 1
+        path = f"{self.directory}/log-{self._made}"
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            # Truncated: a file left by an earlier agent must not lend its errors to this call.
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
+        return LogFile(path, fd)
+
+    def give_back(self, log_file: LogFile) -> None:
+        """Emptied and kept for the next invocation, unless `spare` are kept already
+        or its path no longer names the file (then the runtime wrote elsewhere)."""
+        with contextlib.suppress(OSError):
+            held = os.fstat(log_file.fd)
+            if os.path.samestat(os.stat(log_file.path), held) and len(self._free) < self.spare:
+                if held.st_size:  # the runtime wrote to it (rarely)
+                    os.ftruncate(log_file.fd, 0)
+                self._free.append(log_file)
+                return
+        os.close(log_file.fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log_file.path)
+
+
 @dataclass
 class OciRuntime:
     binary: str
@@ -107,6 +164,7 @@ class OciRuntime:
     #: `--version`'s output, once asked (an answer that failed is asked again).
     _version: str | None = field(default=None, init=False, repr=False)
     _invocations: int = field(default=0, init=False, repr=False)
+    _log_files: LogFiles | None = field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -125,14 +183,17 @@ class OciRuntime:
         Spawned with subprocess (vfork: about a third of the cost of the event
         loop's fork-based spawn) and awaited through a pidfd.
         """
-        log_file, output = self._invocation_files()
+        log_file = self._logs.take()
+        # The runtime's stdout and stderr when the caller gives none; create and exec
+        # give the container's own, so on a container's path no file is made.
+        output = self._unnamed_output() if stdout is None or stderr is None else None
         try:
             command = [
                 self.binary,
                 "--root",
                 str(self.root),
                 "--log",
-                log_file,
+                log_file.path,
                 "--log-format",
                 "json",
                 *args,
@@ -165,33 +226,32 @@ class OciRuntime:
                         "ms": round((time.monotonic() - started) * 1e3, 2),
                     },
                 )
-            text = _read_all(output).decode(errors="replace")
+            text = _read_all(output).decode(errors="replace") if output is not None else ""
             if returncode != 0:
-                message = _last_error(log_file) or text.strip()
+                message = _last_error(log_file.path) or text.strip()
                 message = message or f"exit status {returncode}"
                 raise RuntimeFailure(f"{self.name} {args[0]} failed: {message}")
             return text
         finally:
-            os.close(output)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(log_file)
+            if output is not None:
+                os.close(output)
+            self._logs.give_back(log_file)
 
-    def _invocation_files(self) -> tuple[str, int]:
-        """A fresh log file for one invocation (its path) and an unnamed file for its output.
+    @property
+    def _logs(self) -> LogFiles:
+        if self._log_files is None:
+            self._log_files = LogFiles(self.root / LOG_DIR)
+        return self._log_files
 
-        Named by a counter, not tempfile's random names: a runtime invocation
-        is on every container's path, and tempfile's two files cost ~250 us.
-        """
+    def _unnamed_output(self) -> int:
+        """An unnamed file for one invocation's output. Fresh every time: a process the
+        runtime left behind (a hook's) may still hold the last one."""
         self._invocations += 1
-        log_file = f"{self.root}/log-{self._invocations}"
         try:
-            output = _unnamed_file(self.root, self._invocations)
+            return _unnamed_file(self.root, self._invocations)
         except FileNotFoundError:
             self.root.mkdir(parents=True, exist_ok=True)
-            output = _unnamed_file(self.root, self._invocations)
-        # Truncated: a file left by an earlier agent must not lend its errors to this call.
-        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
-        return log_file, output
+            return _unnamed_file(self.root, self._invocations)
 
     async def create(
         self,

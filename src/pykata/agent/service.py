@@ -1,56 +1,36 @@
-"""The agent's ttRPC services: thin handlers over the domain layer.
+"""grpc.AgentService: thin handlers over the domain layer.
 
 Each handler decodes its request into plain values, calls one domain
 method, and encodes the answer. Domain errors carry their own status codes.
 Methods not defined here answer UNIMPLEMENTED, naming the method.
+
+Loaded on the first AgentService call (serving.py), with the API's messages:
+an agent answers Health before it has paid for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal as signals
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
-from .. import __version__, ocispec
-from ..api import agent_pb2, csi_pb2, health_pb2, types_pb2
+from .. import ocispec
+from ..api import agent_pb2, csi_pb2, types_pb2
 from ..ttrpc import Code, EncodedResponse, ServerContext, Service, TtrpcError, UnaryMethod
 from ..ttrpc.frame import varint
-from ..ttrpc.server import Limits, UnaryHandler, UnaryResponse
+from ..ttrpc.server import UnaryHandler, UnaryResponse
 from . import cgroups, network
 from .codes import upstream_code
-from .copyfile import CopyRequest, SharedFiles
-from .diagnostics import Diagnostics
+from .copyfile import CopyRequest
 from .errors import AgentError, ContainerNotFound, InvalidArgument, MissingField, Unsupported
-from .guest import Guest
-from .memagent import MemAgent
-from .policy import Enforcer
-from .sandbox import Sandbox, SandboxSettings
+from .sandbox import SandboxSettings
+from .serving import AgentParts
 from .storage import DRIVERS, StorageSpec
-from .volumes import Volumes
 
-if TYPE_CHECKING:
-    from .metrics import Metrics
-
-#: The agent API version reported by Health/Version (upstream's value).
-API_VERSION = "0.0.1"
 EMPTY = Empty()
-
-
-class Health:
-    async def Check(
-        self, request: health_pb2.CheckRequest, ctx: ServerContext
-    ) -> health_pb2.HealthCheckResponse:
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-
-    async def Version(
-        self, request: health_pb2.CheckRequest, ctx: ServerContext
-    ) -> health_pb2.VersionCheckResponse:
-        return health_pb2.VersionCheckResponse(grpc_version=API_VERSION, agent_version=__version__)
 
 
 def _storages(storages: list[agent_pb2.Storage]) -> list[StorageSpec]:
@@ -91,23 +71,6 @@ def _cgroup_stats(s: cgroups.CgroupStats) -> agent_pb2.CgroupStats:
 def _fields_set(request: Message) -> dict[str, Any]:
     """The fields a request sets (proto3 optional), by name."""
     return {field.name: value for field, value in request.ListFields()}
-
-
-@dataclass
-class AgentParts:
-    """Everything the agent's RPCs act on."""
-
-    sandbox: Sandbox
-    guest: Guest
-    files: SharedFiles
-    volumes: Volumes
-    memory: MemAgent
-    policy: Enforcer
-    diagnostics: Diagnostics
-    #: Made on the first GetMetrics (prometheus_client takes ~20 ms to import).
-    metrics: Metrics | None = None
-    #: Called once DestroySandbox has answered (the agent as init stops there).
-    after_sandbox_destroyed: Callable[[], None] | None = None
 
 
 def _interface(i: network.Interface) -> types_pb2.Interface:
@@ -502,10 +465,6 @@ def read_stream_response(data: bytes) -> EncodedResponse:
     return EncodedResponse(b"\x0a" + varint(len(data)), data)
 
 
-def health_service() -> Service:
-    return Service.from_descriptor(health_pb2.DESCRIPTOR.services_by_name["Health"], Health())
-
-
 def _answering_upstream_codes(rpc: str, handler: UnaryHandler) -> UnaryHandler:
     async def handle(request: Any, ctx: ServerContext) -> UnaryResponse:
         try:
@@ -529,10 +488,3 @@ def agent_service(parts: AgentParts) -> Service:
         handler = _answering_upstream_codes(rpc, method.handler)
         service.methods[rpc] = UnaryMethod(method.request_type, handler)
     return service
-
-
-def services(parts: AgentParts, limits: Limits | None = None) -> list[Service]:
-    """The upstream services, and pykata.Extensions (extensions.py) next to them."""
-    from .extensions import extensions_service
-
-    return [health_service(), agent_service(parts), extensions_service(parts, limits or Limits())]

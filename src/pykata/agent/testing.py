@@ -29,7 +29,7 @@ from . import leftovers, reaper
 from . import runtime as runtime_mod
 from .cli import agent_parts, call_interceptors
 from .diagnostics import RecentLogs
-from .service import AgentParts, services
+from .serving import AgentParts, services
 
 
 @dataclass

@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from .. import otlp
-from ..spans import Span, SpanContext, Tracer
+if TYPE_CHECKING:  # the span machinery is loaded only when tracing is on (traceprovider.py)
+    from .. import otlp
+    from ..spans import Span, SpanContext, Tracer
 
 #: The span the code running now is part of: a step, or its RPC's span.
 current: contextvars.ContextVar[Span | None] = contextvars.ContextVar("pykata_span", default=None)

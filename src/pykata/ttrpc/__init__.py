@@ -3,7 +3,7 @@
 frame        the 10-byte header format, sans-IO
 protocol     per-connection state machines (bytes in, events out), sans-IO
 status       Code and TtrpcError
-server       Server, Service, ServerContext
+server       Server, Service, LazyService, ServerContext
 client       Client, ClientStream, ClientContext
 interceptor  chains of interceptors around calls, on either side
 testing      a service and a client wired together in-process
@@ -27,6 +27,7 @@ _HOMES = {
     **dict.fromkeys(
         [
             "EncodedResponse",
+            "LazyService",
             "Server",
             "ServerContext",
             "ServerStream",
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .client import Client, ClientContext, ClientStream, Invoker, Stub, UnaryClientInterceptor
     from .server import (
         EncodedResponse,
+        LazyService,
         Server,
         ServerContext,
         ServerStream,
@@ -79,6 +81,7 @@ __all__ = [
     "Code",
     "EncodedResponse",
     "Invoker",
+    "LazyService",
     "Server",
     "ServerContext",
     "ServerStream",

@@ -182,6 +182,17 @@ class Service:
 
 
 @dataclass(frozen=True)
+class LazyService:
+    """A service made on its first call: `load` imports its handlers' modules and
+    returns the Service (named `name`). Until a call names it the server knows only
+    the name, so a start-up that answers Health pays nothing for the others. If
+    `load` fails, that call answers INTERNAL and the next call tries again."""
+
+    name: str
+    load: Callable[[], Service]
+
+
+@dataclass(frozen=True)
 class Limits:
     """What one client, and all clients together, can make a Server hold.
 
@@ -578,6 +589,14 @@ class _Connection(asyncio.BufferedProtocol):
         # library): INVALID_ARGUMENT for an unknown service, UNIMPLEMENTED for an
         # unknown method, UNKNOWN for a payload that does not decode.
         methods = self.server._methods.get(request.service)
+        if methods is None and request.service in self.server._lazy:
+            try:
+                methods = self.server._load(request.service)
+            except Exception as exc:
+                log.error("cannot load service %s: %r", request.service, exc, exc_info=exc)
+                message = f"cannot load service {request.service}: {exc}"
+                self._answer(sid, status_pb2.Status(code=Code.INTERNAL, message=message))
+                return
         if methods is None:
             status = status_pb2.Status(
                 code=Code.INVALID_ARGUMENT, message=f"unknown service {request.service}"
@@ -720,7 +739,7 @@ class Server:
 
     def __init__(
         self,
-        services: Iterable[Service] = (),
+        services: Iterable[Service | LazyService] = (),
         *,
         interceptors: Sequence[UnaryServerInterceptor] = (),
         stream_interceptors: Sequence[StreamServerInterceptor] = (),
@@ -738,6 +757,8 @@ class Server:
         self._services: dict[str, Service] = {}
         #: Per service, its methods as called: each handler behind the interceptors.
         self._methods: dict[str, dict[str, UnaryMethod | StreamMethod]] = {}
+        #: Services not loaded yet (LazyService), by name.
+        self._lazy: dict[str, Callable[[], Service]] = {}
         for service in services:
             self.add_service(service)
         self._listeners: list[Listener] = []
@@ -785,14 +806,31 @@ class Server:
             **self.counters,
         }
 
-    def add_service(self, service: Service) -> None:
-        """Serve `service`: the methods it has now, each behind the interceptors."""
-        if service.name in self._services:
+    def add_service(self, service: Service | LazyService) -> None:
+        """Serve `service`: the methods it has now, each behind the interceptors
+        (a LazyService: once its first call has loaded it)."""
+        if service.name in self._services or service.name in self._lazy:
             raise ValueError(f"service {service.name} is already registered")
+        if isinstance(service, LazyService):
+            self._lazy[service.name] = service.load
+            return
         self._services[service.name] = service
         self._methods[service.name] = {
             name: self._intercepted(method) for name, method in service.methods.items()
         }
+
+    def _load(self, name: str) -> dict[str, UnaryMethod | StreamMethod]:
+        """The methods of the lazy service `name`, loaded now (its first call)."""
+        load = self._lazy.pop(name)
+        try:
+            service = load()
+            if service.name != name:
+                raise ValueError(f"loading service {name} made service {service.name}")
+        except BaseException:
+            self._lazy[name] = load  # the next call tries again
+            raise
+        self.add_service(service)
+        return self._methods[name]
 
     def _intercepted(self, method: UnaryMethod | StreamMethod) -> UnaryMethod | StreamMethod:
         # The chain is built once per method, not per call.

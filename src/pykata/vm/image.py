@@ -112,8 +112,14 @@ KATA_INITRD = "kata-initrd.img"
 #: How the Kata initrd is compressed (the kernel unpacks it; see docs/kata-runtime.md).
 KATA_INITRD_COMPRESS = ("zstd", "-q", "-3", "-T0")
 
-AGENT_SCRIPT = """#!/usr/bin/python3
+#: The agent's entry. -I: no PYTHON* variables, no user site, not the working
+#: directory on the path; -S: no site module, whose scan of the package directories
+#: is start-up time (slow under emulation). The path is what site would have made:
+#: pykata and its dependencies, then Debian's packages.
+AGENT_SCRIPT = """#!/usr/bin/python3 -IS
 import sys
+
+sys.path += ["{packages}", "/usr/lib/python3/dist-packages"]
 
 from pykata.agent.cli import main
 
@@ -363,7 +369,7 @@ def install_pykata(root: Path, requirements: Iterable[str]) -> None:
     _run(sys.executable, "-m", "compileall", "-q", str(site / "pykata"), what="compileall")
     script = root / "usr" / "local" / "bin" / "kata-agent"
     script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(AGENT_SCRIPT)
+    script.write_text(AGENT_SCRIPT.format(packages=f"/{site.relative_to(root)}"))
     script.chmod(0o755)
 
 
