@@ -302,6 +302,9 @@ async def test_streams_are_traced(tmp_path: Path, rootfs: Path) -> None:
     (exec_span,) = [s for s in spans if s["name"] == "Exec"]
     assert exec_span["trace"] == TRACE_ID and exec_span["parent"] == PARENT_SPAN
     assert exec_span["kind"] == 2 and exec_span["error"] is None
+    # Like a unary RPC's span (ExecProcess), it names the container and the exec.
+    assert exec_span["attrs"]["container_id"] == "tr"
+    assert exec_span["attrs"]["exec_id"] == session.exec_id
     assert any(s["name"] == "runtime exec" and s["parent"] == exec_span["id"] for s in spans)
     (caps,) = [s for s in spans if s["name"] == "GetCapabilities"]
     assert caps["kind"] == 2

@@ -9,6 +9,7 @@ and hands the stream to one domain object. Bad input is INVALID_ARGUMENT.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from ..extensions import EXTENSIONS, SERVICE
 from ..ttrpc import ServerContext, ServerStream, Service, StreamMethod, UnaryMethod
 from ..ttrpc.frame import MAX_DATA_SIZE
 from ..ttrpc.server import Limits
+from . import tracing
 from .channel import Channel
 from .portforward import Forwards, target_address
 from .storage import DRIVERS
@@ -55,6 +57,16 @@ class ExtensionLimits:
             raise ValueError("max_chunk_bytes must be at most a quarter of window_bytes")
         if self.watch_window_events < WATCH_BATCH * 4:
             raise ValueError(f"watch_window_events must be at least {WATCH_BATCH * 4}")
+
+
+def _span_ids(**ids: str) -> None:
+    """The stream's span carries the ids of its opening message, as a unary RPC's
+    span carries its request's (interceptors.ID_FIELDS)."""
+    span = tracing.current.get()
+    if span is not None:
+        for name, value in ids.items():
+            if value:
+                span.set_attribute(name, value)
 
 
 class Extensions:
@@ -147,6 +159,7 @@ class Extensions:
         """Upload or Download: the opening message, the policy, the container's root."""
         try:
             first = await channel.first("open")
+            _span_ids(container_id=first.open.file.container_id)
             self.parts.policy.check(ctx.method, first)
             root = self._open_root(first.open.file)
             try:
@@ -166,9 +179,13 @@ class Extensions:
         )
         try:
             first = await channel.first("start")
+            start = first.start
+            _span_ids(container_id=start.container_id)
             self.parts.policy.check(ctx.method, first)
-            container = self.parts.sandbox.container(first.start.container_id)
-            await self.execs.run(channel, container, first.start)
+            start.exec_id = start.exec_id or f"exec-{uuid.uuid4().hex[:16]}"
+            _span_ids(exec_id=start.exec_id)
+            container = self.parts.sandbox.container(start.container_id)
+            await self.execs.run(channel, container, start)
         finally:
             await channel.close()
 
@@ -177,6 +194,7 @@ class Extensions:
         channel = Channel(stream, ext.WatchInput, self.limits.window_bytes)
         try:
             first = await channel.first("open")
+            _span_ids(container_id=first.open.location.container_id)
             self.parts.policy.check(ctx.method, first)
             root = self._open_root(first.open.location)
             try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal as signals
-import uuid
 from typing import Any
 
 from .. import ocispec
@@ -45,7 +44,7 @@ class StreamExecs:
             raise LimitExceeded(f"too many streaming execs running (limit {self.limit})")
         self.open += 1
         try:
-            exec_id = start.exec_id or f"exec-{uuid.uuid4().hex[:16]}"
+            exec_id = start.exec_id  # (made up by the handler if the client gave none)
             process = await container.exec(
                 exec_id, ocispec.to_json(start.process), pipe_size=PIPE_SIZE
             )
