@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from pykata import __version__
-from pykata.agent.extensions import UPSTREAM_API_VERSION, ExtensionLimits
+from pykata.agent.extensions import UPSTREAM_API_VERSION
+from pykata.agent.extlimits import ExtensionLimits
 from pykata.agent.storage import DRIVERS
 from pykata.api import agent_pb2, health_pb2
 from pykata.api import extensions_pb2 as ext
@@ -308,3 +309,39 @@ async def test_streams_are_traced(tmp_path: Path, rootfs: Path) -> None:
     assert any(s["name"] == "runtime exec" and s["parent"] == exec_span["id"] for s in spans)
     (caps,) = [s for s in spans if s["name"] == "GetCapabilities"]
     assert caps["kind"] == 2
+
+
+async def test_configured_extension_limits_are_reported_and_hold(
+    tmp_path: Path, rootfs: Path
+) -> None:
+    """The limits come from the agent's configuration: GetCapabilities reports them
+    and the agent holds them."""
+    from pykata.extensions.watch import watch
+
+    from .conftest import run_container_agent
+
+    env = {
+        "KATA_AGENT_MAX_WATCHES": "1",
+        "KATA_AGENT_WINDOW_BYTES": str(1 << 20),
+        "KATA_AGENT_MAX_CHUNK_BYTES": str(128 << 10),
+    }
+    with run_container_agent(tmp_path, env=env) as agent:
+        async with await Client.connect(agent.address) as client:
+            extensions = Extensions(client)
+            limits = (await extensions.capabilities()).limits
+            assert (limits.max_watches, limits.window_bytes, limits.max_chunk_bytes) == (
+                1,
+                1 << 20,
+                128 << 10,
+            )
+            assert limits.max_execs == ExtensionLimits().max_execs
+            await start_container(Stub(client, AGENT), rootfs, "lim", "/bin/sleep", "100")
+            where = ext.FileLocation(container_id="lim", path="/")
+            first = watch(extensions, where)
+            assert await first.__anext__() == ([], 0)
+            second = watch(extensions, where)
+            with pytest.raises(TtrpcError) as failed:
+                await second.__anext__()
+            assert failed.value.code == Code.RESOURCE_EXHAUSTED
+            assert "limit 1" in failed.value.message
+            await first.aclose()

@@ -197,7 +197,7 @@ def make_server(
         max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),
     )
     return Server(
-        services(parts, server_limits),
+        services(parts, server_limits, config.extension_limits()),
         interceptors=call_interceptors(parts.policy, tracing),
         stream_interceptors=stream_interceptors(tracing),
         limits=server_limits,

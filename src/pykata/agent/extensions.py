@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
@@ -22,11 +21,11 @@ from ..ttrpc.frame import MAX_DATA_SIZE
 from ..ttrpc.server import Limits
 from . import tracing
 from .channel import Channel
+from .extlimits import ExtensionLimits
 from .portforward import Forwards, target_address
 from .storage import DRIVERS
 from .streamexec import StreamExecs
 from .transfer import Transfers
-from .watch import BATCH as WATCH_BATCH
 from .watch import Watches
 
 if TYPE_CHECKING:
@@ -34,29 +33,6 @@ if TYPE_CHECKING:
 
 #: The upstream Kata agent API this agent implements (docs/api.md).
 UPSTREAM_API_VERSION = "kata-containers agent.proto @7c6ba40c"
-
-
-@dataclass(frozen=True)
-class ExtensionLimits:
-    """Bounds of the extensions; docs/extensions.md lists them with these defaults."""
-
-    #: Unacknowledged data bytes in flight per direction of a stream.
-    window_bytes: int = 4 << 20
-    #: Largest `data` in one message (at most a quarter of the window: see flow.py).
-    max_chunk_bytes: int = 1 << 20
-    max_forwards: int = 64
-    max_transfers: int = 16
-    max_execs: int = 64
-    max_watches: int = 32
-    watch_queue_events: int = 4096
-    watch_window_events: int = 256
-    max_watched_directories: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.max_chunk_bytes * 4 > self.window_bytes:
-            raise ValueError("max_chunk_bytes must be at most a quarter of window_bytes")
-        if self.watch_window_events < WATCH_BATCH * 4:
-            raise ValueError(f"watch_window_events must be at least {WATCH_BATCH * 4}")
 
 
 def _span_ids(**ids: str) -> None:

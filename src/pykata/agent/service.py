@@ -26,6 +26,7 @@ from .codes import upstream_code
 from .copyfile import CopyRequest, SharedFiles
 from .diagnostics import Diagnostics
 from .errors import AgentError, ContainerNotFound, InvalidArgument, MissingField, Unsupported
+from .extlimits import ExtensionLimits
 from .guest import Guest
 from .memagent import MemAgent
 from .policy import Enforcer
@@ -531,8 +532,16 @@ def agent_service(parts: AgentParts) -> Service:
     return service
 
 
-def services(parts: AgentParts, limits: Limits | None = None) -> list[Service]:
+def services(
+    parts: AgentParts,
+    limits: Limits | None = None,
+    extension_limits: ExtensionLimits | None = None,
+) -> list[Service]:
     """The upstream services, and pykata.Extensions (extensions.py) next to them."""
     from .extensions import extensions_service
 
-    return [health_service(), agent_service(parts), extensions_service(parts, limits or Limits())]
+    return [
+        health_service(),
+        agent_service(parts),
+        extensions_service(parts, limits or Limits(), extension_limits),
+    ]
