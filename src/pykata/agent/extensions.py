@@ -9,6 +9,7 @@ and hands the stream to one domain object. Bad input is INVALID_ARGUMENT.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -21,8 +22,9 @@ from ..ttrpc.frame import MAX_DATA_SIZE
 from ..ttrpc.server import Limits
 from . import tracing
 from .channel import Channel
+from .errors import InvalidArgument
 from .extlimits import ExtensionLimits
-from .portforward import Forwards, target_address
+from .portforward import Connector, Forwards, connect_tcp, connect_unix, target_address
 from .storage import DRIVERS
 from .streamexec import StreamExecs
 from .transfer import Transfers
@@ -107,12 +109,30 @@ class Extensions:
         )
         try:
             first = await channel.first("open")
+            target = first.open
+            _span_ids(container_id=target.unix_socket.container_id)
             self.parts.policy.check(ctx.method, first)
-            target = target_address(first.open)
-            netns = self.parts.sandbox.network.netns_path
-            await self.forwards.run(channel, netns, target)
+            await self.forwards.run(channel, self._connector(target))
         finally:
             await channel.close()
+
+    def _connector(self, target: ext.ForwardTarget) -> Connector:
+        if not target.HasField("unix_socket"):
+            address = target_address(target)
+            netns = self.parts.sandbox.network.netns_path
+            return lambda: connect_tcp(netns, address)
+        if target.host or target.port:
+            raise InvalidArgument("a forward target is a host and port, or a unix socket: not both")
+        location = target.unix_socket
+
+        async def connect() -> socket.socket:
+            root = self._open_root(location)
+            try:
+                return await connect_unix(root, location.path)
+            finally:
+                os.close(root)
+
+        return connect
 
     async def Upload(self, stream: ServerStream, ctx: ServerContext) -> None:
         channel = Channel(
