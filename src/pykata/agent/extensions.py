@@ -24,10 +24,11 @@ from . import tracing
 from .channel import Channel
 from .errors import InvalidArgument
 from .extlimits import ExtensionLimits
+from .partials import UPLOADS_DIR, PartialNotes
 from .portforward import Connector, Forwards, connect_tcp, connect_unix, target_address
 from .storage import DRIVERS
 from .streamexec import StreamExecs
-from .transfer import Transfers
+from .transfer import Root, Transfers
 from .watch import Watches
 
 if TYPE_CHECKING:
@@ -55,7 +56,11 @@ class Extensions:
         self.server_limits = server_limits
         self.limits = limits
         self.forwards = Forwards(limits.max_forwards, limits.max_chunk_bytes)
-        self.transfers = Transfers(limits.max_transfers, limits.max_chunk_bytes)
+        self.transfers = Transfers(
+            limits.max_transfers,
+            limits.max_chunk_bytes,
+            PartialNotes(parts.sandbox.run_dir / UPLOADS_DIR),
+        )
         self.execs = StreamExecs(limits.max_execs, limits.max_chunk_bytes)
         self.watches = Watches(
             limits.max_watches,
@@ -64,14 +69,15 @@ class Extensions:
             limits.max_watched_directories,
         )
 
-    def _open_root(self, location: ext.FileLocation) -> int:
-        """An O_PATH fd of the root `location` is inside: a container's, or the shared
-        directory (no container id)."""
+    def _open_root(self, location: ext.FileLocation) -> tuple[int, str]:
+        """(an O_PATH fd, the path) of the root `location` is inside: a container's,
+        or the shared directory (no container id)."""
         if location.container_id:
-            return self.parts.sandbox.container(location.container_id).open_root()
+            container = self.parts.sandbox.container(location.container_id)
+            return container.open_root(), str(container.rootfs)
         root = self.parts.files.root
         root.mkdir(mode=0o750, parents=True, exist_ok=True)
-        return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), str(root)
 
     async def GetCapabilities(
         self, req: ext.CapabilitiesRequest, ctx: ServerContext
@@ -126,11 +132,11 @@ class Extensions:
         location = target.unix_socket
 
         async def connect() -> socket.socket:
-            root = self._open_root(location)
+            root_fd, _ = self._open_root(location)
             try:
-                return await connect_unix(root, location.path)
+                return await connect_unix(root_fd, location.path)
             finally:
-                os.close(root)
+                os.close(root_fd)
 
         return connect
 
@@ -150,7 +156,7 @@ class Extensions:
         self,
         channel: Channel[Any],
         ctx: ServerContext,
-        move: Callable[[Channel[Any], int, Any], Awaitable[None]],
+        move: Callable[[Channel[Any], Root, Any], Awaitable[None]],
     ) -> None:
         """Upload or Download: the opening message, the policy, the container's root."""
         try:
@@ -161,7 +167,7 @@ class Extensions:
             try:
                 await move(channel, root, first.open)
             finally:
-                os.close(root)
+                os.close(root[0])
         finally:
             await channel.close()
 
@@ -192,11 +198,11 @@ class Extensions:
             first = await channel.first("open")
             _span_ids(container_id=first.open.location.container_id)
             self.parts.policy.check(ctx.method, first)
-            root = self._open_root(first.open.location)
+            root_fd, _ = self._open_root(first.open.location)
             try:
-                await self.watches.run(channel, root, first.open)
+                await self.watches.run(channel, root_fd, first.open)
             finally:
-                os.close(root)
+                os.close(root_fd)
         finally:
             await channel.close()
 
