@@ -119,7 +119,7 @@ async def test_ctl_port_forward_serves_http(
     (www / "index.html").write_text("through kata-agent-ctl\n")
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="ctl"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"ctl-{os.getpid()}"))
         inside = "/" + str(www.relative_to(rootfs))
         await start_container(api, rootfs, "web", "/usr/sbin/httpd", "-f", "-p", "80", "-h", inside)
         pid = init_pid(tmp_path / "run", "web")
@@ -164,7 +164,7 @@ async def test_policy_names_extensions(container_agent: AgentProcess) -> None:
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
         await api.SetPolicy(agent_pb2.SetPolicyRequest(policy=policy))
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="pol"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"pol-{os.getpid()}"))
         channel = await Extensions(client).open("PortForward", ext.ForwardMessage)
         channel.send(ext.ForwardMessage(open=ext.ForwardTarget(port=22)))
         with pytest.raises(TtrpcError) as denied:
@@ -186,7 +186,7 @@ async def test_a_client_ignoring_the_window_is_cut_off(
     and keeps serving."""
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="flood"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"flood-{os.getpid()}"))
         await start_container(
             api, rootfs, "sink", "/usr/bin/nc", "-l", "-p", "9100", "-e", "/bin/sleep", "1000"
         )

@@ -39,7 +39,7 @@ async def web(
     (www / "index.html").write_text("hello from the sandbox\n")
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="fwd"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"fwd-{os.getpid()}"))
         inside = "/" + str(www.relative_to(rootfs))
         await start_container(
             api, rootfs, "web", "/usr/sbin/httpd", "-f", "-p", str(PORT), "-h", inside
@@ -126,7 +126,7 @@ async def test_half_close_reaches_the_target(
     input, answers, and closes."""
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="half"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"half-{os.getpid()}"))
         script = "nc -l -p 9000 | wc -c | nc -l -p 9001"
         await start_container(
             api, rootfs, "nc", "/bin/sh", "-c", "while true; do " + script + "; done"

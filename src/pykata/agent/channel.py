@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ..extensions.flow import AckBeyondSent, ReceiveWindow, SendWindow, WindowOverrun
 from ..extensions.pump import Pump
+from ..extensions.wire import data_head
 from ..ttrpc import ServerStream, TtrpcError
 from .errors import InvalidArgument, LimitExceeded
 
@@ -78,6 +79,11 @@ class Channel(Generic[In]):
 
     def send(self, message: Message) -> None:
         self._stream.send(message.SerializeToString())
+
+    def send_data(self, tag: bytes, data: bytes) -> None:
+        """A message holding only the bytes field `tag` (wire.data_tag) = `data`,
+        encoded by hand: the data is not copied on its way to the socket."""
+        self._stream.send_parts(data_head(tag, data), data)
 
     async def close(self) -> None:
         await self._pump.close()

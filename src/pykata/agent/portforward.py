@@ -22,6 +22,7 @@ import stat
 from collections.abc import Awaitable, Callable
 
 from ..api import extensions_pb2 as ext
+from ..extensions.wire import data_tag
 from .channel import Channel
 from .errors import FailedPrecondition, InvalidArgument, LimitExceeded, Unavailable
 from .inroot import open_in
@@ -29,6 +30,7 @@ from .network import _setns
 
 #: Seconds to wait for the target to accept.
 CONNECT_TIMEOUT = 10.0
+DATA_TAG = data_tag(ext.ForwardMessage, "data")
 
 
 def target_address(target: ext.ForwardTarget) -> tuple[int, str, int]:
@@ -171,7 +173,7 @@ async def _target_to_client(
             channel.send(ext.ForwardMessage(eof=True))
             return
         await channel.send_window.reserve(len(data))
-        channel.send(ext.ForwardMessage(data=data))
+        channel.send_data(DATA_TAG, data)
 
 
 async def _client_to_target(

@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import ocispec
 from ..api import extensions_pb2 as ext
+from ..extensions.wire import data_tag
 from .channel import Channel
 from .container import Container
 from .errors import InvalidArgument, LimitExceeded, MissingField
@@ -25,6 +26,8 @@ from .process import Process
 #: Output pipes of a streaming exec: Linux's default largest pipe (pipe-max-size), so a
 #: fast writer is read in pieces of up to 1 MiB, not 64 KiB.
 PIPE_SIZE = 1 << 20
+STDOUT_TAG = data_tag(ext.ExecOutput, "stdout")
+STDERR_TAG = data_tag(ext.ExecOutput, "stderr")
 
 
 class StreamExecs:
@@ -85,15 +88,13 @@ async def _serve(
 async def _output(
     channel: Channel[ext.ExecInput], process: Process, stream: str, chunk: int
 ) -> None:
+    tag = STDOUT_TAG if stream == "stdout" else STDERR_TAG
     while True:
         data = await process.read(stream, chunk)
         if not data:
             return
         await channel.send_window.reserve(len(data))
-        if stream == "stdout":
-            channel.send(ext.ExecOutput(stdout=data))
-        else:
-            channel.send(ext.ExecOutput(stderr=data))
+        channel.send_data(tag, data)
 
 
 async def _inputs(channel: Channel[ext.ExecInput], process: Process) -> None:

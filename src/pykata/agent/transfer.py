@@ -24,6 +24,7 @@ import stat
 from collections.abc import Iterator
 
 from ..api import extensions_pb2 as ext
+from ..extensions.wire import data_tag
 from ..ttrpc import Code
 from .channel import Channel
 from .errors import AgentError, FailedPrecondition, InvalidArgument, LimitExceeded
@@ -32,6 +33,7 @@ from .partials import PARTIAL_PREFIX, PartialNotes
 
 #: Bytes hashed per step when a resumed transfer re-reads what it has.
 HASH_STEP = 1 << 20
+DATA_TAG = data_tag(ext.DownloadOutput, "data")
 
 
 class ChecksumMismatch(AgentError):
@@ -288,7 +290,7 @@ async def _download(
             if not data:
                 raise FailedPrecondition(f"{path} shrank to {offset} bytes while being read")
             await channel.send_window.reserve(len(data))
-            channel.send(ext.DownloadOutput(data=data))
+            channel.send_data(DATA_TAG, data)
             offset += len(data)
         channel.send(ext.DownloadOutput(sha256=digest.digest()))
         await acks  # the client closes its side when it has everything

@@ -138,7 +138,7 @@ async def _no_stdin(session: ExecSession) -> None:
     session.close_stdin()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         try:
