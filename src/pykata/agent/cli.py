@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .. import __version__, allocator
 from .. import log as logsetup
 from ..transport import AddressError, TransportError
 from ..ttrpc import Server, UnaryServerInterceptor
@@ -303,6 +303,7 @@ def agent_main(argv: list[str] | None, *, as_init: bool) -> int:
         config.logging_level, name="kata-agent", source="agent", queue_bytes=config.log_queue_bytes
     )
     logsetup.install_hooks()
+    allocator.keep_large_buffers()
     open_files, _ = limits.raise_fd_limit()
     log.info(
         "announce",

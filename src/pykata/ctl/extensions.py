@@ -14,6 +14,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from .. import allocator
 from ..api import extensions_pb2 as ext
 from ..clihelp import Formatter
 from ..extensions.client import Extensions, MissingExtension, ProtocolError
@@ -312,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         command = lambda e: _port_forward(e, bind, local, target)  # noqa: E731
     else:
         command = COMMANDS[args.command](args)
+    allocator.keep_large_buffers()  # data in pieces of a megabyte, reused (allocator.py)
     return asyncio.run(_connected(str(address), command))
 
 
