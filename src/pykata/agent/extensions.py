@@ -8,11 +8,14 @@ and hands the stream to one domain object. Bad input is INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from google.protobuf.message import Message
 
 from .. import __version__
 from ..api import extensions_pb2 as ext
@@ -28,7 +31,7 @@ from .partials import UPLOADS_DIR, PartialNotes
 from .portforward import Connector, Forwards, connect_tcp, connect_unix, target_address
 from .storage import DRIVERS
 from .streamexec import StreamExecs
-from .transfer import Root, Transfers
+from .transfer import Transfers
 from .watch import Watches
 
 if TYPE_CHECKING:
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
 
 #: The upstream Kata agent API this agent implements (docs/api.md).
 UPSTREAM_API_VERSION = "kata-containers agent.proto @7c6ba40c"
+
+In = TypeVar("In", bound=Message)
 
 
 def _span_ids(**ids: str) -> None:
@@ -105,22 +110,39 @@ class Extensions:
             runtime=await self.parts.sandbox.runtime.version(),
         )
 
-    async def PortForward(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(
-            stream,
-            ext.ForwardMessage,
-            self.limits.window_bytes,
-            ack_of=lambda m: m.ack,
-            data_of=lambda m: len(m.data),
-        )
+    @contextlib.asynccontextmanager
+    async def _opened(
+        self,
+        stream: ServerStream,
+        ctx: ServerContext,
+        incoming: type[In],
+        opening: str,
+        container_of: Callable[[In], str],
+        **flow: Callable[[In], int],
+    ) -> AsyncIterator[tuple[Channel[In], In]]:
+        """A streaming call's channel (`flow`: its ack_of and data_of) and its opening
+        message, which must have `opening` set; its span names the container, and
+        the policy has let it through. The channel is closed after the call."""
+        channel = Channel(stream, incoming, self.limits.window_bytes, **flow)
         try:
-            first = await channel.first("open")
-            target = first.open
-            _span_ids(container_id=target.unix_socket.container_id)
+            first = await channel.first(opening)
+            _span_ids(container_id=container_of(first))
             self.parts.policy.check(ctx.method, first)
-            await self.forwards.run(channel, self._connector(target))
+            yield channel, first
         finally:
             await channel.close()
+
+    async def PortForward(self, stream: ServerStream, ctx: ServerContext) -> None:
+        async with self._opened(
+            stream,
+            ctx,
+            ext.ForwardMessage,
+            "open",
+            lambda m: m.open.unix_socket.container_id,
+            ack_of=lambda m: m.ack,
+            data_of=lambda m: len(m.data),
+        ) as (channel, first):
+            await self.forwards.run(channel, self._connector(first.open))
 
     def _connector(self, target: ext.ForwardTarget) -> Connector:
         if not target.HasField("unix_socket"):
@@ -141,70 +163,61 @@ class Extensions:
         return connect
 
     async def Upload(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(
-            stream, ext.UploadInput, self.limits.window_bytes, data_of=lambda m: len(m.data)
-        )
-        await self._transfer(channel, ctx, self.transfers.upload)
-
-    async def Download(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(
-            stream, ext.DownloadInput, self.limits.window_bytes, ack_of=lambda m: m.ack
-        )
-        await self._transfer(channel, ctx, self.transfers.download)
-
-    async def _transfer(
-        self,
-        channel: Channel[Any],
-        ctx: ServerContext,
-        move: Callable[[Channel[Any], Root, Any], Awaitable[None]],
-    ) -> None:
-        """Upload or Download: the opening message, the policy, the container's root."""
-        try:
-            first = await channel.first("open")
-            _span_ids(container_id=first.open.file.container_id)
-            self.parts.policy.check(ctx.method, first)
+        async with self._opened(
+            stream,
+            ctx,
+            ext.UploadInput,
+            "open",
+            lambda m: m.open.file.container_id,
+            data_of=lambda m: len(m.data),
+        ) as (channel, first):
             root = self._open_root(first.open.file)
             try:
-                await move(channel, root, first.open)
+                await self.transfers.upload(channel, root, first.open)
             finally:
                 os.close(root[0])
-        finally:
-            await channel.close()
+
+    async def Download(self, stream: ServerStream, ctx: ServerContext) -> None:
+        async with self._opened(
+            stream,
+            ctx,
+            ext.DownloadInput,
+            "open",
+            lambda m: m.open.file.container_id,
+            ack_of=lambda m: m.ack,
+        ) as (channel, first):
+            root = self._open_root(first.open.file)
+            try:
+                await self.transfers.download(channel, root, first.open)
+            finally:
+                os.close(root[0])
 
     async def Exec(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(
+        async with self._opened(
             stream,
+            ctx,
             ext.ExecInput,
-            self.limits.window_bytes,
+            "start",
+            lambda m: m.start.container_id,
             ack_of=lambda m: m.ack,
             data_of=lambda m: len(m.stdin),
-        )
-        try:
-            first = await channel.first("start")
+        ) as (channel, first):
             start = first.start
-            _span_ids(container_id=start.container_id)
-            self.parts.policy.check(ctx.method, first)
             start.exec_id = start.exec_id or f"exec-{uuid.uuid4().hex[:16]}"
             _span_ids(exec_id=start.exec_id)
             container = self.parts.sandbox.container(start.container_id)
             await self.execs.run(channel, container, start)
-        finally:
-            await channel.close()
 
     async def Watch(self, stream: ServerStream, ctx: ServerContext) -> None:
         # Its acks count events, in a window of its own (watch.py).
-        channel = Channel(stream, ext.WatchInput, self.limits.window_bytes)
-        try:
-            first = await channel.first("open")
-            _span_ids(container_id=first.open.location.container_id)
-            self.parts.policy.check(ctx.method, first)
+        async with self._opened(
+            stream, ctx, ext.WatchInput, "open", lambda m: m.open.location.container_id
+        ) as (channel, first):
             root_fd, _ = self._open_root(first.open.location)
             try:
                 await self.watches.run(channel, root_fd, first.open)
             finally:
                 os.close(root_fd)
-        finally:
-            await channel.close()
 
 
 def extensions_service(

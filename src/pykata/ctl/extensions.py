@@ -72,29 +72,43 @@ def _address_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def command_parser(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    *,
+    help: str,
+    description: str,
+    epilog: str,
+) -> argparse.ArgumentParser:
+    """The parser of an extension command, with the agent's address options."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=Formatter
+    )
+    _address_options(parser)
+    return parser
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    caps = sub.add_parser(
+    command_parser(
+        sub,
         "capabilities",
         help="what the agent is and which extensions it offers (pykata.Extensions)",
         description="Print the agent's answer to GetCapabilities as JSON: its version, "
         "the upstream API it implements, its extensions and their versions, its limits.",
         epilog=CAPABILITIES_EPILOG,
-        formatter_class=Formatter,
     )
-    _address_options(caps)
-    fwd = sub.add_parser(
+    fwd = command_parser(
+        sub,
         "port-forward",
         help="forward a local TCP port to a port (or a unix socket) inside the sandbox",
         description="Listen on a local TCP port and carry each connection to a TCP port "
         "in the sandbox's network namespace, or to a unix socket in a container "
         "(PortForward).",
         epilog=PORT_FORWARD_EPILOG,
-        formatter_class=Formatter,
     )
-    _address_options(fwd)
     fwd.add_argument("forward", metavar="FORWARD", help="which ports (see below)")
     _add_cp(sub)
-    streamexec.add_parser(sub, _address_options)
+    streamexec.add_parser(sub, command_parser)
     _add_watch(sub)
 
 
@@ -113,15 +127,14 @@ examples:
 
 
 def _add_cp(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    cp = sub.add_parser(
+    cp = command_parser(
+        sub,
         "cp",
         help="copy a file of any size into or out of a container",
         description="Copy one file between this machine and a container (Upload, "
         "Download), in chunks, checked with SHA-256, with a progress bar.",
         epilog=CP_EPILOG,
-        formatter_class=Formatter,
     )
-    _address_options(cp)
     cp.add_argument("source", metavar="SRC", help="CONTAINER:PATH or a local file")
     cp.add_argument("dest", metavar="DST", help="CONTAINER:PATH or a local file")
     cp.add_argument(
@@ -187,15 +200,14 @@ examples:
 
 
 def _add_watch(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser(
+    parser = command_parser(
+        sub,
         "watch",
         help="print changes under a path in a container as they happen (Watch)",
         description="Print each create, modify, delete, rename and attribute change "
         "under a path inside a container (inotify in the agent).",
         epilog=WATCH_EPILOG,
-        formatter_class=Formatter,
     )
-    _address_options(parser)
     parser.add_argument("where", metavar="CONTAINER:PATH", help="what to watch")
     parser.add_argument(
         "-r", "--recursive", action="store_true", help="every directory below it too"

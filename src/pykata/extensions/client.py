@@ -20,6 +20,7 @@ from .pump import Pump
 from .wire import data_field, data_head, data_tag
 
 In = TypeVar("In", bound=Message)
+M = TypeVar("M", bound=Message)
 #: What a channel's recv() hands out: messages, and Pieces where it decodes them.
 Received = TypeVar("Received")
 
@@ -90,8 +91,12 @@ class Channel(Generic[Received]):
         incoming: type[Message],
         window: int,
         data_fields: tuple[str, ...] = (),
+        *,
+        method: str = "the call",
     ) -> None:
         self.stream = stream
+        #: The RPC's name, for messages.
+        self.method = method
         self._incoming = incoming
         self._data_tags = [(data_tag(incoming, name), name) for name in data_fields]
         self.send_window = SendWindow(window)
@@ -145,6 +150,17 @@ class Channel(Generic[Received]):
         """The agent's next message (its ack and data already counted); None when the
         call has ended (then `finish()`)."""
         return await self._pump.recv()
+
+    async def first(self, answer: type[M], field: str) -> M:
+        """The agent's first answer, which must be `answer` with `field` set (ready,
+        opened, exec_id); the agent's error if the call failed instead."""
+        message = await self.recv()
+        if message is None:
+            await self.finish()  # raises the agent's error
+            raise ProtocolError(f"{self.method} ended before its first answer")
+        if not isinstance(message, answer) or not getattr(message, field):
+            raise ProtocolError(f"{self.method}'s first answer has no {field!r}")
+        return message
 
     async def finish(self) -> None:
         """Wait for the call's status; raises TtrpcError if it failed."""
@@ -200,7 +216,7 @@ class Extensions:
         (a W3C traceparent makes the agent's span a child of the caller's)."""
         caps = await self.require(name)
         stream = self.client.stream(SERVICE, name, metadata=metadata)
-        return Channel(stream, incoming, caps.limits.window_bytes)
+        return Channel(stream, incoming, caps.limits.window_bytes, method=name)
 
     async def open_data(
         self, name: str, incoming: type[In], *, metadata: Metadata | None = None
@@ -209,4 +225,6 @@ class Extensions:
         their bytes are not copied out of a message."""
         caps = await self.require(name)
         stream = self.client.stream(SERVICE, name, metadata=metadata)
-        return Channel(stream, incoming, caps.limits.window_bytes, DATA_FIELDS[incoming])
+        return Channel(
+            stream, incoming, caps.limits.window_bytes, DATA_FIELDS[incoming], method=name
+        )

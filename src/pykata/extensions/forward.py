@@ -24,12 +24,7 @@ async def forward(
     caps = await extensions.require("PortForward")
     channel = await extensions.open_data("PortForward", ext.ForwardMessage)
     channel.send(ext.ForwardMessage(open=target))
-    first = await channel.recv()
-    if first is None:
-        await channel.finish()  # raises the agent's error
-        raise ProtocolError("PortForward ended before the connection was opened")
-    if isinstance(first, Piece) or not first.opened:
-        raise ProtocolError("PortForward's first answer is not 'opened'")
+    await channel.first(ext.ForwardMessage, "opened")
     writer.transport.set_write_buffer_limits(high=caps.limits.max_chunk_bytes)
     up = asyncio.ensure_future(_local_to_agent(channel, reader, caps.limits.max_chunk_bytes))
     try:

@@ -43,13 +43,11 @@ class ExecSession:
         channel = await extensions.open_data("Exec", ext.ExecOutput, metadata=metadata)
         start = ext.ExecStart(container_id=container_id, exec_id=exec_id, process=process)
         channel.send(ext.ExecInput(start=start))
-        first = await channel.recv()
-        if first is None:
-            await channel.finish()
-            raise ProtocolError("Exec ended before the process started")
-        if isinstance(first, Piece) or not first.exec_id:
+        try:
+            first = await channel.first(ext.ExecOutput, "exec_id")
+        except ProtocolError:
             channel.abort()
-            raise ProtocolError("Exec's first answer does not name the exec")
+            raise
         return cls(channel, first.exec_id, caps.limits.max_chunk_bytes)
 
     async def write(self, data: bytes) -> None:

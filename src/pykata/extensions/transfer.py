@@ -75,12 +75,9 @@ async def upload(
 async def _send_file(
     channel: Channel[ext.UploadOutput], fd: int, size: int, chunk: int, progress: Progress
 ) -> bytes:
-    ready = await channel.recv()
-    if ready is None:
-        await channel.finish()
-        raise ProtocolError("Upload ended before it was ready")
-    if not ready.ready or ready.offset > size:
-        raise ProtocolError(f"Upload's first answer is not 'ready' within the file: {ready}")
+    ready = await channel.first(ext.UploadOutput, "ready")
+    if ready.offset > size:
+        raise ProtocolError(f"Upload's first answer is past the file's end: {ready}")
     digest = await _hash_prefix(fd, ready.offset)
     answers = asyncio.ensure_future(_upload_answers(channel))
     try:
@@ -141,12 +138,7 @@ async def download(
         channel = await extensions.open_data("Download", ext.DownloadOutput)
         channel.send(ext.DownloadInput(open=ext.DownloadOpen(file=location, offset=offset)))
         try:
-            ready = await channel.recv()
-            if ready is None:
-                await channel.finish()
-                raise ProtocolError("Download ended before it was ready")
-            if isinstance(ready, Piece) or not ready.ready:
-                raise ProtocolError("Download's first answer is not 'ready'")
+            ready = await channel.first(ext.DownloadOutput, "ready")
             digest = await _hash_prefix(fd, offset)
             await _receive_file(channel, fd, offset, ready.size, digest, progress)
         finally:
