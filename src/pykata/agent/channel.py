@@ -85,5 +85,12 @@ class Channel(Generic[In]):
         encoded by hand: the data is not copied on its way to the socket."""
         self._stream.send_parts(data_head(tag, data), data)
 
+    def consumed(self, amount: int, acknowledgement: Callable[[int], Message]) -> None:
+        """Note `amount` data bytes consumed (written on); when an ack is due (flow.py),
+        send `acknowledgement(bytes)`."""
+        ack = self.receive_window.consumed(amount)
+        if ack:
+            self.send(acknowledgement(ack))
+
     async def close(self) -> None:
         await self._pump.close()

@@ -195,9 +195,7 @@ async def _client_to_target(
                 await writer.drain()
             except OSError as exc:
                 raise Unavailable(f"the forwarded connection failed: {exc.strerror}") from None
-            ack = channel.receive_window.consumed(len(message.data))
-            if ack:
-                channel.send(ext.ForwardMessage(ack=ack))
+            channel.consumed(len(message.data), lambda ack: ext.ForwardMessage(ack=ack))
         if message.eof and not eof:
             eof = True
             if writer.can_write_eof():

@@ -118,9 +118,7 @@ async def _take(channel: Channel[ext.ExecInput], process: Process, message: ext.
     if message.stdin:  # (its ack, and the window, were taken by the channel)
         if not process.exited:
             await process.write_stdin(message.stdin)
-        ack = channel.receive_window.consumed(len(message.stdin))
-        if ack:
-            channel.send(ext.ExecOutput(stdin_ack=ack))
+        channel.consumed(len(message.stdin), lambda ack: ext.ExecOutput(stdin_ack=ack))
     if message.stdin_eof:
         await process.close_stdin()
     if message.HasField("resize"):

@@ -221,9 +221,7 @@ class _Upload:
                         f"{self.path}: data past the size of {self.request.size} bytes"
                     )
                 await asyncio.to_thread(self._write, fd, message.data)
-                ack = channel.receive_window.consumed(size)
-                if ack:
-                    channel.send(ext.UploadOutput(ack=ack))
+                channel.consumed(size, lambda ack: ext.UploadOutput(ack=ack))
             if message.sha256:
                 return self._verify(fd, message.sha256)
 

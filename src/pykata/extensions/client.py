@@ -120,6 +120,13 @@ class Channel(Generic[Received]):
         encoded by hand: the data is not copied on its way to the socket."""
         self.stream.send_parts(data_head(tag, data), data)
 
+    def consumed(self, amount: int, acknowledgement: Callable[[int], Message]) -> None:
+        """Note `amount` data bytes consumed (written on); when an ack is due (flow.py),
+        send `acknowledgement(bytes)`."""
+        ack = self.receive_window.consumed(amount)
+        if ack:
+            self.send(acknowledgement(ack))
+
     def close_send(self) -> None:
         """No more messages from us (the call goes on until the agent ends it)."""
         if not self.send_closed:

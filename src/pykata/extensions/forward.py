@@ -77,9 +77,7 @@ async def _agent_to_local(
         if data:
             writer.write(data)
             await writer.drain()
-            ack = channel.receive_window.consumed(len(data))
-            if ack:
-                channel.send(ext.ForwardMessage(ack=ack))
+            channel.consumed(len(data), lambda ack: ext.ForwardMessage(ack=ack))
         if isinstance(message, Piece):
             continue
         if message.eof and not agent_eof:

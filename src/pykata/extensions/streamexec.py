@@ -86,9 +86,7 @@ class ExecSession:
                     data = message.stdout or message.stderr
                 if data:
                     yield stream, data
-                    ack = channel.receive_window.consumed(len(data))
-                    if ack:
-                        channel.send(ext.ExecInput(ack=ack))
+                    channel.consumed(len(data), lambda ack: ext.ExecInput(ack=ack))
                 if isinstance(message, Piece):
                     continue
                 if message.exited:

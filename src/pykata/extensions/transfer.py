@@ -173,9 +173,7 @@ async def _receive_file(
             digest.update(data)
             offset += len(data)
             progress(offset, size)
-            ack = channel.receive_window.consumed(len(data))
-            if ack:
-                channel.send(ext.DownloadInput(ack=ack))
+            channel.consumed(len(data), lambda ack: ext.DownloadInput(ack=ack))
         if isinstance(message, Piece):
             continue
         if message.sha256:
