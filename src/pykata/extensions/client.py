@@ -15,9 +15,9 @@ from ..api import extensions_pb2 as ext
 from ..ttrpc import Client, ClientStream, Code, TtrpcError
 from ..ttrpc.client import Metadata
 from . import EXTENSIONS, SERVICE
-from .flow import ReceiveWindow, SendWindow, WindowExceeded
+from .flow import ReceiveWindow, Sending, SendWindow, WindowExceeded
 from .pump import Pump
-from .wire import data_field, data_head, data_tag
+from .wire import data_field, data_tag
 
 In = TypeVar("In", bound=Message)
 M = TypeVar("M", bound=Message)
@@ -79,7 +79,7 @@ def _failure(exc: Exception) -> BaseException:
     return exc
 
 
-class Channel(Generic[Received]):
+class Channel(Sending, Generic[Received]):
     """A streaming call: typed messages both ways, and its windows. A task takes the
     agent's messages as they arrive (pump.py): acks are applied at once, data is
     counted against the window, and recv() hands them out in order. With
@@ -95,6 +95,7 @@ class Channel(Generic[Received]):
         method: str = "the call",
     ) -> None:
         self.stream = stream
+        self.raw = stream
         #: The RPC's name, for messages.
         self.method = method
         self._incoming = incoming
@@ -111,21 +112,6 @@ class Channel(Generic[Received]):
         self._pump: Pump[Received] = Pump(
             self._decoded, self.send_window, self.receive_window, acks, data, _failure
         )
-
-    def send(self, message: Message) -> None:
-        self.stream.send(message.SerializeToString())
-
-    def send_data(self, tag: bytes, data: bytes) -> None:
-        """A message holding only the bytes field `tag` (wire.data_tag) = `data`,
-        encoded by hand: the data is not copied on its way to the socket."""
-        self.stream.send_parts(data_head(tag, data), data)
-
-    def consumed(self, amount: int, acknowledgement: Callable[[int], Message]) -> None:
-        """Note `amount` data bytes consumed (written on); when an ack is due (flow.py),
-        send `acknowledgement(bytes)`."""
-        ack = self.receive_window.consumed(amount)
-        if ack:
-            self.send(acknowledgement(ack))
 
     def close_send(self) -> None:
         """No more messages from us (the call goes on until the agent ends it)."""
