@@ -177,3 +177,40 @@ def test_busy_poll_is_off_by_default_and_bounded() -> None:
     for bad in ("-1", "10001", "fast"):
         with pytest.raises(ConfigError, match=r"agent\.busy_poll_us"):
             from_cmdline(f"agent.busy_poll_us={bad}")
+
+
+def test_extension_limits_from_every_source() -> None:
+    defaults = AgentConfig().extension_limits()
+    assert (defaults.window_bytes, defaults.max_forwards) == (4 << 20, 64)
+    config = from_cmdline("agent.max_forwards=3 agent.window_bytes=1048576")
+    config = apply_env(config, {"KATA_AGENT_MAX_CHUNK_BYTES": "262144"})
+    limits = config.extension_limits()
+    assert (limits.max_forwards, limits.window_bytes, limits.max_chunk_bytes) == (
+        3,
+        1 << 20,
+        256 << 10,
+    )
+
+
+def test_extension_limits_in_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("max_watches = 2\nwatch_queue_events = 100\n")
+    limits = from_file(str(path)).extension_limits()
+    assert (limits.max_watches, limits.watch_queue_events) == (2, 100)
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "message"),
+    [
+        ("agent.max_execs=0", "agent.max_execs: must be a positive number, got 0"),
+        ("agent.max_chunk_bytes=4194304", "max_chunk_bytes .* at most a quarter of window_bytes"),
+        ("agent.watch_window_events=10", "watch_window_events must be at least 256"),
+    ],
+)
+def test_bad_extension_limits_stop_the_agent_naming_them(
+    tmp_path: Path, cmdline: str, message: str
+) -> None:
+    path = tmp_path / "cmdline"
+    path.write_text(cmdline)
+    with pytest.raises(ConfigError, match=message):
+        load(cmdline_path=str(path), env={})

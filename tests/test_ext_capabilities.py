@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from pykata import __version__
-from pykata.agent.extensions import UPSTREAM_API_VERSION, ExtensionLimits
+from pykata.agent.extensions import UPSTREAM_API_VERSION
+from pykata.agent.extlimits import ExtensionLimits
 from pykata.agent.storage import DRIVERS
 from pykata.api import agent_pb2, health_pb2
 from pykata.api import extensions_pb2 as ext
@@ -118,7 +119,7 @@ async def test_ctl_port_forward_serves_http(
     (www / "index.html").write_text("through kata-agent-ctl\n")
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="ctl"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"ctl-{os.getpid()}"))
         inside = "/" + str(www.relative_to(rootfs))
         await start_container(api, rootfs, "web", "/usr/sbin/httpd", "-f", "-p", "80", "-h", inside)
         pid = init_pid(tmp_path / "run", "web")
@@ -163,7 +164,7 @@ async def test_policy_names_extensions(container_agent: AgentProcess) -> None:
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
         await api.SetPolicy(agent_pb2.SetPolicyRequest(policy=policy))
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="pol"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"pol-{os.getpid()}"))
         channel = await Extensions(client).open("PortForward", ext.ForwardMessage)
         channel.send(ext.ForwardMessage(open=ext.ForwardTarget(port=22)))
         with pytest.raises(TtrpcError) as denied:
@@ -185,7 +186,7 @@ async def test_a_client_ignoring_the_window_is_cut_off(
     and keeps serving."""
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="flood"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"flood-{os.getpid()}"))
         await start_container(
             api, rootfs, "sink", "/usr/bin/nc", "-l", "-p", "9100", "-e", "/bin/sleep", "1000"
         )
@@ -302,6 +303,45 @@ async def test_streams_are_traced(tmp_path: Path, rootfs: Path) -> None:
     (exec_span,) = [s for s in spans if s["name"] == "Exec"]
     assert exec_span["trace"] == TRACE_ID and exec_span["parent"] == PARENT_SPAN
     assert exec_span["kind"] == 2 and exec_span["error"] is None
+    # Like a unary RPC's span (ExecProcess), it names the container and the exec.
+    assert exec_span["attrs"]["container_id"] == "tr"
+    assert exec_span["attrs"]["exec_id"] == session.exec_id
     assert any(s["name"] == "runtime exec" and s["parent"] == exec_span["id"] for s in spans)
     (caps,) = [s for s in spans if s["name"] == "GetCapabilities"]
     assert caps["kind"] == 2
+
+
+async def test_configured_extension_limits_are_reported_and_hold(
+    tmp_path: Path, rootfs: Path
+) -> None:
+    """The limits come from the agent's configuration: GetCapabilities reports them
+    and the agent holds them."""
+    from pykata.extensions.watch import watch
+
+    from .conftest import run_container_agent
+
+    env = {
+        "KATA_AGENT_MAX_WATCHES": "1",
+        "KATA_AGENT_WINDOW_BYTES": str(1 << 20),
+        "KATA_AGENT_MAX_CHUNK_BYTES": str(128 << 10),
+    }
+    with run_container_agent(tmp_path, env=env) as agent:
+        async with await Client.connect(agent.address) as client:
+            extensions = Extensions(client)
+            limits = (await extensions.capabilities()).limits
+            assert (limits.max_watches, limits.window_bytes, limits.max_chunk_bytes) == (
+                1,
+                1 << 20,
+                128 << 10,
+            )
+            assert limits.max_execs == ExtensionLimits().max_execs
+            await start_container(Stub(client, AGENT), rootfs, "lim", "/bin/sleep", "100")
+            where = ext.FileLocation(container_id="lim", path="/")
+            first = watch(extensions, where)
+            assert await first.__anext__() == ([], 0)
+            second = watch(extensions, where)
+            with pytest.raises(TtrpcError) as failed:
+                await second.__anext__()
+            assert failed.value.code == Code.RESOURCE_EXHAUSTED
+            assert "limit 1" in failed.value.message
+            await first.aclose()

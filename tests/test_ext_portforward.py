@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ async def web(
     (www / "index.html").write_text("hello from the sandbox\n")
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="fwd"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"fwd-{os.getpid()}"))
         inside = "/" + str(www.relative_to(rootfs))
         await start_container(
             api, rootfs, "web", "/usr/sbin/httpd", "-f", "-p", str(PORT), "-h", inside
@@ -123,7 +126,7 @@ async def test_half_close_reaches_the_target(
     input, answers, and closes."""
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, AGENT)
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="half"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"half-{os.getpid()}"))
         script = "nc -l -p 9000 | wc -c | nc -l -p 9001"
         await start_container(
             api, rootfs, "nc", "/bin/sh", "-c", "while true; do " + script + "; done"
@@ -240,3 +243,162 @@ async def test_forwards_at_once_are_bounded(web: Any) -> None:
                 await asyncio.sleep(0.05)
         else:
             raise AssertionError("no forward after the others ended")
+
+
+# --- unix sockets ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def sockets(
+    container_agent: AgentProcess, rootfs: Path, tmp_path: Path
+) -> AsyncIterator[tuple[Client, str, Path]]:
+    """A running container and a fresh directory in it; (client, its path inside,
+    the directory here)."""
+    name = f"sock-{os.getpid()}-{tmp_path.name}"
+    here = rootfs / name
+    here.mkdir()
+    async with await Client.connect(container_agent.address) as client:
+        await start_container(Stub(client, AGENT), rootfs, "app", "/bin/sleep", "1000")
+        try:
+            yield client, f"/{name}", here
+        finally:
+            for f in here.iterdir():
+                f.unlink()
+            here.rmdir()
+
+
+async def _shouting_server(directory: Path, name: str) -> tuple[asyncio.Server, list[int]]:
+    """A unix socket server at directory/name (bound through an fd of the directory:
+    socket paths are short) that answers each connection's bytes in upper case once
+    it has them all; and a list that counts its connections."""
+    seen: list[int] = []
+
+    async def shout(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(1)
+        writer.write((await reader.read()).upper())
+        await writer.drain()
+        writer.close()
+
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    try:
+        server = await asyncio.start_unix_server(shout, f"/proc/self/fd/{fd}/{name}")
+    finally:
+        os.close(fd)
+    return server, seen
+
+
+async def _through(extensions: Extensions, target: ext.ForwardTarget, data: bytes) -> bytes:
+    """What the target answers `data` (sent, then half-closed) through one forward."""
+    answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await forward(extensions, reader, writer, target)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(carry, "127.0.0.1", 0)
+    async with server:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.sockets[0].getsockname()[1]
+        )
+        writer.write(data)
+        writer.write_eof()
+        answer.set_result(await reader.read())
+        writer.close()
+    return await answer
+
+
+async def test_unix_socket_in_a_container(sockets: Any) -> None:
+    client, inside, here = sockets
+    server, seen = await _shouting_server(here, "app.sock")
+    data = os.urandom(3 << 20).hex().encode()  # 6 MiB: more than a window each way
+    target = ext.ForwardTarget(
+        unix_socket=ext.FileLocation(container_id="app", path=f"{inside}/app.sock")
+    )
+    async with server:
+        assert await _through(Extensions(client), target, data) == data.upper()
+    assert seen == [1]
+
+
+async def test_unix_socket_paths_never_leave_the_container(sockets: Any, tmp_path: Path) -> None:
+    """A symlink in the container to a socket outside it (absolute, or up through '..')
+    resolves inside the container: the socket outside is never reached."""
+    client, inside, here = sockets
+    outside, seen = await _shouting_server(tmp_path, "host.sock")
+    (here / "abs.sock").symlink_to(tmp_path / "host.sock")
+    (here / "up.sock").symlink_to("../" * 40 + str(tmp_path / "host.sock").lstrip("/"))
+    (here / "plain").write_text("not a socket")
+    extensions = Extensions(client)
+    cases = [
+        (f"{inside}/abs.sock", Code.INVALID_ARGUMENT, "No such file"),
+        (f"{inside}/up.sock", Code.INVALID_ARGUMENT, "No such file"),
+        (f"/../../..{tmp_path}/host.sock", Code.INVALID_ARGUMENT, "No such file"),
+        (f"{inside}/plain", Code.INVALID_ARGUMENT, "not a unix socket"),
+        ("relative.sock", Code.INVALID_ARGUMENT, "must be absolute"),
+        (f"{inside}/nobody.sock", Code.INVALID_ARGUMENT, "No such file"),
+    ]
+    async with outside:
+        for path, code, words in cases:
+            target = ext.ForwardTarget(unix_socket=ext.FileLocation(container_id="app", path=path))
+            channel = await extensions.open("PortForward", ext.ForwardMessage)
+            channel.send(ext.ForwardMessage(open=target))
+            assert await channel.recv() is None
+            with pytest.raises(TtrpcError) as failed:
+                await channel.finish()
+            assert failed.value.code == code and words in failed.value.message, (path, failed.value)
+        both = ext.ForwardTarget(
+            port=80, unix_socket=ext.FileLocation(container_id="app", path=f"{inside}/x")
+        )
+        channel = await extensions.open("PortForward", ext.ForwardMessage)
+        channel.send(ext.ForwardMessage(open=both))
+        with pytest.raises(TtrpcError) as failed:
+            await channel.finish()
+        assert failed.value.code == Code.INVALID_ARGUMENT and "not both" in failed.value.message
+        # A socket nobody listens on: refused, as a TCP port would be.
+        fd = os.open(here, os.O_PATH | os.O_DIRECTORY)
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(f"/proc/self/fd/{fd}/stale.sock")
+        os.close(fd)
+        target = ext.ForwardTarget(
+            unix_socket=ext.FileLocation(container_id="app", path=f"{inside}/stale.sock")
+        )
+        channel = await extensions.open("PortForward", ext.ForwardMessage)
+        channel.send(ext.ForwardMessage(open=target))
+        with pytest.raises(TtrpcError) as failed:
+            await channel.finish()
+        assert failed.value.code == Code.UNAVAILABLE and "refused" in failed.value.message
+    assert seen == []
+
+
+async def test_ctl_port_forward_to_a_unix_socket(
+    sockets: Any, container_agent: AgentProcess
+) -> None:
+    _client, inside, here = sockets
+    server, seen = await _shouting_server(here, "ctl.sock")
+    async with server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pykata.ctl.cli",
+            "port-forward",
+            container_agent.address,
+            f"0:app:{inside}/ctl.sock",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            line = (await proc.stdout.readline()).decode()
+            assert f"-> unix socket {inside}/ctl.sock in container app" in line, line
+            port = int(line.split()[1].rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello through kata-agent-ctl")
+            writer.write_eof()
+            assert await reader.read() == b"HELLO THROUGH KATA-AGENT-CTL"
+            writer.close()
+        finally:
+            proc.send_signal(signal.SIGINT)
+            _, err = await proc.communicate()
+        assert proc.returncode == 0, err
+    assert seen == [1]

@@ -136,6 +136,8 @@ async def test_uploads_and_downloads_resume_after_a_broken_connection(
     assert started[0] >= 8 * MiB  # went on from the partial file
     assert hashlib.sha256((inside / "r").read_bytes()).digest() == digest
     assert [p.name for p in inside.iterdir()] == ["r"]
+    # Where its partial file was is forgotten with it (partials.py).
+    assert list((tmp_path / "run" / "uploads").iterdir()) == []
 
     started.clear()
     async with await Client.connect(container_agent.address) as third:
@@ -347,3 +349,59 @@ async def test_a_chunk_over_the_limit_is_refused(box: Any) -> None:
     with pytest.raises(TtrpcError) as failed:
         await channel.finish()
     assert failed.value.code == Code.INVALID_ARGUMENT and "is over" in failed.value.message
+
+
+async def test_partial_uploads_of_a_killed_agent_are_removed_at_start(
+    tmp_path: Path, rootfs: Path
+) -> None:
+    """An agent killed mid-upload leaves partial files; the next agent on the same
+    run directory removes them before it serves - but only inside the container's
+    root, even if the container has made the way there a symlink meanwhile."""
+    from .conftest import run_container_agent
+
+    kept = rootfs / f"kill-{os.getpid()}-{tmp_path.name}"
+    moved = rootfs / f"kill-moved-{os.getpid()}-{tmp_path.name}"
+    outside = tmp_path / "outside"
+    kept.mkdir()
+    moved.mkdir()
+    random_file(tmp_path / "big", 64 * MiB)
+    try:
+        with run_container_agent(tmp_path) as agent:
+            async with await Client.connect(agent.address) as client:
+                await start_container(Stub(client, AGENT), rootfs, "kk", "/bin/sleep", "1000")
+                extensions = Extensions(client)
+                sent = asyncio.Event()
+
+                def progress(done: int, total: int) -> None:
+                    if done >= 8 * MiB:
+                        sent.set()
+
+                uploads = [
+                    asyncio.ensure_future(
+                        upload(
+                            extensions,
+                            tmp_path / "big",
+                            ext.FileLocation(container_id="kk", path=f"/{d.name}/big"),
+                            progress=progress,
+                        )
+                    )
+                    for d in (kept, moved)
+                ]
+                await sent.wait()
+                agent.proc.kill()
+                agent.proc.wait()
+                for done in await asyncio.gather(*uploads, return_exceptions=True):
+                    assert isinstance(done, Exception)
+        left = [p for d in (kept, moved) for p in d.iterdir()]
+        assert len(left) == 2 and all(p.name.startswith(".pykata-partial-") for p in left)
+        # The container makes the way to one of them lead out of its root.
+        moved.rename(outside)
+        moved.symlink_to(outside)
+        (tmp_path / "agent.sock").unlink()  # the dead agent's
+        with run_container_agent(tmp_path) as again:
+            async with await Client.connect(again.address):
+                pass  # serving: the leftovers are dealt with
+        assert list(kept.iterdir()) == []
+        assert [p.name for p in outside.iterdir()] == [left[1].name]
+    finally:
+        subprocess.run(["rm", "-rf", str(kept), str(moved)], check=False)

@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from ..extensions.flow import AckBeyondSent, ReceiveWindow, SendWindow, WindowOverrun
+from ..extensions.flow import AckBeyondSent, ReceiveWindow, Sending, SendWindow, WindowOverrun
 from ..extensions.pump import Pump
 from ..ttrpc import ServerStream, TtrpcError
 from .errors import InvalidArgument, LimitExceeded
@@ -32,7 +32,7 @@ def _failure(exc: Exception) -> BaseException:
     return InvalidArgument(str(exc))
 
 
-class Channel(Generic[In]):
+class Channel(Sending, Generic[In]):
     """`ack_of`: the bytes a message acknowledges; `data_of`: the data bytes it carries."""
 
     def __init__(
@@ -45,6 +45,7 @@ class Channel(Generic[In]):
         data_of: Callable[[In], int] = _none,
     ) -> None:
         self._stream = stream
+        self.raw = stream
         self._incoming = incoming
         #: What we may send before the client acknowledges.
         self.send_window = SendWindow(window)
@@ -75,9 +76,6 @@ class Channel(Generic[In]):
         if message is None or not message.HasField(what):
             raise InvalidArgument(f"the first message must have {what!r} set")
         return message
-
-    def send(self, message: Message) -> None:
-        self._stream.send(message.SerializeToString())
 
     async def close(self) -> None:
         await self._pump.close()

@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .. import __version__, allocator
 from .. import log as logsetup
 from ..transport import AddressError, TransportError
 from ..ttrpc import Server, UnaryServerInterceptor
@@ -202,7 +202,7 @@ def make_server(
         max_connections=limits.connections_that_fit(config.max_connections, config.reserved_fds),
     )
     return Server(
-        services(parts, server_limits),
+        services(parts, server_limits, config.extension_limits()),
         interceptors=call_interceptors(parts.policy, tracing),
         stream_interceptors=stream_interceptors(tracing),
         limits=server_limits,
@@ -310,6 +310,7 @@ def agent_main(argv: list[str] | None, *, as_init: bool) -> int:
         config.logging_level, name="kata-agent", source="agent", queue_bytes=config.log_queue_bytes
     )
     logsetup.install_hooks()
+    allocator.keep_large_buffers()
     open_files, _ = limits.raise_fd_limit()
     log.info(
         "announce",

@@ -28,6 +28,7 @@ from typing import Any
 
 from ..log import DEFAULT_QUEUE_BYTES, TRACE
 from ..ttrpc.server import Limits
+from .extlimits import EXTENSION_LIMITS, ExtensionLimits
 
 DEFAULT_SERVER_ADDR = "vsock://-1:1024"
 
@@ -112,6 +113,16 @@ class AgentConfig:
     #: Microseconds the event loop keeps polling after an answer, waiting for the
     #: next request without sleeping (ttrpc.busypoll); 0: never.
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    # pykata.Extensions' limits (docs/extensions.md, "Limits"; extlimits.py).
+    window_bytes: int = ExtensionLimits.window_bytes
+    max_chunk_bytes: int = ExtensionLimits.max_chunk_bytes
+    max_forwards: int = ExtensionLimits.max_forwards
+    max_transfers: int = ExtensionLimits.max_transfers
+    max_execs: int = ExtensionLimits.max_execs
+    max_watches: int = ExtensionLimits.max_watches
+    watch_queue_events: int = ExtensionLimits.watch_queue_events
+    watch_window_events: int = ExtensionLimits.watch_window_events
+    max_watched_directories: int = ExtensionLimits.max_watched_directories
     #: The config file this configuration came from, if any.
     config_file: str = ""
     #: Settings that were ignored: unknown agent.* options, bad env values (typos show up here).
@@ -139,6 +150,10 @@ class AgentConfig:
     def server_limits(self) -> Limits:
         """The ttRPC server's limits (max_connections as configured; see agent.limits)."""
         return Limits(**{name: getattr(self, name) for name in SERVER_LIMITS})
+
+    def extension_limits(self) -> ExtensionLimits:
+        """pykata.Extensions' limits as configured."""
+        return ExtensionLimits(**{name: getattr(self, name) for name in EXTENSION_LIMITS})
 
     def announce_fields(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
@@ -239,6 +254,7 @@ LIMITS: dict[str, Callable[[str, str], Any]] = {
     "log_queue_bytes": parse_count,
     "log_port_readers": parse_count,
     "busy_poll_us": parse_microseconds,
+    **{name: parse_count for name in EXTENSION_LIMITS},
 }
 
 
@@ -415,6 +431,7 @@ def load(
     config = apply_env(config, os.environ if env is None else env)
     try:
         config.server_limits()
+        config.extension_limits()
     except ValueError as exc:
         raise ConfigError(f"agent limits: {exc}") from None
     return config

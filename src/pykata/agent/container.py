@@ -134,6 +134,11 @@ class Container:
         self.undo.callback(self._close_processes)
         self.init.when_exited(self.lifecycle.stopped)
 
+    @property
+    def rootfs(self) -> Path:
+        """The container's rootfs directory, as the agent sees it."""
+        return Path(self.bundle, self.config["root"]["path"])
+
     def open_root(self) -> int:
         """An O_PATH fd of the container's root directory: as its processes see it
         (their mounts included) while its init runs, else its rootfs."""
@@ -142,7 +147,7 @@ class Container:
             # The init is our child and not reaped yet, so its pid is still its own.
             with contextlib.suppress(OSError):
                 return os.open(f"/proc/{self.init.pid}/root", flags)
-        return os.open(Path(self.bundle, self.config["root"]["path"]), flags)
+        return os.open(self.rootfs, flags)
 
     def _close_processes(self) -> None:
         for proc in [*self.execs.values(), *([self.init] if self.init else [])]:

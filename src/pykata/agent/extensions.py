@@ -8,10 +8,13 @@ and hands the stream to one domain object. Bad input is INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from google.protobuf.message import Message
 
 from .. import __version__
 from ..api import extensions_pb2 as ext
@@ -19,12 +22,15 @@ from ..extensions import EXTENSIONS, SERVICE
 from ..ttrpc import ServerContext, ServerStream, Service, StreamMethod, UnaryMethod
 from ..ttrpc.frame import MAX_DATA_SIZE
 from ..ttrpc.server import Limits
+from . import tracing
 from .channel import Channel
-from .portforward import Forwards, target_address
+from .errors import InvalidArgument
+from .extlimits import ExtensionLimits
+from .partials import UPLOADS_DIR, PartialNotes
+from .portforward import Connector, Forwards, connect_tcp, connect_unix, target_address
 from .storage import DRIVERS
 from .streamexec import StreamExecs
 from .transfer import Transfers
-from .watch import BATCH as WATCH_BATCH
 from .watch import Watches
 
 if TYPE_CHECKING:
@@ -33,28 +39,17 @@ if TYPE_CHECKING:
 #: The upstream Kata agent API this agent implements (docs/api.md).
 UPSTREAM_API_VERSION = "kata-containers agent.proto @7c6ba40c"
 
+In = TypeVar("In", bound=Message)
 
-@dataclass(frozen=True)
-class ExtensionLimits:
-    """Bounds of the extensions; docs/extensions.md lists them with these defaults."""
 
-    #: Unacknowledged data bytes in flight per direction of a stream.
-    window_bytes: int = 4 << 20
-    #: Largest `data` in one message (at most a quarter of the window: see flow.py).
-    max_chunk_bytes: int = 1 << 20
-    max_forwards: int = 64
-    max_transfers: int = 16
-    max_execs: int = 64
-    max_watches: int = 32
-    watch_queue_events: int = 4096
-    watch_window_events: int = 256
-    max_watched_directories: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.max_chunk_bytes * 4 > self.window_bytes:
-            raise ValueError("max_chunk_bytes must be at most a quarter of window_bytes")
-        if self.watch_window_events < WATCH_BATCH * 4:
-            raise ValueError(f"watch_window_events must be at least {WATCH_BATCH * 4}")
+def _span_ids(**ids: str) -> None:
+    """The stream's span carries the ids of its opening message, as a unary RPC's
+    span carries its request's (interceptors.ID_FIELDS)."""
+    span = tracing.current.get()
+    if span is not None:
+        for name, value in ids.items():
+            if value:
+                span.set_attribute(name, value)
 
 
 class Extensions:
@@ -65,7 +60,11 @@ class Extensions:
         self.server_limits = server_limits
         self.limits = limits
         self.forwards = Forwards(limits.max_forwards, limits.max_chunk_bytes)
-        self.transfers = Transfers(limits.max_transfers, limits.max_chunk_bytes)
+        self.transfers = Transfers(
+            limits.max_transfers,
+            limits.max_chunk_bytes,
+            PartialNotes(parts.sandbox.run_dir / UPLOADS_DIR),
+        )
         self.execs = StreamExecs(limits.max_execs, limits.max_chunk_bytes)
         self.watches = Watches(
             limits.max_watches,
@@ -74,14 +73,15 @@ class Extensions:
             limits.max_watched_directories,
         )
 
-    def _open_root(self, location: ext.FileLocation) -> int:
-        """An O_PATH fd of the root `location` is inside: a container's, or the shared
-        directory (no container id)."""
+    def _open_root(self, location: ext.FileLocation) -> tuple[int, str]:
+        """(an O_PATH fd, the path) of the root `location` is inside: a container's,
+        or the shared directory (no container id)."""
         if location.container_id:
-            return self.parts.sandbox.container(location.container_id).open_root()
+            container = self.parts.sandbox.container(location.container_id)
+            return container.open_root(), str(container.rootfs)
         root = self.parts.files.root
         root.mkdir(mode=0o750, parents=True, exist_ok=True)
-        return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), str(root)
 
     async def GetCapabilities(
         self, req: ext.CapabilitiesRequest, ctx: ServerContext
@@ -109,82 +109,114 @@ class Extensions:
             runtime=await self.parts.sandbox.runtime.version(),
         )
 
+    @contextlib.asynccontextmanager
+    async def _opened(
+        self,
+        stream: ServerStream,
+        ctx: ServerContext,
+        incoming: type[In],
+        opening: str,
+        container_of: Callable[[In], str],
+        **flow: Callable[[In], int],
+    ) -> AsyncIterator[tuple[Channel[In], In]]:
+        """A streaming call's channel (`flow`: its ack_of and data_of) and its opening
+        message, which must have `opening` set; its span names the container, and
+        the policy has let it through. The channel is closed after the call."""
+        channel = Channel(stream, incoming, self.limits.window_bytes, **flow)
+        try:
+            first = await channel.first(opening)
+            _span_ids(container_id=container_of(first))
+            self.parts.policy.check(ctx.method, first)
+            yield channel, first
+        finally:
+            await channel.close()
+
     async def PortForward(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(
+        async with self._opened(
             stream,
+            ctx,
             ext.ForwardMessage,
-            self.limits.window_bytes,
+            "open",
+            lambda m: m.open.unix_socket.container_id,
             ack_of=lambda m: m.ack,
             data_of=lambda m: len(m.data),
-        )
-        try:
-            first = await channel.first("open")
-            self.parts.policy.check(ctx.method, first)
-            target = target_address(first.open)
+        ) as (channel, first):
+            await self.forwards.run(channel, self._connector(first.open))
+
+    def _connector(self, target: ext.ForwardTarget) -> Connector:
+        if not target.HasField("unix_socket"):
+            address = target_address(target)
             netns = self.parts.sandbox.network.netns_path
-            await self.forwards.run(channel, netns, target)
-        finally:
-            await channel.close()
+            return lambda: connect_tcp(netns, address)
+        if target.host or target.port:
+            raise InvalidArgument("a forward target is a host and port, or a unix socket: not both")
+        location = target.unix_socket
+
+        async def connect() -> socket.socket:
+            root_fd, _ = self._open_root(location)
+            try:
+                return await connect_unix(root_fd, location.path)
+            finally:
+                os.close(root_fd)
+
+        return connect
 
     async def Upload(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(
-            stream, ext.UploadInput, self.limits.window_bytes, data_of=lambda m: len(m.data)
-        )
-        await self._transfer(channel, ctx, self.transfers.upload)
-
-    async def Download(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(
-            stream, ext.DownloadInput, self.limits.window_bytes, ack_of=lambda m: m.ack
-        )
-        await self._transfer(channel, ctx, self.transfers.download)
-
-    async def _transfer(
-        self,
-        channel: Channel[Any],
-        ctx: ServerContext,
-        move: Callable[[Channel[Any], int, Any], Awaitable[None]],
-    ) -> None:
-        """Upload or Download: the opening message, the policy, the container's root."""
-        try:
-            first = await channel.first("open")
-            self.parts.policy.check(ctx.method, first)
+        async with self._opened(
+            stream,
+            ctx,
+            ext.UploadInput,
+            "open",
+            lambda m: m.open.file.container_id,
+            data_of=lambda m: len(m.data),
+        ) as (channel, first):
             root = self._open_root(first.open.file)
             try:
-                await move(channel, root, first.open)
+                await self.transfers.upload(channel, root, first.open)
             finally:
-                os.close(root)
-        finally:
-            await channel.close()
+                os.close(root[0])
+
+    async def Download(self, stream: ServerStream, ctx: ServerContext) -> None:
+        async with self._opened(
+            stream,
+            ctx,
+            ext.DownloadInput,
+            "open",
+            lambda m: m.open.file.container_id,
+            ack_of=lambda m: m.ack,
+        ) as (channel, first):
+            root = self._open_root(first.open.file)
+            try:
+                await self.transfers.download(channel, root, first.open)
+            finally:
+                os.close(root[0])
 
     async def Exec(self, stream: ServerStream, ctx: ServerContext) -> None:
-        channel = Channel(
+        async with self._opened(
             stream,
+            ctx,
             ext.ExecInput,
-            self.limits.window_bytes,
+            "start",
+            lambda m: m.start.container_id,
             ack_of=lambda m: m.ack,
             data_of=lambda m: len(m.stdin),
-        )
-        try:
-            first = await channel.first("start")
-            self.parts.policy.check(ctx.method, first)
-            container = self.parts.sandbox.container(first.start.container_id)
-            await self.execs.run(channel, container, first.start)
-        finally:
-            await channel.close()
+        ) as (channel, first):
+            start = first.start
+            start.exec_id = start.exec_id or f"exec-{os.urandom(8).hex()}"
+            _span_ids(exec_id=start.exec_id)
+            container = self.parts.sandbox.container(start.container_id)
+            await self.execs.run(channel, container, start)
 
     async def Watch(self, stream: ServerStream, ctx: ServerContext) -> None:
         # Its acks count events, in a window of its own (watch.py).
-        channel = Channel(stream, ext.WatchInput, self.limits.window_bytes)
-        try:
-            first = await channel.first("open")
-            self.parts.policy.check(ctx.method, first)
-            root = self._open_root(first.open.location)
+        async with self._opened(
+            stream, ctx, ext.WatchInput, "open", lambda m: m.open.location.container_id
+        ) as (channel, first):
+            root_fd, _ = self._open_root(first.open.location)
             try:
-                await self.watches.run(channel, root, first.open)
+                await self.watches.run(channel, root_fd, first.open)
             finally:
-                os.close(root)
-        finally:
-            await channel.close()
+                os.close(root_fd)
 
 
 def extensions_service(

@@ -25,6 +25,7 @@ from .copyfile import SharedFiles
 from .errors import RuntimeFailure
 from .fdwait import until_ready
 from .ids import is_valid_id
+from .partials import UPLOADS_DIR, PartialNotes
 from .runtime import OciRuntime
 
 log = logging.getLogger("pykata.agent.leftovers")
@@ -65,6 +66,7 @@ async def clean(run_dir: Path, runtime: OciRuntime, shared: SharedFiles) -> None
     partials = shared.remove_partials()
     if partials:
         log.warning("removed %d partial CopyFile file(s) of a previous agent", partials)
+    PartialNotes(run_dir / UPLOADS_DIR).remove_left()
 
 
 def _entries(directory: Path) -> list[str]:

@@ -1,10 +1,14 @@
-"""PortForward: one TCP connection inside the sandbox's network namespace,
-carried over one stream.
+"""PortForward: one connection, to a TCP port inside the sandbox's network
+namespace or to a unix socket in a container, carried over one stream.
 
-The socket is made in the sandbox's namespace (a socket belongs to the
+A TCP socket is made in the sandbox's namespace (a socket belongs to the
 namespace it was made in) by a worker thread that visits it, so the event
 loop's thread never changes namespace. Hosts are IP addresses only: a name
-would be resolved with the agent's resolver, not the sandbox's.
+would be resolved with the agent's resolver, not the sandbox's. A unix
+socket's path is resolved inside the container's root (inroot.py) to an
+O_PATH fd, and the connection made through that fd (/proc/self/fd/N): the
+path the kernel connects to is the one that was checked, never one a
+symlink swapped in meanwhile.
 """
 
 from __future__ import annotations
@@ -14,14 +18,19 @@ import contextlib
 import ipaddress
 import os
 import socket
+import stat
+from collections.abc import Awaitable, Callable
 
 from ..api import extensions_pb2 as ext
+from ..extensions.wire import data_tag
 from .channel import Channel
 from .errors import FailedPrecondition, InvalidArgument, LimitExceeded, Unavailable
+from .inroot import open_in
 from .network import _setns
 
 #: Seconds to wait for the target to accept.
 CONNECT_TIMEOUT = 10.0
+DATA_TAG = data_tag(ext.ForwardMessage, "data")
 
 
 def target_address(target: ext.ForwardTarget) -> tuple[int, str, int]:
@@ -65,6 +74,39 @@ def _socket_in(netns_path: str | None, family: int) -> socket.socket:
         os.close(own)
 
 
+#: Makes the forwarded connection: a socket connected to the target.
+Connector = Callable[[], Awaitable[socket.socket]]
+
+
+async def connect_tcp(netns_path: str | None, target: tuple[int, str, int]) -> socket.socket:
+    """A socket in the sandbox's network, connected to `target` (from target_address)."""
+    family, host, port = target
+    sock = await asyncio.to_thread(_socket_in, netns_path, family)
+    try:
+        await _connect(sock, (host, port), f"{host}:{port} in the sandbox network")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_unix(root_fd: int, path: str) -> socket.socket:
+    """A socket connected to the unix socket at `path` inside the root `root_fd`."""
+    fd = open_in(root_fd, path, os.O_PATH)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise InvalidArgument(f"forward target {path!r} is not a unix socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await _connect(sock, f"/proc/self/fd/{fd}", f"unix socket {path}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    finally:
+        os.close(fd)
+
+
 class Forwards:
     """Every forward open now, all connections together (bounded)."""
 
@@ -73,36 +115,29 @@ class Forwards:
         self.chunk = chunk
         self.open = 0
 
-    async def run(
-        self, channel: Channel[ext.ForwardMessage], netns: str | None, target: tuple[int, str, int]
-    ) -> None:
-        """Carry `target` (from target_address) over `channel` until both sides end."""
-        family, host, port = target
+    async def run(self, channel: Channel[ext.ForwardMessage], connect: Connector) -> None:
+        """Connect, then carry the connection over `channel` until both sides end."""
         if self.open >= self.limit:
             raise LimitExceeded(f"too many port forwards open (limit {self.limit})")
         self.open += 1
         try:
-            sock = await asyncio.to_thread(_socket_in, netns, family)
-            with sock:
-                await _connect(sock, host, port)
+            with await connect() as sock:
                 channel.send(ext.ForwardMessage(opened=True))
                 await _pump(channel, sock, self.chunk)
         finally:
             self.open -= 1
 
 
-async def _connect(sock: socket.socket, host: str, port: int) -> None:
+async def _connect(sock: socket.socket, address: str | tuple[str, int], what: str) -> None:
     sock.setblocking(False)
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            await asyncio.get_running_loop().sock_connect(sock, address)
     except TimeoutError:
-        raise Unavailable(
-            f"connecting to {host}:{port} in the sandbox network: no answer in {CONNECT_TIMEOUT:g}s"
-        ) from None
+        raise Unavailable(f"connecting to {what}: no answer in {CONNECT_TIMEOUT:g}s") from None
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise Unavailable(f"connecting to {host}:{port} in the sandbox network: {reason}") from None
+        raise Unavailable(f"connecting to {what}: {reason}") from None
 
 
 async def _pump(channel: Channel[ext.ForwardMessage], sock: socket.socket, chunk: int) -> None:
@@ -138,7 +173,7 @@ async def _target_to_client(
             channel.send(ext.ForwardMessage(eof=True))
             return
         await channel.send_window.reserve(len(data))
-        channel.send(ext.ForwardMessage(data=data))
+        channel.send_data(DATA_TAG, data)
 
 
 async def _client_to_target(
@@ -160,9 +195,7 @@ async def _client_to_target(
                 await writer.drain()
             except OSError as exc:
                 raise Unavailable(f"the forwarded connection failed: {exc.strerror}") from None
-            ack = channel.receive_window.consumed(len(message.data))
-            if ack:
-                channel.send(ext.ForwardMessage(ack=ack))
+            channel.consumed(len(message.data), lambda ack: ext.ForwardMessage(ack=ack))
         if message.eof and not eof:
             eof = True
             if writer.can_write_eof():

@@ -22,6 +22,7 @@ from ..ttrpc.server import LazyService, Limits
 if TYPE_CHECKING:
     from .copyfile import SharedFiles
     from .diagnostics import Diagnostics
+    from .extlimits import ExtensionLimits
     from .guest import Guest
     from .memagent import MemAgent
     from .metrics import Metrics
@@ -68,7 +69,11 @@ def health_service() -> Service:
     return Service.from_descriptor(health_pb2.DESCRIPTOR.services_by_name["Health"], Health())
 
 
-def services(parts: AgentParts, limits: Limits | None = None) -> list[Service | LazyService]:
+def services(
+    parts: AgentParts,
+    limits: Limits | None = None,
+    extension_limits: ExtensionLimits | None = None,
+) -> list[Service | LazyService]:
     """The upstream services, and pykata.Extensions (extensions.py) next to them;
     all but Health loaded on their first call."""
 
@@ -80,7 +85,7 @@ def services(parts: AgentParts, limits: Limits | None = None) -> list[Service | 
     def load_extensions() -> Service:
         from .extensions import extensions_service
 
-        return extensions_service(parts, limits or Limits())
+        return extensions_service(parts, limits or Limits(), extension_limits)
 
     return [
         health_service(),

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal as signals
 from typing import Any
 
 from .. import ocispec
 from ..api import extensions_pb2 as ext
+from ..extensions.wire import data_tag
 from .channel import Channel
 from .container import Container
 from .errors import InvalidArgument, LimitExceeded, MissingField
@@ -26,6 +26,8 @@ from .process import Process
 #: Output pipes of a streaming exec: Linux's default largest pipe (pipe-max-size), so a
 #: fast writer is read in pieces of up to 1 MiB, not 64 KiB.
 PIPE_SIZE = 1 << 20
+STDOUT_TAG = data_tag(ext.ExecOutput, "stdout")
+STDERR_TAG = data_tag(ext.ExecOutput, "stderr")
 
 
 class StreamExecs:
@@ -45,7 +47,7 @@ class StreamExecs:
             raise LimitExceeded(f"too many streaming execs running (limit {self.limit})")
         self.open += 1
         try:
-            exec_id = start.exec_id or f"exec-{os.urandom(8).hex()}"
+            exec_id = start.exec_id  # (made up by the handler if the client gave none)
             process = await container.exec(
                 exec_id, ocispec.to_json(start.process), pipe_size=PIPE_SIZE
             )
@@ -86,15 +88,13 @@ async def _serve(
 async def _output(
     channel: Channel[ext.ExecInput], process: Process, stream: str, chunk: int
 ) -> None:
+    tag = STDOUT_TAG if stream == "stdout" else STDERR_TAG
     while True:
         data = await process.read(stream, chunk)
         if not data:
             return
         await channel.send_window.reserve(len(data))
-        if stream == "stdout":
-            channel.send(ext.ExecOutput(stdout=data))
-        else:
-            channel.send(ext.ExecOutput(stderr=data))
+        channel.send_data(tag, data)
 
 
 async def _inputs(channel: Channel[ext.ExecInput], process: Process) -> None:
@@ -118,9 +118,7 @@ async def _take(channel: Channel[ext.ExecInput], process: Process, message: ext.
     if message.stdin:  # (its ack, and the window, were taken by the channel)
         if not process.exited:
             await process.write_stdin(message.stdin)
-        ack = channel.receive_window.consumed(len(message.stdin))
-        if ack:
-            channel.send(ext.ExecOutput(stdin_ack=ack))
+        channel.consumed(len(message.stdin), lambda ack: ext.ExecOutput(stdin_ack=ack))
     if message.stdin_eof:
         await process.close_stdin()
     if message.HasField("resize"):

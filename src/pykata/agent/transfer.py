@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -23,14 +24,16 @@ import stat
 from collections.abc import Iterator
 
 from ..api import extensions_pb2 as ext
+from ..extensions.wire import data_tag
 from ..ttrpc import Code
 from .channel import Channel
 from .errors import AgentError, FailedPrecondition, InvalidArgument, LimitExceeded
-from .inroot import open_in, open_parent
+from .inroot import check_path, open_in, open_parent
+from .partials import PARTIAL_PREFIX, PartialNotes
 
-PARTIAL_PREFIX = ".pykata-partial-"
 #: Bytes hashed per step when a resumed transfer re-reads what it has.
 HASH_STEP = 1 << 20
+DATA_TAG = data_tag(ext.DownloadOutput, "data")
 
 
 class ChecksumMismatch(AgentError):
@@ -40,9 +43,10 @@ class ChecksumMismatch(AgentError):
 class Transfers:
     """Every upload and download open now, all connections together (bounded)."""
 
-    def __init__(self, limit: int, chunk: int) -> None:
+    def __init__(self, limit: int, chunk: int, notes: PartialNotes) -> None:
         self.limit = limit
         self.chunk = chunk
+        self.notes = notes
         self.open = 0
 
     @contextlib.contextmanager
@@ -56,26 +60,49 @@ class Transfers:
             self.open -= 1
 
     async def upload(
-        self, channel: Channel[ext.UploadInput], root_fd: int, request: ext.UploadOpen
+        self, channel: Channel[ext.UploadInput], root: Root, request: ext.UploadOpen
     ) -> None:
         if request.mode & ~0o7777:
             raise InvalidArgument(f"mode {request.mode:o} has bits other than permissions")
         with self._slot():
+            root_fd, root_path = root
             parent, name = open_parent(root_fd, request.file.path)
             try:
-                await _Upload(channel, parent, name, request, self.chunk).run()
+                partial = _partial_name(name, request.size)
+                inside = "/".join(["", *check_path(request.file.path)[:-1], partial])
+                note = _Note(self.notes, root_path, inside)
+                await _Upload(channel, parent, name, request, self.chunk, note).run()
             finally:
                 os.close(parent)
 
     async def download(
-        self, channel: Channel[ext.DownloadInput], root_fd: int, request: ext.DownloadOpen
+        self, channel: Channel[ext.DownloadInput], root: Root, request: ext.DownloadOpen
     ) -> None:
         with self._slot():
-            fd = open_in(root_fd, request.file.path, os.O_RDONLY)
+            fd = open_in(root[0], request.file.path, os.O_RDONLY)
             try:
                 await _download(channel, fd, request, self.chunk)
             finally:
                 os.close(fd)
+
+
+#: A root: (an O_PATH fd of it, its path as the agent sees it, for the notes).
+Root = tuple[int, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Note:
+    """Where an upload's partial file is, for an agent started after this one died."""
+
+    notes: PartialNotes
+    root: str
+    path: str
+
+    def record(self) -> None:
+        self.notes.record(self.root, self.path)
+
+    def forget(self) -> None:
+        self.notes.forget(self.root, self.path)
 
 
 def _partial_name(name: str, size: int) -> str:
@@ -94,8 +121,10 @@ class _Upload:
         name: str,
         request: ext.UploadOpen,
         chunk: int,
+        note: _Note,
     ) -> None:
         self.channel = channel
+        self.note = note
         self.parent = parent
         self.name = name
         self.request = request
@@ -118,7 +147,31 @@ class _Upload:
     def _open_partial(self) -> int:
         """The partial file, locked: a new one, or with `resume` the one a broken
         upload left (hashed again up to its end)."""
-        flags = os.O_RDWR | os.O_NOFOLLOW
+        self.note.record()  # before the file exists: a crash may come at any point
+        try:
+            fd = self._open_or_make(os.O_RDWR | os.O_NOFOLLOW)
+        except BaseException:
+            if not self._partial_exists():
+                self.note.forget()
+            raise
+        try:
+            self._check_partial(fd)
+            self.offset = os.fstat(fd).st_size
+            for start in range(0, self.offset, HASH_STEP):
+                self.hash.update(os.pread(fd, min(HASH_STEP, self.offset - start), start))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _partial_exists(self) -> bool:
+        try:
+            os.stat(self.partial, dir_fd=self.parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _open_or_make(self, flags: int) -> int:
         fd = -1
         if self.request.resume:
             with contextlib.suppress(FileNotFoundError):
@@ -138,14 +191,6 @@ class _Upload:
                 0o600,
                 dir_fd=self.parent,
             )
-        try:
-            self._check_partial(fd)
-            self.offset = os.fstat(fd).st_size
-            for start in range(0, self.offset, HASH_STEP):
-                self.hash.update(os.pread(fd, min(HASH_STEP, self.offset - start), start))
-        except BaseException:
-            os.close(fd)
-            raise
         return fd
 
     def _check_partial(self, fd: int) -> None:
@@ -176,9 +221,7 @@ class _Upload:
                         f"{self.path}: data past the size of {self.request.size} bytes"
                     )
                 await asyncio.to_thread(self._write, fd, message.data)
-                ack = channel.receive_window.consumed(size)
-                if ack:
-                    channel.send(ext.UploadOutput(ack=ack))
+                channel.consumed(size, lambda ack: ext.UploadOutput(ack=ack))
             if message.sha256:
                 return self._verify(fd, message.sha256)
 
@@ -198,6 +241,7 @@ class _Upload:
         ours = self.hash.digest()
         if ours != theirs:
             os.unlink(self.partial, dir_fd=self.parent)
+            self.note.forget()
             raise ChecksumMismatch(
                 f"{self.path}: SHA-256 {ours.hex()} of what arrived is not the client's "
                 f"{theirs.hex()}; the partial file is removed"
@@ -209,6 +253,7 @@ class _Upload:
         os.fchown(fd, self.request.uid, self.request.gid)
         os.fsync(fd)
         os.rename(self.partial, self.name, src_dir_fd=self.parent, dst_dir_fd=self.parent)
+        self.note.forget()
 
 
 async def _download(
@@ -243,7 +288,7 @@ async def _download(
             if not data:
                 raise FailedPrecondition(f"{path} shrank to {offset} bytes while being read")
             await channel.send_window.reserve(len(data))
-            channel.send(ext.DownloadOutput(data=data))
+            channel.send_data(DATA_TAG, data)
             offset += len(data)
         channel.send(ext.DownloadOutput(sha256=digest.digest()))
         await acks  # the client closes its side when it has everything

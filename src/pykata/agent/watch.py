@@ -24,6 +24,7 @@ from ..api import extensions_pb2 as ext
 from ..extensions.flow import SendWindow
 from .channel import Channel
 from .errors import AgentError, InvalidArgument, LimitExceeded
+from .extlimits import WATCH_BATCH
 from .inroot import open_in
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -53,7 +54,7 @@ MASK = (
 )
 _EVENT = struct.Struct("iIII")
 #: Events sent in one message at most.
-BATCH = 64
+BATCH = WATCH_BATCH
 Kind = ext.FileEvent.Kind
 
 

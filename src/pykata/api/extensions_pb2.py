@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import oci_pb2 as oci__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x65xtensions.proto\x12\x06pykata\x1a\toci.proto\"\x15\n\x13\x43\x61pabilitiesRequest\"*\n\tExtension\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xc5\x02\n\x0f\x45xtensionLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12 \n\x18max_calls_per_connection\x18\x02 \x01(\r\x12\x17\n\x0fmax_connections\x18\x03 \x01(\r\x12\x14\n\x0cwindow_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cmax_forwards\x18\x06 \x01(\r\x12\x1a\n\x12watch_queue_events\x18\x07 \x01(\r\x12\x1b\n\x13watch_window_events\x18\x08 \x01(\r\x12\x13\n\x0bmax_watches\x18\t \x01(\r\x12\x1f\n\x17max_watched_directories\x18\n \x01(\r\x12\x15\n\rmax_transfers\x18\x0b \x01(\r\x12\x11\n\tmax_execs\x18\x0c \x01(\r\"\xbd\x01\n\x0c\x43\x61pabilities\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x1c\n\x14upstream_api_version\x18\x02 \x01(\t\x12%\n\nextensions\x18\x03 \x03(\x0b\x32\x11.pykata.Extension\x12\'\n\x06limits\x18\x04 \x01(\x0b\x32\x17.pykata.ExtensionLimits\x12\x17\n\x0fstorage_drivers\x18\x05 \x03(\t\x12\x0f\n\x07runtime\x18\x06 \x01(\t\"+\n\rForwardTarget\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"m\n\x0e\x46orwardMessage\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x15.pykata.ForwardTarget\x12\x0e\n\x06opened\x18\x02 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\x12\x0b\n\x03\x61\x63k\x18\x05 \x01(\x04\"2\n\x0c\x46ileLocation\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"v\n\nUploadOpen\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x14.pykata.FileLocation\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0b\n\x03uid\x18\x04 \x01(\r\x12\x0b\n\x03gid\x18\x05 \x01(\r\x12\x0e\n\x06resume\x18\x06 \x01(\x08\"M\n\x0bUploadInput\x12 \n\x04open\x18\x01 \x01(\x0b\x32\x12.pykata.UploadOpen\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"]\n\x0cUploadOutput\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x03 \x01(\x04\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"B\n\x0c\x44ownloadOpen\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x14.pykata.FileLocation\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"@\n\rDownloadInput\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x14.pykata.DownloadOpen\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x04\"Y\n\x0e\x44ownloadOutput\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"R\n\tExecStart\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x1e\n\x07process\x18\x03 \x01(\x0b\x32\r.grpc.Process\"+\n\nWindowSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x02 \x01(\r\"\x90\x01\n\tExecInput\x12 \n\x05start\x18\x01 \x01(\x0b\x32\x11.pykata.ExecStart\x12\r\n\x05stdin\x18\x02 \x01(\x0c\x12\x11\n\tstdin_eof\x18\x03 \x01(\x08\x12\"\n\x06resize\x18\x04 \x01(\x0b\x32\x12.pykata.WindowSize\x12\x0e\n\x06signal\x18\x05 \x01(\x05\x12\x0b\n\x03\x61\x63k\x18\x06 \x01(\x04\"u\n\nExecOutput\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x11\n\tstdin_ack\x18\x04 \x01(\x04\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12\x13\n\x0b\x65xit_status\x18\x06 \x01(\x05\"F\n\tWatchOpen\x12&\n\x08location\x18\x01 \x01(\x0b\x32\x14.pykata.FileLocation\x12\x11\n\trecursive\x18\x02 \x01(\x08\":\n\nWatchInput\x12\x1f\n\x04open\x18\x01 \x01(\x0b\x32\x11.pykata.WatchOpen\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x04\"\xb2\x01\n\tFileEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.pykata.FileEvent.Kind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x10\n\x08old_path\x18\x03 \x01(\t\x12\x0e\n\x06is_dir\x18\x04 \x01(\x08\"O\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\n\n\x06\x43REATE\x10\x01\x12\n\n\x06MODIFY\x10\x02\x12\n\n\x06\x44\x45LETE\x10\x03\x12\n\n\x06RENAME\x10\x04\x12\n\n\x06\x41TTRIB\x10\x05\"M\n\x0bWatchOutput\x12\r\n\x05ready\x18\x01 \x01(\x08\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.pykata.FileEvent\x12\x0c\n\x04lost\x18\x03 \x01(\x04\x32\xf6\x02\n\nExtensions\x12\x44\n\x0fGetCapabilities\x12\x1b.pykata.CapabilitiesRequest\x1a\x14.pykata.Capabilities\x12\x41\n\x0bPortForward\x12\x16.pykata.ForwardMessage\x1a\x16.pykata.ForwardMessage(\x01\x30\x01\x12\x37\n\x06Upload\x12\x13.pykata.UploadInput\x1a\x14.pykata.UploadOutput(\x01\x30\x01\x12=\n\x08\x44ownload\x12\x15.pykata.DownloadInput\x1a\x16.pykata.DownloadOutput(\x01\x30\x01\x12\x31\n\x04\x45xec\x12\x11.pykata.ExecInput\x1a\x12.pykata.ExecOutput(\x01\x30\x01\x12\x34\n\x05Watch\x12\x12.pykata.WatchInput\x1a\x13.pykata.WatchOutput(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x65xtensions.proto\x12\x06pykata\x1a\toci.proto\"\x15\n\x13\x43\x61pabilitiesRequest\"*\n\tExtension\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xc5\x02\n\x0f\x45xtensionLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12 \n\x18max_calls_per_connection\x18\x02 \x01(\r\x12\x17\n\x0fmax_connections\x18\x03 \x01(\r\x12\x14\n\x0cwindow_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cmax_forwards\x18\x06 \x01(\r\x12\x1a\n\x12watch_queue_events\x18\x07 \x01(\r\x12\x1b\n\x13watch_window_events\x18\x08 \x01(\r\x12\x13\n\x0bmax_watches\x18\t \x01(\r\x12\x1f\n\x17max_watched_directories\x18\n \x01(\r\x12\x15\n\rmax_transfers\x18\x0b \x01(\r\x12\x11\n\tmax_execs\x18\x0c \x01(\r\"\xbd\x01\n\x0c\x43\x61pabilities\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x1c\n\x14upstream_api_version\x18\x02 \x01(\t\x12%\n\nextensions\x18\x03 \x03(\x0b\x32\x11.pykata.Extension\x12\'\n\x06limits\x18\x04 \x01(\x0b\x32\x17.pykata.ExtensionLimits\x12\x17\n\x0fstorage_drivers\x18\x05 \x03(\t\x12\x0f\n\x07runtime\x18\x06 \x01(\t\"V\n\rForwardTarget\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12)\n\x0bunix_socket\x18\x03 \x01(\x0b\x32\x14.pykata.FileLocation\"m\n\x0e\x46orwardMessage\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x15.pykata.ForwardTarget\x12\x0e\n\x06opened\x18\x02 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\x12\x0b\n\x03\x61\x63k\x18\x05 \x01(\x04\"2\n\x0c\x46ileLocation\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"v\n\nUploadOpen\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x14.pykata.FileLocation\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0b\n\x03uid\x18\x04 \x01(\r\x12\x0b\n\x03gid\x18\x05 \x01(\r\x12\x0e\n\x06resume\x18\x06 \x01(\x08\"M\n\x0bUploadInput\x12 \n\x04open\x18\x01 \x01(\x0b\x32\x12.pykata.UploadOpen\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"]\n\x0cUploadOutput\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x03 \x01(\x04\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"B\n\x0c\x44ownloadOpen\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x14.pykata.FileLocation\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"@\n\rDownloadInput\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x14.pykata.DownloadOpen\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x04\"Y\n\x0e\x44ownloadOutput\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"R\n\tExecStart\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x1e\n\x07process\x18\x03 \x01(\x0b\x32\r.grpc.Process\"+\n\nWindowSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x02 \x01(\r\"\x90\x01\n\tExecInput\x12 \n\x05start\x18\x01 \x01(\x0b\x32\x11.pykata.ExecStart\x12\r\n\x05stdin\x18\x02 \x01(\x0c\x12\x11\n\tstdin_eof\x18\x03 \x01(\x08\x12\"\n\x06resize\x18\x04 \x01(\x0b\x32\x12.pykata.WindowSize\x12\x0e\n\x06signal\x18\x05 \x01(\x05\x12\x0b\n\x03\x61\x63k\x18\x06 \x01(\x04\"u\n\nExecOutput\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x11\n\tstdin_ack\x18\x04 \x01(\x04\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12\x13\n\x0b\x65xit_status\x18\x06 \x01(\x05\"F\n\tWatchOpen\x12&\n\x08location\x18\x01 \x01(\x0b\x32\x14.pykata.FileLocation\x12\x11\n\trecursive\x18\x02 \x01(\x08\":\n\nWatchInput\x12\x1f\n\x04open\x18\x01 \x01(\x0b\x32\x11.pykata.WatchOpen\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x04\"\xb2\x01\n\tFileEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.pykata.FileEvent.Kind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x10\n\x08old_path\x18\x03 \x01(\t\x12\x0e\n\x06is_dir\x18\x04 \x01(\x08\"O\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\n\n\x06\x43REATE\x10\x01\x12\n\n\x06MODIFY\x10\x02\x12\n\n\x06\x44\x45LETE\x10\x03\x12\n\n\x06RENAME\x10\x04\x12\n\n\x06\x41TTRIB\x10\x05\"M\n\x0bWatchOutput\x12\r\n\x05ready\x18\x01 \x01(\x08\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.pykata.FileEvent\x12\x0c\n\x04lost\x18\x03 \x01(\x04\x32\xf6\x02\n\nExtensions\x12\x44\n\x0fGetCapabilities\x12\x1b.pykata.CapabilitiesRequest\x1a\x14.pykata.Capabilities\x12\x41\n\x0bPortForward\x12\x16.pykata.ForwardMessage\x1a\x16.pykata.ForwardMessage(\x01\x30\x01\x12\x37\n\x06Upload\x12\x13.pykata.UploadInput\x1a\x14.pykata.UploadOutput(\x01\x30\x01\x12=\n\x08\x44ownload\x12\x15.pykata.DownloadInput\x1a\x16.pykata.DownloadOutput(\x01\x30\x01\x12\x31\n\x04\x45xec\x12\x11.pykata.ExecInput\x1a\x12.pykata.ExecOutput(\x01\x30\x01\x12\x34\n\x05Watch\x12\x12.pykata.WatchInput\x1a\x13.pykata.WatchOutput(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,41 +41,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAPABILITIES']._serialized_start=435
   _globals['_CAPABILITIES']._serialized_end=624
   _globals['_FORWARDTARGET']._serialized_start=626
-  _globals['_FORWARDTARGET']._serialized_end=669
-  _globals['_FORWARDMESSAGE']._serialized_start=671
-  _globals['_FORWARDMESSAGE']._serialized_end=780
-  _globals['_FILELOCATION']._serialized_start=782
-  _globals['_FILELOCATION']._serialized_end=832
-  _globals['_UPLOADOPEN']._serialized_start=834
-  _globals['_UPLOADOPEN']._serialized_end=952
-  _globals['_UPLOADINPUT']._serialized_start=954
-  _globals['_UPLOADINPUT']._serialized_end=1031
-  _globals['_UPLOADOUTPUT']._serialized_start=1033
-  _globals['_UPLOADOUTPUT']._serialized_end=1126
-  _globals['_DOWNLOADOPEN']._serialized_start=1128
-  _globals['_DOWNLOADOPEN']._serialized_end=1194
-  _globals['_DOWNLOADINPUT']._serialized_start=1196
-  _globals['_DOWNLOADINPUT']._serialized_end=1260
-  _globals['_DOWNLOADOUTPUT']._serialized_start=1262
-  _globals['_DOWNLOADOUTPUT']._serialized_end=1351
-  _globals['_EXECSTART']._serialized_start=1353
-  _globals['_EXECSTART']._serialized_end=1435
-  _globals['_WINDOWSIZE']._serialized_start=1437
-  _globals['_WINDOWSIZE']._serialized_end=1480
-  _globals['_EXECINPUT']._serialized_start=1483
-  _globals['_EXECINPUT']._serialized_end=1627
-  _globals['_EXECOUTPUT']._serialized_start=1629
-  _globals['_EXECOUTPUT']._serialized_end=1746
-  _globals['_WATCHOPEN']._serialized_start=1748
-  _globals['_WATCHOPEN']._serialized_end=1818
-  _globals['_WATCHINPUT']._serialized_start=1820
-  _globals['_WATCHINPUT']._serialized_end=1878
-  _globals['_FILEEVENT']._serialized_start=1881
-  _globals['_FILEEVENT']._serialized_end=2059
-  _globals['_FILEEVENT_KIND']._serialized_start=1980
-  _globals['_FILEEVENT_KIND']._serialized_end=2059
-  _globals['_WATCHOUTPUT']._serialized_start=2061
-  _globals['_WATCHOUTPUT']._serialized_end=2138
-  _globals['_EXTENSIONS']._serialized_start=2141
-  _globals['_EXTENSIONS']._serialized_end=2515
+  _globals['_FORWARDTARGET']._serialized_end=712
+  _globals['_FORWARDMESSAGE']._serialized_start=714
+  _globals['_FORWARDMESSAGE']._serialized_end=823
+  _globals['_FILELOCATION']._serialized_start=825
+  _globals['_FILELOCATION']._serialized_end=875
+  _globals['_UPLOADOPEN']._serialized_start=877
+  _globals['_UPLOADOPEN']._serialized_end=995
+  _globals['_UPLOADINPUT']._serialized_start=997
+  _globals['_UPLOADINPUT']._serialized_end=1074
+  _globals['_UPLOADOUTPUT']._serialized_start=1076
+  _globals['_UPLOADOUTPUT']._serialized_end=1169
+  _globals['_DOWNLOADOPEN']._serialized_start=1171
+  _globals['_DOWNLOADOPEN']._serialized_end=1237
+  _globals['_DOWNLOADINPUT']._serialized_start=1239
+  _globals['_DOWNLOADINPUT']._serialized_end=1303
+  _globals['_DOWNLOADOUTPUT']._serialized_start=1305
+  _globals['_DOWNLOADOUTPUT']._serialized_end=1394
+  _globals['_EXECSTART']._serialized_start=1396
+  _globals['_EXECSTART']._serialized_end=1478
+  _globals['_WINDOWSIZE']._serialized_start=1480
+  _globals['_WINDOWSIZE']._serialized_end=1523
+  _globals['_EXECINPUT']._serialized_start=1526
+  _globals['_EXECINPUT']._serialized_end=1670
+  _globals['_EXECOUTPUT']._serialized_start=1672
+  _globals['_EXECOUTPUT']._serialized_end=1789
+  _globals['_WATCHOPEN']._serialized_start=1791
+  _globals['_WATCHOPEN']._serialized_end=1861
+  _globals['_WATCHINPUT']._serialized_start=1863
+  _globals['_WATCHINPUT']._serialized_end=1921
+  _globals['_FILEEVENT']._serialized_start=1924
+  _globals['_FILEEVENT']._serialized_end=2102
+  _globals['_FILEEVENT_KIND']._serialized_start=2023
+  _globals['_FILEEVENT_KIND']._serialized_end=2102
+  _globals['_WATCHOUTPUT']._serialized_start=2104
+  _globals['_WATCHOUTPUT']._serialized_end=2181
+  _globals['_EXTENSIONS']._serialized_start=2184
+  _globals['_EXTENSIONS']._serialized_end=2558
 # @@protoc_insertion_point(module_scope)

@@ -65,12 +65,14 @@ class Capabilities(_message.Message):
     def __init__(self, agent_version: _Optional[str] = ..., upstream_api_version: _Optional[str] = ..., extensions: _Optional[_Iterable[_Union[Extension, _Mapping]]] = ..., limits: _Optional[_Union[ExtensionLimits, _Mapping]] = ..., storage_drivers: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class ForwardTarget(_message.Message):
-    __slots__ = ("host", "port")
+    __slots__ = ("host", "port", "unix_socket")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
+    UNIX_SOCKET_FIELD_NUMBER: _ClassVar[int]
     host: str
     port: int
-    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+    unix_socket: FileLocation
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., unix_socket: _Optional[_Union[FileLocation, _Mapping]] = ...) -> None: ...
 
 class ForwardMessage(_message.Message):
     __slots__ = ("open", "opened", "data", "eof", "ack")

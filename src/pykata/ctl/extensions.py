@@ -14,6 +14,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from .. import allocator
 from ..api import extensions_pb2 as ext
 from ..clihelp import Formatter
 from ..extensions.client import Extensions, MissingExtension, ProtocolError
@@ -37,6 +38,10 @@ FORWARD is one of
   LOCAL:REMOTE                  local 127.0.0.1:LOCAL to the sandbox's 127.0.0.1:REMOTE
   LOCAL:HOST:REMOTE             to HOST:REMOTE in the sandbox (an IP address)
   BIND:LOCAL:HOST:REMOTE        listening on BIND:LOCAL
+  LOCAL:CONTAINER:/PATH         to the unix socket at PATH in CONTAINER (resolved
+                                inside it: symlinks and '..' never lead out)
+  LOCAL::/PATH                  to the unix socket at PATH in the shared directory
+  BIND:LOCAL:CONTAINER:/PATH    listening on BIND:LOCAL
 LOCAL 0 picks a free port. The first line on stdout says where it listens;
 each connection is forwarded until both sides have closed. Ctrl-C stops.
 
@@ -45,6 +50,7 @@ examples:
   kata-agent-ctl port-forward unix:///tmp/kata-agent.sock 9000:80 &
   curl http://127.0.0.1:9000/
   kata-agent-ctl port-forward vsock://3:1024 0:10.0.0.2:5432
+  kata-agent-ctl port-forward vsock://3:1024 9000:c1:/run/app.sock
 """
 
 
@@ -66,28 +72,43 @@ def _address_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def command_parser(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    *,
+    help: str,
+    description: str,
+    epilog: str,
+) -> argparse.ArgumentParser:
+    """The parser of an extension command, with the agent's address options."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=Formatter
+    )
+    _address_options(parser)
+    return parser
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    caps = sub.add_parser(
+    command_parser(
+        sub,
         "capabilities",
         help="what the agent is and which extensions it offers (pykata.Extensions)",
         description="Print the agent's answer to GetCapabilities as JSON: its version, "
         "the upstream API it implements, its extensions and their versions, its limits.",
         epilog=CAPABILITIES_EPILOG,
-        formatter_class=Formatter,
     )
-    _address_options(caps)
-    fwd = sub.add_parser(
+    fwd = command_parser(
+        sub,
         "port-forward",
-        help="forward a local TCP port to a port inside the sandbox",
+        help="forward a local TCP port to a port (or a unix socket) inside the sandbox",
         description="Listen on a local TCP port and carry each connection to a TCP port "
-        "in the sandbox's network namespace (PortForward).",
+        "in the sandbox's network namespace, or to a unix socket in a container "
+        "(PortForward).",
         epilog=PORT_FORWARD_EPILOG,
-        formatter_class=Formatter,
     )
-    _address_options(fwd)
     fwd.add_argument("forward", metavar="FORWARD", help="which ports (see below)")
     _add_cp(sub)
-    streamexec.add_parser(sub, _address_options)
+    streamexec.add_parser(sub, command_parser)
     _add_watch(sub)
 
 
@@ -106,15 +127,14 @@ examples:
 
 
 def _add_cp(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    cp = sub.add_parser(
+    cp = command_parser(
+        sub,
         "cp",
         help="copy a file of any size into or out of a container",
         description="Copy one file between this machine and a container (Upload, "
         "Download), in chunks, checked with SHA-256, with a progress bar.",
         epilog=CP_EPILOG,
-        formatter_class=Formatter,
     )
-    _address_options(cp)
     cp.add_argument("source", metavar="SRC", help="CONTAINER:PATH or a local file")
     cp.add_argument("dest", metavar="DST", help="CONTAINER:PATH or a local file")
     cp.add_argument(
@@ -180,15 +200,14 @@ examples:
 
 
 def _add_watch(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser(
+    parser = command_parser(
+        sub,
         "watch",
         help="print changes under a path in a container as they happen (Watch)",
         description="Print each create, modify, delete, rename and attribute change "
         "under a path inside a container (inotify in the agent).",
         epilog=WATCH_EPILOG,
-        formatter_class=Formatter,
     )
-    _address_options(parser)
     parser.add_argument("where", metavar="CONTAINER:PATH", help="what to watch")
     parser.add_argument(
         "-r", "--recursive", action="store_true", help="every directory below it too"
@@ -239,28 +258,53 @@ class UsageError(Exception):
     """A command line the tool cannot act on (exit status 2)."""
 
 
+FORWARD_FORMS = (
+    "PORT, LOCAL:REMOTE, LOCAL:HOST:REMOTE, BIND:LOCAL:HOST:REMOTE, "
+    "LOCAL:CONTAINER:/PATH or BIND:LOCAL:CONTAINER:/PATH"
+)
+
+
 def parse_forward(text: str) -> tuple[str, int, ext.ForwardTarget]:
     """(bind address, local port, target) from FORWARD."""
-    parts = text.split(":")
+    unix = text.find(":/")
+    head = text[:unix] if unix >= 0 else text
+    parts = head.split(":")
     try:
-        if len(parts) == 1:
-            bind, local, host, remote = "127.0.0.1", parts[0], "", parts[0]
-        elif len(parts) == 2:
-            bind, local, host, remote = "127.0.0.1", parts[0], "", parts[1]
-        elif len(parts) == 3:
-            bind, local, host, remote = "127.0.0.1", parts[0], parts[1], parts[2]
-        elif len(parts) == 4:
-            bind, local, host, remote = parts
+        if unix >= 0:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            bind, local, container = ["127.0.0.1", *parts] if len(parts) == 2 else parts
+            socket_at = ext.FileLocation(container_id=container, path=text[unix + 1 :])
+            target = ext.ForwardTarget(unix_socket=socket_at)
+            remote = 1
         else:
-            raise ValueError
-        local_port, remote_port = int(local), int(remote)
+            if len(parts) == 1:
+                bind, local, host, port = "127.0.0.1", parts[0], "", parts[0]
+            elif len(parts) == 2:
+                bind, local, host, port = "127.0.0.1", parts[0], "", parts[1]
+            elif len(parts) == 3:
+                bind, local, host, port = "127.0.0.1", parts[0], parts[1], parts[2]
+            elif len(parts) == 4:
+                bind, local, host, port = parts
+            else:
+                raise ValueError
+            remote = int(port)
+            target = ext.ForwardTarget(host=host, port=remote)
+        local_port = int(local)
     except ValueError:
-        raise UsageError(
-            f"FORWARD {text!r}: use PORT, LOCAL:REMOTE, LOCAL:HOST:REMOTE or BIND:LOCAL:HOST:REMOTE"
-        ) from None
-    if not 0 <= local_port < 65536 or not 0 < remote_port < 65536:
+        raise UsageError(f"FORWARD {text!r}: use {FORWARD_FORMS}") from None
+    if not 0 <= local_port < 65536 or not 0 < remote < 65536:
         raise UsageError(f"FORWARD {text!r}: ports are 1..65535 (0 for a free local port)")
-    return bind, local_port, ext.ForwardTarget(host=host, port=remote_port)
+    return bind, local_port, target
+
+
+def describe_target(target: ext.ForwardTarget) -> str:
+    """Where a forward goes, for people."""
+    if target.HasField("unix_socket"):
+        where = target.unix_socket
+        inside = f"container {where.container_id}" if where.container_id else "the shared directory"
+        return f"unix socket {where.path} in {inside}"
+    return f"{target.host or '127.0.0.1'}:{target.port} in the sandbox"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -281,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
         command = lambda e: _port_forward(e, bind, local, target)  # noqa: E731
     else:
         command = COMMANDS[args.command](args)
+    allocator.keep_large_buffers()  # data in pieces of a megabyte, reused (allocator.py)
     return asyncio.run(_connected(str(address), command))
 
 
@@ -324,7 +369,7 @@ async def _port_forward(
     extensions: Extensions, bind: str, local: int, target: ext.ForwardTarget
 ) -> int:
     await extensions.require("PortForward")
-    remote = f"{target.host or '127.0.0.1'}:{target.port}"
+    remote = describe_target(target)
 
     async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -341,7 +386,7 @@ async def _port_forward(
         print(f"kata-agent-ctl: cannot listen on {bind}:{local}: {exc.strerror}", file=sys.stderr)
         return 1
     host, port = server.sockets[0].getsockname()[:2]
-    print(f"forwarding {host}:{port} -> {remote} in the sandbox", flush=True)
+    print(f"forwarding {host}:{port} -> {remote}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -13,7 +13,6 @@ import termios
 from collections.abc import Awaitable, Callable
 
 from ..api import oci_pb2
-from ..clihelp import Formatter
 from ..extensions.client import Extensions
 from ..extensions.streamexec import ExecSession
 from . import terminal
@@ -38,17 +37,17 @@ examples:
 
 def add_parser(
     sub: argparse._SubParsersAction,  # type: ignore[type-arg]
-    address_options: Callable[[argparse.ArgumentParser], None],
+    command_parser: Callable[..., argparse.ArgumentParser],
 ) -> None:
-    parser = sub.add_parser(
+    """`command_parser`: extensions.command_parser (the address options and the rest)."""
+    parser = command_parser(
+        sub,
         "exec",
         help="run a command in a container, its I/O streamed (Exec)",
         description="Run a command in a running container, its stdin, stdout, stderr and "
         "exit status on one stream.",
         epilog=EXEC_EPILOG,
-        formatter_class=Formatter,
     )
-    address_options(parser)
     parser.add_argument("container", metavar="CONTAINER", help="the container's id")
     parser.add_argument("args", nargs="+", metavar="COMMAND", help="the command and its arguments")
     parser.add_argument("-i", "--interactive", action="store_true", help="pass our stdin on")
@@ -138,7 +137,7 @@ async def _no_stdin(session: ExecSession) -> None:
     session.close_stdin()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         try:

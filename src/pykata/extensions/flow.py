@@ -15,6 +15,12 @@ that sends past the window breaks the protocol: `WindowExceeded`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from google.protobuf.message import Message
+
+from .wire import data_head
 
 
 class WindowExceeded(Exception):
@@ -90,3 +96,34 @@ class ReceiveWindow:
         ack, self._consumed = self._consumed, 0
         self.outstanding -= ack
         return ack
+
+
+class RawStream(Protocol):
+    """A ttRPC stream's sending side (server or client end)."""
+
+    def send(self, payload: bytes) -> None: ...
+
+    def send_parts(self, head: bytes, data: bytes) -> None: ...
+
+
+class Sending:
+    """What both ends' channels do the same: send messages and data, and acknowledge
+    what they have consumed. A channel sets `raw` and `receive_window`."""
+
+    raw: RawStream
+    receive_window: ReceiveWindow
+
+    def send(self, message: Message) -> None:
+        self.raw.send(message.SerializeToString())
+
+    def send_data(self, tag: bytes, data: bytes) -> None:
+        """A message holding only the bytes field `tag` (wire.data_tag) = `data`,
+        encoded by hand: the data is not copied on its way to the socket."""
+        self.raw.send_parts(data_head(tag, data), data)
+
+    def consumed(self, amount: int, acknowledgement: Callable[[int], Message]) -> None:
+        """Note `amount` data bytes consumed (written on); when an ack is due, send
+        `acknowledgement(bytes)`."""
+        ack = self.receive_window.consumed(amount)
+        if ack:
+            self.send(acknowledgement(ack))

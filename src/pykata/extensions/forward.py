@@ -7,7 +7,10 @@ import asyncio
 import contextlib
 
 from ..api import extensions_pb2 as ext
-from .client import Channel, Extensions, ProtocolError
+from .client import Channel, Extensions, Piece, ProtocolError
+from .wire import data_tag
+
+DATA_TAG = data_tag(ext.ForwardMessage, "data")
 
 
 async def forward(
@@ -19,14 +22,9 @@ async def forward(
     """Carry one local connection to `target` until both sides have ended.
     Raises TtrpcError when the agent fails the forward (e.g. UNAVAILABLE: refused)."""
     caps = await extensions.require("PortForward")
-    channel = await extensions.open("PortForward", ext.ForwardMessage)
+    channel = await extensions.open_data("PortForward", ext.ForwardMessage)
     channel.send(ext.ForwardMessage(open=target))
-    first = await channel.recv()
-    if first is None:
-        await channel.finish()  # raises the agent's error
-        raise ProtocolError("PortForward ended before the connection was opened")
-    if not first.opened:
-        raise ProtocolError("PortForward's first answer is not 'opened'")
+    await channel.first(ext.ForwardMessage, "opened")
     writer.transport.set_write_buffer_limits(high=caps.limits.max_chunk_bytes)
     up = asyncio.ensure_future(_local_to_agent(channel, reader, caps.limits.max_chunk_bytes))
     try:
@@ -41,7 +39,7 @@ async def forward(
 
 
 async def _local_to_agent(
-    channel: Channel[ext.ForwardMessage], reader: asyncio.StreamReader, chunk: int
+    channel: Channel[ext.ForwardMessage | Piece], reader: asyncio.StreamReader, chunk: int
 ) -> None:
     while True:
         data = await reader.read(chunk)
@@ -49,11 +47,11 @@ async def _local_to_agent(
             channel.send(ext.ForwardMessage(eof=True))
             return
         await channel.send_window.reserve(len(data))
-        channel.send(ext.ForwardMessage(data=data))
+        channel.send_data(DATA_TAG, data)
 
 
 async def _agent_to_local(
-    channel: Channel[ext.ForwardMessage],
+    channel: Channel[ext.ForwardMessage | Piece],
     writer: asyncio.StreamWriter,
     up: asyncio.Future[None],
 ) -> None:
@@ -75,12 +73,13 @@ async def _agent_to_local(
                 await channel.finish()
                 raise ProtocolError("PortForward ended before the agent's eof")
             return
-        if message.data:  # (its ack, and the window, were taken by the channel)
-            writer.write(message.data)
+        data = message.data  # (its ack, and the window, were taken by the channel)
+        if data:
+            writer.write(data)
             await writer.drain()
-            ack = channel.receive_window.consumed(len(message.data))
-            if ack:
-                channel.send(ext.ForwardMessage(ack=ack))
+            channel.consumed(len(data), lambda ack: ext.ForwardMessage(ack=ack))
+        if isinstance(message, Piece):
+            continue
         if message.eof and not agent_eof:
             agent_eof = True
             if writer.can_write_eof():

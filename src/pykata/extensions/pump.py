@@ -17,21 +17,20 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from google.protobuf.message import Message
-
 from .flow import ReceiveWindow, SendWindow
 
-In = TypeVar("In", bound=Message)
+#: What the stream hands out: messages (or, on the client, hand-decoded pieces).
+Item = TypeVar("Item")
 
 
-class Pump(Generic[In]):
+class Pump(Generic[Item]):
     def __init__(
         self,
-        receive: Callable[[], Awaitable[In | None]],
+        receive: Callable[[], Awaitable[Item | None]],
         send_window: SendWindow,
         receive_window: ReceiveWindow,
-        ack_of: Callable[[In], int],
-        data_of: Callable[[In], int],
+        ack_of: Callable[[Item], int],
+        data_of: Callable[[Item], int],
         failure: Callable[[Exception], BaseException],
     ) -> None:
         self._receive = receive
@@ -40,7 +39,7 @@ class Pump(Generic[In]):
         self._ack_of = ack_of
         self._data_of = data_of
         self._failure = failure
-        self._queue: asyncio.Queue[In | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Item | None] = asyncio.Queue()
         self._error: BaseException | None = None
         self._task = asyncio.ensure_future(self._run())
 
@@ -62,7 +61,7 @@ class Pump(Generic[In]):
             self._send_window.close(self._error)
         self._queue.put_nowait(None)
 
-    async def recv(self) -> In | None:
+    async def recv(self) -> Item | None:
         """The next message; None at the end; the peer's breach of protocol, raised."""
         message = await self._queue.get()
         if message is None:

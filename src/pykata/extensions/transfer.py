@@ -16,12 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..api import extensions_pb2 as ext
-from .client import Channel, Extensions, ProtocolError
+from .client import Channel, Extensions, Piece, ProtocolError
+from .wire import data_tag
 
 #: Called with (bytes done, bytes in all) as a transfer goes.
 Progress = Callable[[int, int], None]
 PARTIAL_SUFFIX = ".pykata-partial"
 HASH_STEP = 1 << 20
+UPLOAD_DATA_TAG = data_tag(ext.UploadInput, "data")
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -73,12 +75,9 @@ async def upload(
 async def _send_file(
     channel: Channel[ext.UploadOutput], fd: int, size: int, chunk: int, progress: Progress
 ) -> bytes:
-    ready = await channel.recv()
-    if ready is None:
-        await channel.finish()
-        raise ProtocolError("Upload ended before it was ready")
-    if not ready.ready or ready.offset > size:
-        raise ProtocolError(f"Upload's first answer is not 'ready' within the file: {ready}")
+    ready = await channel.first(ext.UploadOutput, "ready")
+    if ready.offset > size:
+        raise ProtocolError(f"Upload's first answer is past the file's end: {ready}")
     digest = await _hash_prefix(fd, ready.offset)
     answers = asyncio.ensure_future(_upload_answers(channel))
     try:
@@ -90,7 +89,7 @@ async def _send_file(
                 raise ProtocolError(f"the local file shrank to {offset} bytes while being sent")
             digest.update(data)
             await channel.send_window.reserve(len(data))
-            channel.send(ext.UploadInput(data=data))
+            channel.send_data(UPLOAD_DATA_TAG, data)
             offset += len(data)
             progress(offset, size)
         channel.send(ext.UploadInput(sha256=digest.digest()))
@@ -136,15 +135,10 @@ async def download(
     fd = os.open(partial, flags, 0o600)
     try:
         offset = os.fstat(fd).st_size
-        channel = await extensions.open("Download", ext.DownloadOutput)
+        channel = await extensions.open_data("Download", ext.DownloadOutput)
         channel.send(ext.DownloadInput(open=ext.DownloadOpen(file=location, offset=offset)))
         try:
-            ready = await channel.recv()
-            if ready is None:
-                await channel.finish()
-                raise ProtocolError("Download ended before it was ready")
-            if not ready.ready:
-                raise ProtocolError("Download's first answer is not 'ready'")
+            ready = await channel.first(ext.DownloadOutput, "ready")
             digest = await _hash_prefix(fd, offset)
             await _receive_file(channel, fd, offset, ready.size, digest, progress)
         finally:
@@ -158,7 +152,7 @@ async def download(
 
 
 async def _receive_file(
-    channel: Channel[ext.DownloadOutput],
+    channel: Channel[ext.DownloadOutput | Piece],
     fd: int,
     offset: int,
     size: int,
@@ -171,16 +165,17 @@ async def _receive_file(
         if message is None:
             await channel.finish()
             raise ProtocolError("Download ended before its checksum")
-        if message.data:
-            if offset + len(message.data) > size:
+        data = message.data
+        if data:
+            if offset + len(data) > size:
                 raise ProtocolError("the agent sent more than the file's size")
-            await asyncio.to_thread(_write_at, fd, message.data, offset)
-            digest.update(message.data)
-            offset += len(message.data)
+            await asyncio.to_thread(_write_at, fd, data, offset)
+            digest.update(data)
+            offset += len(data)
             progress(offset, size)
-            ack = channel.receive_window.consumed(len(message.data))
-            if ack:
-                channel.send(ext.DownloadInput(ack=ack))
+            channel.consumed(len(data), lambda ack: ext.DownloadInput(ack=ack))
+        if isinstance(message, Piece):
+            continue
         if message.sha256:
             if offset != size or message.sha256 != digest.digest():
                 os.ftruncate(fd, 0)  # a partial file that is wrong is no start for a resume
@@ -193,7 +188,7 @@ async def _receive_file(
             return
 
 
-def _write_at(fd: int, data: bytes, offset: int) -> None:
+def _write_at(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

@@ -18,12 +18,7 @@ async def watch(
     channel = await extensions.open("Watch", ext.WatchOutput)
     channel.send(ext.WatchInput(open=ext.WatchOpen(location=location, recursive=recursive)))
     try:
-        ready = await channel.recv()
-        if ready is None:
-            await channel.finish()
-            raise ProtocolError("Watch ended before it was ready")
-        if not ready.ready:
-            raise ProtocolError("Watch's first answer is not 'ready'")
+        await channel.first(ext.WatchOutput, "ready")
         yield [], 0  # the watch is in place
         while True:
             message = await channel.recv()

@@ -16,7 +16,7 @@ from .. import transport as transport_mod
 from ..transport import Address
 from .frame import FrameTooLarge
 from .interceptor import chain
-from .protocol import ClientConnection, DataReceived, ResponseReceived
+from .protocol import ClientConnection, DataReceived, ResponseReceived, data_frame_parts
 from .status import Code, TtrpcError
 
 M = TypeVar("M", bound=Message)
@@ -85,6 +85,11 @@ class ClientStream:
 
     def send(self, payload: bytes) -> None:
         self._client._write(self._client._protocol.data(self.stream_id, payload))
+
+    def send_parts(self, head: bytes, data: bytes) -> None:
+        """Send the payload `head` + `data` without joining them (a big `data` is
+        not copied on its way to the socket)."""
+        self._client._write_parts(data_frame_parts(self.stream_id, head, data))
 
     def close_send(self) -> None:
         self._client._write(self._client._protocol.data(self.stream_id, None, end_stream=True))
@@ -284,6 +289,12 @@ class Client:
             raise TtrpcError(self._lost.code, self._lost.message)
         assert self._transport is not None
         self._transport.write(data)
+
+    def _write_parts(self, parts: list[bytes]) -> None:
+        if self._lost is not None:
+            raise TtrpcError(self._lost.code, self._lost.message)
+        assert self._transport is not None
+        self._transport.writelines(parts)
 
     # events from the connection
 

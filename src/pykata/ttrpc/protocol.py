@@ -84,6 +84,20 @@ def _data_frame(stream_id: int, data: bytes | None, end_stream: bool) -> bytes:
     return encode_frame(stream_id, MessageType.DATA, flags, data or b"")
 
 
+def data_frame_parts(stream_id: int, head: bytes, data: bytes) -> list[bytes]:
+    """A data frame whose payload is `head` then `data`, as pieces to write in order:
+    a big `data` is not joined to the rest (not copied)."""
+    length = len(head) + len(data)
+    if length > MAX_DATA_SIZE:
+        raise FrameTooLarge(
+            f"message length {length} exceeds maximum message size of {MAX_DATA_SIZE}"
+        )
+    header = HEADER.pack(length, stream_id, MessageType.DATA, Flags.NONE)
+    if len(data) < BIG_PAYLOAD:
+        return [b"".join((header, head, data))]
+    return [header + head, data]
+
+
 class _Receiving(Generic[E]):
     """Frames in, events out; each side says what a frame means to it.
 

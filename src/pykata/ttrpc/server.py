@@ -30,6 +30,7 @@ from .protocol import (
     RequestReceived,
     ServerConnection,
     StreamRejected,
+    data_frame_parts,
     oversize_message,
 )
 from .status import Code, TtrpcError
@@ -109,6 +110,11 @@ class ServerStream:
 
     def send(self, payload: bytes) -> None:
         self._conn.send(self._conn.protocol.data(self._stream_id, payload))
+
+    def send_parts(self, head: bytes, data: bytes) -> None:
+        """Send the payload `head` + `data` without joining them: a big `data` (a
+        megabyte of output) goes to the socket as it is, not copied."""
+        self._conn.send(*data_frame_parts(self._stream_id, head, data))
 
     @property
     def buffered(self) -> int:
