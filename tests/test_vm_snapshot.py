@@ -75,6 +75,9 @@ def test_guests_restored_together_are_new_guests(two_guests: list[qemu.Vm]) -> N
     assert len(noise[0]) == 64 and noise[0] != noise[1]
     uuids = [in_guest(vm, "cat /proc/sys/kernel/random/uuid") for vm in two_guests]
     assert uuids[0] != uuids[1]
+    # The kernel makes its boot id at its first reading: none before the snapshot.
+    boot_ids = [in_guest(vm, "cat /proc/sys/kernel/random/boot_id") for vm in two_guests]
+    assert len(set(boot_ids)) == 2, boot_ids
     # ... and the host's time, not the snapshot's.
     for vm in two_guests:
         assert abs(int(in_guest(vm, "date +%s")) - time.time()) < 30
