@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -52,6 +53,8 @@ from .qemu import run_directory, stop, stop_now
 from .qmp import QmpSession
 from .readiness import start_relay, wait_for_agent
 
+log = logging.getLogger(__name__)
+
 #: Bump when what a snapshot holds changes in a way its key does not show.
 FORMAT = 1
 MANIFEST = "snapshot.json"
@@ -59,6 +62,8 @@ MANIFEST = "snapshot.json"
 RESTORE_SECONDS = 30.0
 #: Where a guest restored with a shared directory keeps its private copy of the memory.
 PRIVATE_MEMORY_DIR = Path("/dev/shm")
+#: The copies' names: this, the launcher's PID, "-", a random part.
+PRIVATE_MEMORY_PREFIX = "pykata-vm-memory-"
 
 
 @dataclass(frozen=True)
@@ -335,8 +340,13 @@ def _check_shape(options: VmOptions, snapshot: Snapshot) -> None:
 
 
 def _private_memory(snapshot: Snapshot) -> Path:
-    """A copy of the memory file that the guest (and virtiofsd) may write: sparse, in RAM."""
-    fd, name = tempfile.mkstemp(prefix="pykata-vm-memory-", dir=PRIVATE_MEMORY_DIR)
+    """A copy of the memory file that the guest (and virtiofsd) may write: sparse, in RAM.
+
+    Its name holds our PID, so a later launcher can tell a copy left by one that
+    was killed before it removed it (remove_stale_memory).
+    """
+    prefix = f"{PRIVATE_MEMORY_PREFIX}{os.getpid()}-"
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=PRIVATE_MEMORY_DIR)
     os.close(fd)
     done = subprocess.run(
         ["cp", "--sparse=always", str(snapshot.memory), name], capture_output=True, text=True
@@ -345,6 +355,31 @@ def _private_memory(snapshot: Snapshot) -> Path:
         os.unlink(name)
         raise VmError(f"cannot copy the snapshot's memory: {done.stderr.strip()}")
     return Path(name)
+
+
+def remove_stale_memory(directory: Path = PRIVATE_MEMORY_DIR) -> list[Path]:
+    """Remove the memory copies whose launcher is gone (SIGKILLed while restoring);
+    the ones removed. A copy is in RAM (/dev/shm): left, it would hold the memory
+    until the host reboots."""
+    removed = []
+    for path in directory.glob(f"{PRIVATE_MEMORY_PREFIX}*-*"):
+        owner = path.name[len(PRIVATE_MEMORY_PREFIX) :].split("-", 1)[0]
+        if not owner.isdigit() or _alive(int(owner)):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _load_state(vm: Vm, monitor: QmpSession, snapshot: Snapshot, timeout: float = 60.0) -> None:
@@ -420,6 +455,8 @@ def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
     _check_options(options)
     _check_shape(options, snapshot)
     started = time.monotonic()
+    for path in remove_stale_memory():
+        log.warning("removed %s, a memory copy whose launcher was killed", path)
     share = options.shared_dir is not None
     memory = _private_memory(snapshot) if share else snapshot.memory
     try:
