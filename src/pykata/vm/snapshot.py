@@ -189,11 +189,19 @@ def _read_line(sock: socket.socket, vm: Vm, timeout: float, what: str) -> dict[s
             )
         if time.monotonic() > deadline:
             raise VmError(f"no {what} within {timeout:.0f}s\nguest console:\n{vm.console_tail()}")
-        with contextlib.suppress(TimeoutError):
+        try:
             chunk = sock.recv(4096)
-            if not chunk:
+        except TimeoutError:
+            continue
+        except OSError:  # reset: QEMU is going away, said by the check above
+            chunk = b""
+        if not chunk:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                vm.process.wait(2)
+            if vm.process.poll() is None:
                 raise VmError(f"the restore port closed before {what}")
-            data += chunk
+            continue
+        data += chunk
     line: dict[str, Any] = json.loads(data.split(b"\n", 1)[0])
     return line
 
