@@ -56,7 +56,7 @@ from .readiness import start_relay, wait_for_agent
 log = logging.getLogger(__name__)
 
 #: Bump when what a snapshot holds changes in a way its key does not show.
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "snapshot.json"
 #: How long a restored agent may take to answer the restore line.
 RESTORE_SECONDS = 30.0
@@ -64,6 +64,9 @@ RESTORE_SECONDS = 30.0
 PRIVATE_MEMORY_DIR = Path("/dev/shm")
 #: The copies' names: this, the launcher's PID, "-", a random part.
 PRIVATE_MEMORY_PREFIX = "pykata-vm-memory-"
+#: Where a bzImage says how many 512-byte setup sectors follow its boot sector
+#: (the Linux x86 boot protocol; 0 means 4).
+SETUP_SECTS_OFFSET = 0x1F1
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class Snapshot:
     @property
     def disk(self) -> Path:
         return self.directory / "disk.img"
+
+    @property
+    def kernel_stub(self) -> Path:
+        return self.directory / "kernel-header"
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -264,6 +271,7 @@ def make(options: VmOptions, directory: Path) -> Snapshot:
     try:
         snapshot = Snapshot(building)
         _copy_disk(options.image.root_disk, snapshot.disk)
+        write_kernel_stub(options.image.kernel, snapshot.kernel_stub)
         started = time.monotonic()
         with run_directory(None) as run_dir:
             # The trace port's chardev is not migrated: each restore names its own socket.
@@ -297,6 +305,20 @@ def make(options: VmOptions, directory: Path) -> Snapshot:
         shutil.rmtree(building, ignore_errors=True)
         raise
     return Snapshot(directory)
+
+
+def write_kernel_stub(kernel: Path, stub: Path) -> None:
+    """The kernel's real-mode header (its setup sectors) and a page of zeros: what QEMU
+    needs to set up the same machine for a restored guest, without the 14 MB it would
+    otherwise keep for a boot that will not happen (cmdline.py)."""
+    with open(kernel, "rb") as image:
+        header = image.read(SETUP_SECTS_OFFSET + 1)
+        if len(header) <= SETUP_SECTS_OFFSET:
+            raise VmError(f"{kernel} is not a Linux kernel image (too short)")
+        setup_bytes = ((header[SETUP_SECTS_OFFSET] or 4) + 1) * 512
+        image.seek(0)
+        setup = image.read(setup_bytes)
+    stub.write_bytes(setup + bytes(4096))
 
 
 def _quote(path: Path) -> str:
@@ -469,8 +491,9 @@ def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
     memory = _private_memory(snapshot) if share else snapshot.memory
     try:
         saved = SavedMachine(
-            memory, share, snapshot.disk, False, run_dir / "restore.sock", snapshot.state
-        )
+            memory, share, snapshot.disk, False, run_dir / "restore.sock", snapshot.state,
+            snapshot.kernel_stub,
+        )  # fmt: skip
         channel = Channel("serial")
         accel = snapshot_accel(options)
         qemu, helpers = process.start(options, run_dir, accel, channel, saved)
