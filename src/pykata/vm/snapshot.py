@@ -513,15 +513,22 @@ def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
 def _restore_and_check(vm: Vm, snapshot: Snapshot, saved: SavedMachine, timeout: float) -> None:
     share = saved.shared_memory
     vm.generation, line = restore_line(share)
+
+    def step(name: str) -> None:
+        vm.restore_steps[name] = time.monotonic() - vm.launched_at
+
     with _monitor(vm) as monitor, _connect(saved.restore_socket, vm, 10) as port:
+        step("monitor")
         port.sendall(line)
         vm.relay = start_relay(vm)
         checking = _Checking(vm, timeout)
         try:
             _load_state(vm, monitor, snapshot)
+            step("running")
             if share:
                 _hotplug_share(vm, monitor)
             reply = _read_line(port, vm, RESTORE_SECONDS, "the agent's answer to the restore")
+            step("restored")
             if reply.get("restored") != vm.generation:
                 raise VmError(f"the agent refused the restore: {reply.get('error', reply)}")
         except BaseException:
