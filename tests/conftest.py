@@ -159,9 +159,13 @@ async def api(container_agent: AgentProcess) -> AsyncIterator[Stub]:
 
 @pytest.fixture(scope="session")
 def guest_image() -> GuestImage:
-    from pykata.vm.image import build
+    from pykata.vm.image import IMAGE_ENV, build
 
-    return build(quiet=True)
+    built = build(quiet=True)
+    # Programs the tests start (kata-agent-ctl --vm qemu) use this image, not `current`,
+    # which another checkout's build may move while the tests run.
+    os.environ[IMAGE_ENV] = str(built.directory)
+    return built
 
 
 @pytest.fixture(scope="session")

@@ -85,3 +85,21 @@ def test_a_failing_compressor_fails_the_build(tmp_path: Path) -> None:
     (stage / "file").write_text("data\n")
     with pytest.raises(image.ImageError, match=r"false failed \(exit 1\)"):
         image.write_cpio(stage, tmp_path / "out.img", ("false",))
+
+
+def test_a_pinned_image_wins_over_current_which_another_build_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("image-mine", "image-theirs"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+    (tmp_path / "current").symlink_to("image-theirs")
+    monkeypatch.setenv(image.DEFAULT_DIR_ENV, str(tmp_path))
+    assert image.current().directory.name == "image-theirs"
+    monkeypatch.setenv(image.IMAGE_ENV, str(tmp_path / "image-mine"))
+    assert image.current().directory.name == "image-mine"
+    # An explicit directory (kata-agent-ctl --guest-dir) still means that directory's newest.
+    assert image.current(tmp_path).directory.name == "image-theirs"
+    monkeypatch.setenv(image.IMAGE_ENV, str(tmp_path / "gone"))
+    with pytest.raises(image.ImageError, match=r"PYKATA_GUEST_IMAGE names .*gone"):
+        image.current()

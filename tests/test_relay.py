@@ -7,17 +7,21 @@ clients on the relay's socket. The guest VM tests use the same relay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from pykata.api.health_pb2 import CheckRequest
 from pykata.transport import TransportError
 from pykata.ttrpc import Client, Code, Server, TtrpcError
 from pykata.ttrpc.frame import HEADER, MAX_DATA_SIZE
-from pykata.ttrpc.relay import Relay, RelayThread, StreamMap
+from pykata.ttrpc.protocol import ClientConnection
+from pykata.ttrpc.relay import Relay, RelayLimits, RelayThread, StreamMap
 
+from .extensions import eventually
 from .test_ttrpc import SERVICE, call, peer_service
 
 
@@ -50,15 +54,25 @@ class Upstream:
         await asyncio.get_running_loop().create_unix_server(counted, path)
 
 
-@pytest.fixture
-async def relayed(tmp_path: Path) -> AsyncIterator[tuple[str, Upstream]]:
+@contextlib.asynccontextmanager
+async def relay_to_peer(
+    tmp_path: Path, limits: RelayLimits | None = None
+) -> AsyncIterator[tuple[str, Upstream, Relay]]:
     upstream = Upstream()
     await upstream.start(f"{tmp_path}/up.sock")
-    relay = Relay()
+    relay = Relay(limits)
     await relay.start(f"unix://{tmp_path}/up.sock", f"unix://{tmp_path}/relay.sock")
-    yield f"unix://{tmp_path}/relay.sock", upstream
-    relay.close()
-    await upstream.server.shutdown(grace=1)
+    try:
+        yield f"unix://{tmp_path}/relay.sock", upstream, relay
+    finally:
+        relay.close()
+        await upstream.server.shutdown(grace=1)
+
+
+@pytest.fixture
+async def relayed(tmp_path: Path) -> AsyncIterator[tuple[str, Upstream]]:
+    async with relay_to_peer(tmp_path) as (address, upstream, _):
+        yield address, upstream
 
 
 async def test_clients_share_one_upstream_connection(relayed: tuple[str, Upstream]) -> None:
@@ -145,3 +159,100 @@ async def test_the_clients_go_when_the_upstream_goes(tmp_path: Path) -> None:
 def test_a_relay_that_cannot_start_says_why(tmp_path: Path) -> None:
     with pytest.raises(TransportError, match=r"cannot connect to unix://.*/up\.sock"):
         RelayThread(f"unix://{tmp_path}/up.sock", f"unix://{tmp_path}/relay.sock")
+
+
+# --- the relay's bounds: one client that misbehaves costs only itself -------------------
+
+
+async def _raw(address: str) -> socket.socket:
+    raw = socket.socket(socket.AF_UNIX)
+    raw.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(raw, address.removeprefix("unix://"))
+    return raw
+
+
+async def test_clients_beyond_the_limit_are_closed_and_the_others_served(tmp_path: Path) -> None:
+    limited = relay_to_peer(tmp_path, RelayLimits(max_clients=2))
+    async with limited as (address, _, relay), await Client.connect(address) as a:
+        async with await Client.connect(address) as b:
+            assert (await call(b, "Sleep", "0")).service == "0"
+            with await _raw(address) as refused:
+                loop = asyncio.get_running_loop()
+                assert await asyncio.wait_for(loop.sock_recv(refused, 1), 5) == b""
+            assert (await call(a, "Sleep", "0")).service == "0"
+        await eventually(lambda: len(relay.clients) == 1)  # b's leaving reaches the relay
+        async with await Client.connect(address) as c:
+            assert (await call(c, "Sleep", "0")).service == "0"
+
+
+async def test_too_many_calls_from_one_client_are_refused_to_it_alone(tmp_path: Path) -> None:
+    limited = relay_to_peer(tmp_path, RelayLimits(max_calls_per_client=2))
+    async with (
+        limited as (address, _, relay),
+        await Client.connect(address) as a,
+        await Client.connect(address) as b,
+    ):
+        held = [asyncio.ensure_future(call(a, "Sleep", "1")) for _ in range(2)]
+        await eventually(lambda: len(relay.streams) == 2)  # both reached the relay
+        with pytest.raises(TtrpcError) as refused:
+            await call(a, "Sleep", "0")
+        assert refused.value.code == Code.RESOURCE_EXHAUSTED
+        assert "too many calls in flight through the relay (limit 2)" in str(refused.value)
+        assert [(await call(b, "Sleep", "0")).service for _ in range(3)] == ["0"] * 3
+        assert [r.service for r in await asyncio.gather(*held)] == ["1"] * 2
+        assert (await call(a, "Sleep", "0")).service == "0"  # its calls ended: room again
+
+
+async def test_a_client_that_never_reads_is_closed_and_the_others_served(tmp_path: Path) -> None:
+    limits = RelayLimits(reply_high_water=64 << 10, max_unread_bytes=1 << 20)
+    async with relay_to_peer(tmp_path, limits) as (address, _, relay):
+        loop = asyncio.get_running_loop()
+        # 16 calls of 256 KiB each, all read by the relay before the first is answered
+        # ("0.3000...": sleep 0.3 s, then echo the whole request back).
+        echo = CheckRequest(service="0.3" + "0" * (256 << 10)).SerializeToString()
+        connection = ClientConnection()
+        requests = b"".join(connection.request(SERVICE, "Sleep", echo)[1] for _ in range(16))
+        with await _raw(address) as greedy:
+            await loop.sock_sendall(greedy, requests)
+            async with await Client.connect(address) as polite:
+                assert (await call(polite, "Sleep", "0")).service == "0"
+                # The answers come back; greedy reads none and is closed.
+                await eventually(lambda: len(relay.clients) == 1)
+                assert (await call(polite, "Sleep", "0")).service == "0"
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await asyncio.wait_for(loop.sock_recv(greedy, 1 << 20), 5):
+                    received += len(chunk)
+            assert received < 16 * len(echo)  # what the kernel held, not all 4 MiB
+
+
+async def test_an_upstream_that_does_not_read_stops_the_clients_not_the_relays_memory(
+    tmp_path: Path,
+) -> None:
+    stuck: list[asyncio.StreamWriter] = []
+
+    async def never_reads(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stuck.append(writer)
+
+    await asyncio.start_unix_server(never_reads, f"{tmp_path}/up.sock")
+    relay = Relay(RelayLimits(upstream_high_water=64 << 10))
+    await relay.start(f"unix://{tmp_path}/up.sock", f"unix://{tmp_path}/relay.sock")
+    try:
+        loop = asyncio.get_running_loop()
+        payload = CheckRequest(service="0" * (1 << 20)).SerializeToString()
+        connection = ClientConnection()
+        with await _raw(f"unix://{tmp_path}/relay.sock") as client:
+            sent = 0
+            with contextlib.suppress(TimeoutError):
+                while sent < 64 << 20:
+                    frame = connection.request(SERVICE, "Sleep", payload)[1]
+                    await asyncio.wait_for(loop.sock_sendall(client, frame), 1)
+                    sent += len(frame)
+            assert sent < 64 << 20  # the client was made to wait
+            assert relay.upstream_full
+            upstream = relay._upstream
+            assert upstream is not None
+            # Past the mark by at most what one read from the client brought in.
+            assert upstream.get_write_buffer_size() <= (64 << 10) + (2 << 20)
+    finally:
+        relay.close()

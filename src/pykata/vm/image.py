@@ -16,6 +16,7 @@ happens only when an input changes:
   GUEST_ROOTFS). Key: the base, the kernel, pykata's sources and those versions.
 
 `DIR/current` names the newest image; `manifest.json` in it says what it holds.
+$PYKATA_GUEST_IMAGE, when set, names the image to use instead of `current`.
 
 With --kata-initrd the image also gets `kata-initrd.img`: the same root file
 system as one compressed initrd whose /init ends as the agent, for the real
@@ -59,6 +60,9 @@ FREE_SPACE = 256 << 20
 FORMAT = 1
 
 DEFAULT_DIR_ENV = "PYKATA_GUEST_DIR"
+#: One image directory to use instead of `current`: a test session pins the image it
+#: built, so another checkout's build moving `current` cannot change it mid-run.
+IMAGE_ENV = "PYKATA_GUEST_IMAGE"
 
 INIT_SCRIPT = """#!/bin/busybox sh
 # pykata initramfs: load the root disk's drivers, mount it, hand over to the agent.
@@ -161,7 +165,13 @@ def default_dir() -> Path:
 
 
 def current(directory: Path | None = None) -> GuestImage:
-    """The newest image built in `directory`."""
+    """The newest image built in `directory`, or the one $PYKATA_GUEST_IMAGE names."""
+    pinned = os.environ.get(IMAGE_ENV)
+    if pinned and directory is None:
+        image = GuestImage(Path(pinned))
+        if not image.exists():
+            raise ImageError(f"${IMAGE_ENV} names {pinned}, which holds no guest image")
+        return image
     directory = directory or default_dir()
     image = GuestImage((directory / "current").resolve())
     if not image.exists():
