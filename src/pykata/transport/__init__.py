@@ -105,7 +105,8 @@ async def listen(
     if isinstance(address, SerialAddress):
         try:
             port = serial.PortServer(address, protocol_factory, boundaries=boundaries)
-            await port.prepare()
+            if not start_serving:
+                await port.prepare()
         except OSError as exc:
             raise TransportError(f"cannot serve on {address}: {exc}") from exc
         if start_serving:

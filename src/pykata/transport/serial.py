@@ -11,11 +11,11 @@ and no host connected); poll() cannot wait for a host to connect (it reports
 a hang-up at once), so while no one is connected the port is read every
 HOST_POLL seconds. Each host session - first bytes to end-of-file - becomes
 one connection of the server, bridged through a socketpair so the server
-needs nothing special (each made before its client comes, so a guest
-restored from a snapshot finds the first one made). The guest may miss a
-client's departure when the next one follows quickly; a Boundaries finder
-handed in by the server, which knows its protocol, finds the change in the
-bytes (this module knows none).
+needs nothing special (a server that opens the port before it serves makes
+the first one ahead: a guest restored from a snapshot finds it made). The
+guest may miss a client's departure when the next one follows quickly; a
+Boundaries finder handed in by the server, which knows its protocol, finds
+the change in the bytes (this module knows none).
 QEMU's socket takes one client at a time; on the host the VM launcher runs a
 relay that puts many clients onto that one.
 """
@@ -139,8 +139,9 @@ class PortServer:
         self._task: asyncio.Future[None] | None = None
 
     async def prepare(self) -> None:
-        """Make the first client's connection now: a guest restored from a snapshot
-        (docs/vm.md) finds it made instead of running that code anew after the restore."""
+        """Make the first client's connection now, before serving: a guest restored from
+        a snapshot (docs/vm.md) finds it made instead of running that code anew after
+        the restore. Later clients' connections are made when they come."""
         if self._next is None:
             self._next = await self._connect()
 
@@ -164,9 +165,12 @@ class PortServer:
     async def _serve(self) -> None:
         pieces: list[Piece] = []
         while True:
+            # Made when its client's first bytes come (a connection may act when it is
+            # made - the debug console starts a shell), unless prepare() made it.
+            pieces = pieces or await self._wait_for_host()
             ours, self._next = self._next or await self._connect(), None
             with contextlib.closing(ours):
-                pieces = await self._session(ours, pieces or await self._wait_for_host())
+                pieces = await self._session(ours, pieces)
 
     async def _from_host(self) -> list[Piece] | None:
         """What the host sent next; None when it has gone."""
