@@ -418,8 +418,8 @@ Host memory, the QEMU processes' total PSS with N idle guests up at once
 
 Per extra guest: {per_extra:.0f} MB restored, {per_extra_cold:.0f} MB cold-booted.
 
-Against the targets, measured on a 2-core machine shared with other work
-(other sessions' tests ran meanwhile): first Check from a snapshot
+Against the targets, measured on a 2-core machine shared with other work:
+first Check from a snapshot
 {first:.2f} s median against <= 0.5 s ({met(first <= 0.5)}); {per_extra:.0f} MB per
 extra restored guest against <= 40 MB ({met(per_extra <= 40)}).
 
@@ -438,8 +438,12 @@ pairs on this machine (2026-12-02, 8 pairs, heavily loaded) those two took
 the median from the restore answer to the first Check from 0.43 s to 0.28 s;
 inside the guest, from writing the restore answer to starting the Check,
 from about 0.3 s to 0.15 s. With the machine busy the medians move by 0.2
-s from one run to the next; the fastest single restores seen in this
-session's runs took 0.41-0.45 s.
+s from one run to the next (an earlier run the same day, with other
+sessions' tests running: 0.81 s median, 0.46-2.22 s); the fastest single
+restores seen in this session's runs took 0.41-0.45 s. What remains above the
+0.5 s is emulation's: the guest's wake-up and the agent's restore handling
+(reseeding, setting the clock) and its first call, each a first run of its
+code for the translator.
 
 Memory: the last restored guest's own (private, written) memory is
 {own["guest pages"]:.0f} MB of guest pages it wrote (its copies of the
