@@ -414,9 +414,15 @@ def snapshot_section(r: dict[str, object]) -> str:
         f"| {n} guest{'s' if int(n) > 1 else ''} | {cold[n]:.0f} MB | {restored[n]:.0f} MB |"
         for n in counts
     )
-    first, last = counts[0], counts[-1]
-    per_extra = (restored[last] - restored[first]) / (int(last) - int(first))
-    per_extra_cold = (cold[last] - cold[first]) / (int(last) - int(first))
+    first_count, last = counts[0], counts[-1]
+    per_extra = (restored[last] - restored[first_count]) / (int(last) - int(first_count))
+    first = sn["first_check_snapshot_s"]["median"]
+    steps, own = sn["restore_steps_s"], sn["private_restored_mb"]
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    per_extra_cold = (cold[last] - cold[first_count]) / (int(last) - int(first_count))
     return f"""## Guest snapshots (QEMU, software emulation)
 
 Measured {sn["date"]} with `bench/snapshot.py`: the same image and guest
@@ -441,21 +447,45 @@ Host memory, the QEMU processes' total PSS with N idle guests up at once
 
 Per extra guest: {per_extra:.0f} MB restored, {per_extra_cold:.0f} MB cold-booted.
 
-Against the targets (first Check from a snapshot <= 0.5 s, <= 40 MB per
-extra restored guest), both measured on a 2-core machine shared with other
-work: what is left is software emulation's, not the snapshot's. A restored
-QEMU starts with an empty translation cache, so every guest path after the
-restore - the kernel's wake-up, the agent's Python - is translated again.
-Measured on single restores: QEMU to its monitor about 0.1 s (QEMU alone 0.05
-s), loading the 0.4 MB state 0.03 s, the guest from running again to the
-agent's answer to the restore line 0.15-0.2 s (of which the agent's own
-handling 0.06 s, its `handled_ms`), then 0.2 s until the first Check is
-answered (opening its ports and serving, all code run for the first time).
-Per guest, QEMU's own memory dominates: about 18 MB of translated code, 14
-MB of TCG's structures and 7 MB of heap; the guest's pages written after the
-restore are about 6 MB. A smaller translation cache (`-accel tcg,tb-size=8`)
-measured 44 MB per extra guest and slower restores, so it is not used. With
-KVM neither cost exists.
+Against the targets, measured on a 2-core machine shared with other work:
+first Check from a snapshot
+{first:.2f} s median against <= 0.5 s ({met(first <= 0.5)}); {per_extra:.0f} MB per
+extra restored guest against <= 40 MB ({met(per_extra <= 40)}).
+
+Where a restore's time goes (medians of this run's restores, each step
+after the one before): QEMU started to its monitor answering
+{steps["monitor"]:.2f} s, the saved state loaded and the guest running
+{steps["running"]:.2f} s, the guest waking and its agent answering the restore
+line {steps["restored"]:.2f} s, then the first Check answered {steps["check"]:.2f} s.
+Under software emulation a restored QEMU starts with an empty translation
+cache, so every guest code path that runs after the restore is translated
+again; the agent therefore does as little as it can after it: its ttRPC
+port is opened and its first connection made before the snapshot (without
+tracing), and its log lines wait 0.5 s instead of taking the guest's one
+CPU (the serial console costs an interrupt per 16 bytes). In interleaved
+pairs on this machine (2026-12-02, 8 pairs, heavily loaded) those two took
+the median from the restore answer to the first Check from 0.43 s to 0.28 s;
+inside the guest, from writing the restore answer to starting the Check,
+from about 0.3 s to 0.15 s. With the machine busy the medians move by 0.2
+s from one run to the next (an earlier run the same day, with other
+sessions' tests running: 0.81 s median, 0.46-2.22 s); the fastest single
+restores seen in this session's runs took 0.41-0.45 s. What remains above the
+0.5 s is emulation's: the guest's wake-up and the agent's restore handling
+(reseeding, setting the clock) and its first call, each a first run of its
+code for the translator.
+
+Memory: the last restored guest's own (private, written) memory is
+{own["guest pages"]:.0f} MB of guest pages it wrote (its copies of the
+snapshot's), {own["anonymous"]:.0f} MB of QEMU's anonymous memory (about 16 MB
+of translated code, the rest TCG's and QEMU's structures) and
+{own["heap"]:.0f} MB of heap. A restored QEMU gets the kernel's header alone and no
+initrd: it would keep both (16 MB) in memory for a boot that never comes
+(52 MB per extra guest before, measured 2026-12-02). A smaller translation
+cache, measured the same day before that change, 3 rounds of 4 guests each:
+`-accel tcg,tb-size=16` 50.0 MB per extra guest, 32 MiB 51.4 MB, the default
+(1 GiB, touched as used) 52.0 MB, restores no slower; 2 MB is not worth a
+cache that is flushed and refilled whenever a workload's code outgrows it,
+so the default stays. With KVM neither translation cost exists.
 
 """
 

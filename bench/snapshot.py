@@ -25,7 +25,7 @@ from pykata.vm import qemu, snapshot  # noqa: E402
 
 CTL = [sys.executable, "-m", "pykata.ctl.cli"]
 COLD_BOOTS = 3
-RESTORES = 7
+RESTORES = 11
 FIRST_OUTPUTS = 3
 GUEST_COUNTS = (1, 4, 8)
 
@@ -54,13 +54,47 @@ def guest(
 
 
 def first_checks(
-    options: qemu.VmOptions, saved: snapshot.Snapshot | None, count: int
+    options: qemu.VmOptions,
+    saved: snapshot.Snapshot | None,
+    count: int,
+    steps: list[dict[str, float]] | None = None,
 ) -> list[float]:
     times = []
     for _ in range(count):
         with guest(options, saved) as vm:
             times.append(vm.ready_after)
+            if steps is not None:
+                steps.append({**vm.restore_steps, "check": vm.ready_after})
     return times
+
+
+def step_medians(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Median seconds of each restore step after the one before (vm.restore_steps)."""
+    names = ["monitor", "running", "restored", "check"]
+    spans: dict[str, list[float]] = {name: [] for name in names}
+    for row in steps:
+        before = 0.0
+        for name in names:
+            spans[name].append(row[name] - before)
+            before = row[name]
+    return {name: statistics.median(values) for name, values in spans.items()}
+
+
+def private_mb(pid: int) -> dict[str, float]:
+    """A QEMU's own (private, written) memory by what holds it: the guest's pages it
+    wrote (its copies of the snapshot's memory file), and QEMU's anonymous memory -
+    translated code and its other structures - and heap."""
+    parts = {"guest pages": 0, "anonymous": 0, "heap": 0}
+    kind = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's first line
+            name = fields[5] if len(fields) > 5 else ""
+            kind = ("guest pages" if name.endswith("/memory") else "heap" if name == "[heap]"
+                    else "anonymous" if not name else None)  # fmt: skip
+        elif fields[0] == "Private_Dirty:" and kind is not None:
+            parts[kind] += int(fields[1])
+    return {k: v / 1024 for k, v in parts.items()}
 
 
 def first_output_s(saved: snapshot.Snapshot | None) -> float:
@@ -83,8 +117,11 @@ def first_output_s(saved: snapshot.Snapshot | None) -> float:
     return took
 
 
-def memory(options: qemu.VmOptions, saved: snapshot.Snapshot | None) -> dict[int, float]:
-    """Total PSS of the QEMU processes with 1, 4 and 8 guests up (each idle, agent served)."""
+def memory(
+    options: qemu.VmOptions, saved: snapshot.Snapshot | None
+) -> tuple[dict[int, float], dict[str, float]]:
+    """Total PSS of the QEMU processes with 1, 4 and 8 guests up (each idle, agent
+    served), and the last guest's private memory by part."""
     totals: dict[int, float] = {}
     with ExitStack() as stack:
         vms: list[qemu.Vm] = []
@@ -93,7 +130,7 @@ def memory(options: qemu.VmOptions, saved: snapshot.Snapshot | None) -> dict[int
             if len(vms) in GUEST_COUNTS:
                 time.sleep(2)  # let the newest settle
                 totals[len(vms)] = sum(pss_mb(vm.process.pid) for vm in vms)
-    return totals
+        return totals, private_mb(vms[-1].process.pid)
 
 
 def measure() -> dict[str, Any]:
@@ -104,7 +141,8 @@ def measure() -> dict[str, Any]:
         saved = snapshot.ensure(options, Path(tmp) / "snapshot")
         make_s = time.monotonic() - started
         cold = first_checks(options, None, COLD_BOOTS)
-        warm = first_checks(options, saved, RESTORES)
+        steps: list[dict[str, float]] = []
+        warm = first_checks(options, saved, RESTORES, steps)
         outputs: dict[str, list[float]] = {"cold": [], "snapshot": []}
         for _ in range(FIRST_OUTPUTS):  # alternating, so a slow spell hits both alike
             outputs["cold"].append(first_output_s(None))
@@ -114,14 +152,16 @@ def measure() -> dict[str, Any]:
             "state_mb": saved.state.stat().st_size / 1e6,
             "disk_mb": saved.disk.stat().st_blocks * 512 / 1e6,
         }
-        pss_restored = memory(options, saved)
-        pss_cold = memory(options, None)
+        pss_restored, private_restored = memory(options, saved)
+        pss_cold, _ = memory(options, None)
     return {
         "snapshot_make_s": make_s,
         "first_check_cold_s": spread(cold),
         "first_check_snapshot_s": spread(warm),
         "first_output_cold_s": spread(outputs["cold"]),
         "first_output_snapshot_s": spread(outputs["snapshot"]),
+        "restore_steps_s": step_medians(steps),
+        "private_restored_mb": private_restored,
         "pss_restored_mb": pss_restored,
         "pss_cold_mb": pss_cold,
         **sizes,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import textwrap
 import threading
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -105,6 +107,42 @@ def test_a_stuck_output_never_blocks_logging_and_drops_are_counted() -> None:
     assert dropped and all(r["level"] == "WARN" for r in dropped)
     assert len(written) + sum(r["dropped"] for r in dropped) == lines
     assert writer.dropped_total == sum(r["dropped"] for r in dropped)
+
+
+def test_held_lines_wait_then_all_come_in_order() -> None:
+    """A restored guest holds its log output for a moment (agent/restore.py): lines
+    logged meanwhile wait in the queue, none lost, and come once the hold ends - by
+    flush() (as before a power-off) or by itself."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    stream = os.fdopen(write_end, "w")
+    writer = LineWriter(stream, JsonFormatter("t", "test"))
+    writer.start()
+    logger = logging.getLogger("pykata.test.held")
+    logger.propagate = False
+    logger.addHandler(writer)
+    try:
+        writer.hold(600)
+        for n in range(3):
+            logger.warning("held line %d", n)
+        threading.Event().wait(0.3)  # room for a writer that would not wait
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1 << 16)
+        writer.flush()
+        held = os.read(read_end, 1 << 16).decode().splitlines()
+        assert [json.loads(line)["msg"] for line in held] == [f"held line {n}" for n in range(3)]
+
+        writer.hold(0.2)
+        logger.warning("after a short hold")
+        received = bytearray()
+        while b"after a short hold" not in received:  # the hold ends by itself
+            select.select([read_end], [], [], 30)
+            received += os.read(read_end, 1 << 16)
+    finally:
+        logger.removeHandler(writer)
+        writer.close()
+        stream.close()
+        os.close(read_end)
 
 
 def _read_all(fd: int, into: bytearray) -> None:

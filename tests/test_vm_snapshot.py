@@ -75,6 +75,9 @@ def test_guests_restored_together_are_new_guests(two_guests: list[qemu.Vm]) -> N
     assert len(noise[0]) == 64 and noise[0] != noise[1]
     uuids = [in_guest(vm, "cat /proc/sys/kernel/random/uuid") for vm in two_guests]
     assert uuids[0] != uuids[1]
+    # The kernel makes its boot id at its first reading: none before the snapshot.
+    boot_ids = [in_guest(vm, "cat /proc/sys/kernel/random/boot_id") for vm in two_guests]
+    assert len(set(boot_ids)) == 2, boot_ids
     # ... and the host's time, not the snapshot's.
     for vm in two_guests:
         assert abs(int(in_guest(vm, "date +%s")) - time.time()) < 30
@@ -93,13 +96,20 @@ def test_snapshot_for_other_options_is_refused_naming_the_difference(
         pass
 
 
+def guest_args(saved: snapshot.Snapshot, bundle: Path, tmp: Path) -> list[str]:
+    """kata-agent-ctl's options for the tests' guest (vmguest.py) restored with a share."""
+    return [
+        "--accel", "tcg", "--debug-console", "--cpus", "2", "--kernel-params", "maxcpus=1",
+        "--trace-socket", str(tmp / "trace.sock"),
+        "--from-snapshot", str(saved.directory), "--bundle-dir", str(bundle),
+    ]  # fmt: skip
+
+
 def ctl_restore(
     saved: snapshot.Snapshot, bundle: Path, tmp: Path
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CTL, "connect", "--vm", "qemu", "--accel", "tcg", "--debug-console", "--cpus", "2",
-         "--kernel-params", "maxcpus=1", "--trace-socket", str(tmp / "trace.sock"),
-         "--from-snapshot", str(saved.directory), "--bundle-dir", str(bundle),
+        [*CTL, "connect", "--vm", "qemu", *guest_args(saved, bundle, tmp),
          "-c", "run /bin/cat /marker",
          "-c", "run /bin/sh -c 'echo from the guest > /written; exit 7'"],
         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
@@ -124,3 +134,33 @@ def test_ctl_restores_runs_a_container_from_a_shared_bundle_and_stops(
     assert "guest stopped: powered off" in done.stderr
     assert processes_with("qemu-system", str(short)) == []
     assert processes_with("virtiofsd", str(short)) == []
+
+
+def test_a_memory_copy_left_by_a_killed_launcher_goes_at_the_next_restore(
+    guest_image: image_mod.GuestImage, saved: snapshot.Snapshot, tmp_path: Path
+) -> None:
+    """A guest restored with a share has a private copy of the memory in /dev/shm,
+    which its launcher removes; one SIGKILLed first cannot, so the next restore does."""
+    build_rootfs(tmp_path / "bundle" / "rootfs")
+    short = Path(tempfile.mkdtemp(prefix="pykata-snap-"))
+    try:
+        launcher = subprocess.Popen(
+            [*CTL, "vm", *guest_args(saved, tmp_path / "bundle", short)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "TMPDIR": str(short)},
+        )  # fmt: skip
+        with launcher:
+            mine = f"{snapshot.PRIVATE_MEMORY_PREFIX}{launcher.pid}-*"
+            deadline = time.monotonic() + 120  # a bound on a hang, not a measure
+            while not (left := list(snapshot.PRIVATE_MEMORY_DIR.glob(mine))):
+                assert launcher.poll() is None, launcher.communicate()[1]
+                assert time.monotonic() < deadline, "no memory copy named after its launcher"
+                time.sleep(0.005)
+            launcher.kill()  # SIGKILL, while it copies the memory or restores
+            launcher.communicate()
+        assert all(path.exists() for path in left)  # what it could not remove
+        with snapshot.restored(options(guest_image), saved) as vm:
+            assert vm.generation
+        assert not any(path.exists() for path in left)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)

@@ -22,8 +22,9 @@ def options(**given: object) -> VmOptions:
 
 def saved(shared: bool, incoming: bool) -> SavedMachine:
     state = SNAP / "state" if incoming else None
+    stub = SNAP / "kernel-header" if incoming else None
     return SavedMachine(
-        SNAP / "memory", shared, SNAP / "disk.img", not incoming, RUN / "r.sock", state
+        SNAP / "memory", shared, SNAP / "disk.img", not incoming, RUN / "r.sock", state, stub
     )
 
 
@@ -36,6 +37,29 @@ def test_a_restored_guest_maps_the_memory_copy_on_write_and_waits_for_its_state(
     assert "file=/snap/disk.img,format=raw,if=virtio,snapshot=on" in command
     assert "virtserialport,chardev=restore.channel.0,name=restore.channel.0" in command
     assert "agent.restore_addr=serial://restore.channel.0" in command[command.index("-append") + 1]
+
+
+def test_a_restored_guest_gets_the_kernels_header_alone_and_no_initrd(tmp_path: Path) -> None:
+    """QEMU would keep the kernel and the initrd in its memory (16 MB) for a boot that a
+    restored guest never does again; the real-mode header sets up the same machine."""
+    command = qemu_command(options(), RUN, "tcg", Channel("serial"), saved(False, True))
+    assert command[command.index("-kernel") + 1] == "/snap/kernel-header"
+    assert "-initrd" not in command
+    booting = qemu_command(options(), RUN, "tcg", Channel("serial"), saved(False, False))
+    assert booting[booting.index("-kernel") + 1] == "/images/x/vmlinuz"
+    assert booting[booting.index("-initrd") + 1] == "/images/x/initramfs.cpio"
+    # A bzImage: boot sector, 0x1f1 = setup sectors (0 means 4), then the kernel proper.
+    for setup_sects, setup_bytes in ((3, 4 * 512), (0, 5 * 512)):
+        kernel = bytearray(range(256)) * 40 + bytearray(1 << 20)
+        kernel[snapshot.SETUP_SECTS_OFFSET] = setup_sects
+        (tmp_path / "vmlinuz").write_bytes(kernel)
+        snapshot.write_kernel_stub(tmp_path / "vmlinuz", tmp_path / "stub")
+        stub = (tmp_path / "stub").read_bytes()
+        assert stub[:setup_bytes] == kernel[:setup_bytes]
+        assert stub[setup_bytes:] == bytes(4096)
+    (tmp_path / "short").write_bytes(b"MZ")
+    with pytest.raises(VmError, match="not a Linux kernel image"):
+        snapshot.write_kernel_stub(tmp_path / "short", tmp_path / "stub")
 
 
 def test_the_guest_saved_writes_its_memory_file_and_disk_copy() -> None:

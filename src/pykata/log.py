@@ -25,6 +25,7 @@ import os
 import select
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from types import TracebackType
@@ -125,6 +126,8 @@ class LineWriter(logging.Handler):
         self._dropped = 0  # lines dropped since the last report
         self._writing = False
         self._stopping = False
+        #: Until when (time.monotonic) the thread leaves queued lines waiting: hold().
+        self._held_until = 0.0
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         #: Lines dropped since start (a queue that was full, or an output that failed).
@@ -136,6 +139,16 @@ class LineWriter(logging.Handler):
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
             self._thread.start()
+
+    def hold(self, seconds: float) -> None:
+        """Leave lines queued (still bounded) for `seconds`: their output's work - a
+        serial console's interrupts - waits until the busy moment is over. flush()
+        and close() end the hold."""
+        with self._cond:
+            self._held_until = time.monotonic() + seconds
+
+    def _holding(self) -> bool:
+        return time.monotonic() < self._held_until
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -166,8 +179,8 @@ class LineWriter(logging.Handler):
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._lines and not self._stopping:
-                    self._cond.wait()
+                while not self._stopping and (not self._lines or self._holding()):
+                    self._cond.wait(self._held_until - time.monotonic() if self._lines else None)
                 if not self._lines and self._stopping:
                     return
                 text = "".join(self._lines)
@@ -223,6 +236,8 @@ class LineWriter(logging.Handler):
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
                 return
+            self._held_until = 0.0
+            self._cond.notify_all()
             self._cond.wait_for(lambda: not self._lines and not self._writing, timeout)
 
     def close(self) -> None:

@@ -153,11 +153,17 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
     if os.getpid() == 1:
         # As upstream's agent: the sandbox destroyed, the guest's work is done (power-off).
         parts.after_sandbox_destroyed = stop.set
-    # Without tracing the server can be made before parking: a restored guest runs
-    # every code path anew (software emulation translates it again), so less is left.
+    # Without tracing the server is made, and its port opened with the first
+    # connection ready, before parking: a restored guest runs every code path anew
+    # (software emulation translates it again), so the less is left the sooner it serves.
     server = None if config.tracing else make_server(config, parts, None)
+    ready = None
+    if server is not None and config.restore_addr:
+        ready = await server.start(config.server_addr, start_serving=False)
     if config.restore_addr and not await parked_until_restored(config, parts, stop):
         log.info("stopped while parked")
+        if ready is not None:
+            ready.close()
         await parts.memory.stop()
         return
     # The root span starts here, after any restore: its clock is the new guest's.
@@ -167,7 +173,10 @@ async def serve(config: configmod.AgentConfig, runtime_binary: str, started: flo
 
         tracing = TraceProvider(config.trace_addr)
     server = server or make_server(config, parts, tracing)
-    await server.start(config.server_addr)
+    if ready is not None:
+        await ready.start_serving()
+    else:
+        await server.start(config.server_addr)
     console = await start_console(config)
     log_port = await start_log_port(config)
     log.info(

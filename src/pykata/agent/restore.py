@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import log as logsetup
 from ..transport.address import SerialAddress, parse_address
 from ..transport.serial import find_port
 from .command import run
@@ -41,6 +42,10 @@ MAX_ENTROPY_BYTES = 512
 #: How often to look again while the line has not come (a restored guest reads it
 #: at its first look: the launcher sends it before the guest runs).
 HOST_POLL = 0.005
+#: How long a restored agent's log lines wait before they are written: on a serial
+#: console under software emulation writing them costs the guest's one CPU about as
+#: much as serving the first call (docs/vm.md, Snapshots).
+LOG_HOLD_SECONDS = 0.5
 #: virtio-fs tags are at most 36 bytes (the device's config space).
 MAX_TAG = 36
 #: How long a hotplugged virtio-fs device may take to appear in the guest.
@@ -102,6 +107,12 @@ async def wait_for_share(tag: str) -> None:
         if time.monotonic() > deadline:
             raise NotFound(f"the shared directory {tag!r} did not appear in {SHARE_SECONDS:.0f}s")
         await asyncio.sleep(0.02)
+
+
+def _hold_log_output() -> None:
+    writer = logsetup.writer()
+    if writer is not None:
+        writer.hold(LOG_HOLD_SECONDS)
 
 
 class _Port:
@@ -167,6 +178,7 @@ async def park_until_restored(address: str, guest: Guest) -> Restore:
             try:
                 line = await port.read_line()
                 received = time.monotonic()
+                _hold_log_output()
                 restore = parse(line)
                 become_new_guest(restore, guest)
                 if restore.share:

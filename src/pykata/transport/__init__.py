@@ -94,16 +94,23 @@ async def listen(
     *,
     backlog: int = 128,
     boundaries: Callable[[], Boundaries] | None = None,
+    start_serving: bool = True,
 ) -> Listener:
     """Serve `address`. `boundaries`: for a serial port, which has no connections,
     makes the finder that tells one client from the next in the bytes (the
-    protocol's to know); other transports have connections and do not use it."""
+    protocol's to know); other transports have connections and do not use it.
+    `start_serving=False`: bound (or opened) now, clients taken only after
+    `Listener.start_serving()` - all the set-up done ahead, nothing served yet."""
     address = as_address(address)
     if isinstance(address, SerialAddress):
         try:
             port = serial.PortServer(address, protocol_factory, boundaries=boundaries)
+            if not start_serving:
+                await port.prepare()
         except OSError as exc:
             raise TransportError(f"cannot serve on {address}: {exc}") from exc
+        if start_serving:
+            await port.start_serving()
         return _listener(address, port)
     loop = asyncio.get_running_loop()
     try:
@@ -113,7 +120,9 @@ async def listen(
     except OSError as exc:
         raise TransportError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
     try:
-        server = await loop.create_server(protocol_factory, sock=sock, backlog=backlog)
+        server = await loop.create_server(
+            protocol_factory, sock=sock, backlog=backlog, start_serving=start_serving
+        )
     except BaseException:
         sock.close()
         raise

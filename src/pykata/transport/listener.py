@@ -11,7 +11,9 @@ from .unix import SocketFile
 
 
 class Serving(Protocol):
-    """What a listener stops: an asyncio.Server, or a virtio-serial port server."""
+    """What a listener starts and stops: an asyncio.Server, or a virtio-serial port server."""
+
+    async def start_serving(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -41,6 +43,10 @@ class Listener:
 
     def admits(self, transport: asyncio.BaseTransport) -> bool:
         return self._admit is None or self._admit(transport)
+
+    async def start_serving(self) -> None:
+        """Begin taking clients, if listen() was told not to yet (a no-op otherwise)."""
+        await self._server.start_serving()
 
     def close(self) -> None:
         """Stop accepting; the socket file goes with it."""

@@ -11,9 +11,11 @@ and no host connected); poll() cannot wait for a host to connect (it reports
 a hang-up at once), so while no one is connected the port is read every
 HOST_POLL seconds. Each host session - first bytes to end-of-file - becomes
 one connection of the server, bridged through a socketpair so the server
-needs nothing special. The guest may miss a client's departure when the next
-one follows quickly; a Boundaries finder handed in by the server, which knows
-its protocol, finds the change in the bytes (this module knows none).
+needs nothing special (a server that opens the port before it serves makes
+the first one ahead: a guest restored from a snapshot finds it made). The
+guest may miss a client's departure when the next one follows quickly; a
+Boundaries finder handed in by the server, which knows its protocol, finds
+the change in the bytes (this module knows none).
 QEMU's socket takes one client at a time; on the host the VM launcher runs a
 relay that puts many clients onto that one.
 """
@@ -132,12 +134,43 @@ class PortServer:
             find_port(address.name, timeout=5.0), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC
         )
         self._boundaries = self._new_boundaries()
-        self._task = asyncio.ensure_future(self._serve())
+        #: The server's end of the next client's connection, made before that client comes.
+        self._next: socket.socket | None = None
+        self._task: asyncio.Future[None] | None = None
+
+    async def prepare(self) -> None:
+        """Make the first client's connection now, before serving: a guest restored from
+        a snapshot (docs/vm.md) finds it made instead of running that code anew after
+        the restore. Later clients' connections are made when they come."""
+        if self._next is None:
+            self._next = await self._connect()
+
+    async def start_serving(self) -> None:
+        """Read the port from now on: the host's bytes reach the server."""
+        if self._task is None and self._fd >= 0:
+            self._task = asyncio.ensure_future(self._serve())
+
+    async def _connect(self) -> socket.socket:
+        """A new connection of the server, over a socketpair; our end of it."""
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._factory, theirs)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        return ours
 
     async def _serve(self) -> None:
         pieces: list[Piece] = []
         while True:
-            pieces = await self._session(pieces or await self._wait_for_host())
+            # Made when its client's first bytes come (a connection may act when it is
+            # made - the debug console starts a shell), unless prepare() made it.
+            pieces = pieces or await self._wait_for_host()
+            ours, self._next = self._next or await self._connect(), None
+            with contextlib.closing(ours):
+                pieces = await self._session(ours, pieces)
 
     async def _from_host(self) -> list[Piece] | None:
         """What the host sent next; None when it has gone."""
@@ -158,23 +191,16 @@ class PortServer:
             if pieces is None:
                 await asyncio.sleep(HOST_POLL)
 
-    async def _session(self, pieces: list[Piece]) -> list[Piece]:
+    async def _session(self, ours: socket.socket, pieces: list[Piece]) -> list[Piece]:
         """One client's connection; what belongs to the next client, if one came."""
-        loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        try:
-            await loop.connect_accepted_socket(self._factory, theirs)
-            to_server = asyncio.ensure_future(self._host_to_server(ours, pieces))
-            to_host = asyncio.ensure_future(self._server_to_host(ours))
-            await asyncio.wait({to_server, to_host}, return_when=asyncio.FIRST_COMPLETED)
-            to_host.cancel()
-            if not to_server.done():
-                to_server.cancel()
-                return []
-            return to_server.result()
-        finally:
-            ours.close()
+        to_server = asyncio.ensure_future(self._host_to_server(ours, pieces))
+        to_host = asyncio.ensure_future(self._server_to_host(ours))
+        await asyncio.wait({to_server, to_host}, return_when=asyncio.FIRST_COMPLETED)
+        to_host.cancel()
+        if not to_server.done():
+            to_server.cancel()
+            return []
+        return to_server.result()
 
     async def _host_to_server(self, sock: socket.socket, pieces: list[Piece]) -> list[Piece]:
         loop = asyncio.get_running_loop()
@@ -196,14 +222,19 @@ class PortServer:
             await _write_all(self._fd, data)
 
     def close(self) -> None:
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        if self._next is not None:
+            self._next.close()
+            self._next = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     async def wait_closed(self) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 class PortWriter:

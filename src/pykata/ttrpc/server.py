@@ -856,11 +856,20 @@ class Server:
     def addresses(self) -> list[Address]:
         return [listener.address for listener in self._listeners]
 
-    async def start(self, address: str | Address) -> Listener:
-        """Listen on `address`; may be called again for more addresses."""
+    async def start(self, address: str | Address, *, start_serving: bool = True) -> Listener:
+        """Listen on `address`; may be called again for more addresses.
+
+        `start_serving=False`: ready, but no client is served before the listener's
+        `start_serving()` (the agent parked for a snapshot: agent/restore.py).
+        """
         holder: list[Listener] = []
+        # A serial port makes its first connection inside listen(), before the
+        # listener exists; a port admits every client anyway (there is no peer to check).
         listener = await transport_mod.listen(
-            address, lambda: _Connection(self, holder[0]), boundaries=ClientBoundaries
+            address,
+            lambda: _Connection(self, holder[0] if holder else None),
+            boundaries=ClientBoundaries,
+            start_serving=start_serving,
         )
         holder.append(listener)
         self._listeners.append(listener)

@@ -52,6 +52,9 @@ class SavedMachine:
     restore_socket: Path
     #: The device state to restore from; None boots the guest (to make a snapshot).
     incoming: Path | None = None
+    #: For a restore: the kernel's header alone (vm/snapshot.py, kernel_stub), given
+    #: instead of the kernel, and no initrd.
+    kernel_stub: Path | None = None
 
 
 def kernel_command_line(options: VmOptions, channel: Channel, restorable: bool = False) -> str:
@@ -81,14 +84,21 @@ def _pykata_machine(
     """Our layout: the `pc` machine, our initramfs, the root disk (a snapshot), ttyS0."""
     image = options.image
     memory = ",memory-backend=mem" if saved else ""
+    # QEMU keeps the kernel and the initrd in its own memory for the firmware to load
+    # (fw_cfg): 16 MB per guest. A restored guest booted long ago and never reads them
+    # again, so it gets the kernel's header alone - the same machine, the same option
+    # ROM - and no initrd.
+    if saved is not None and saved.kernel_stub is not None:
+        boot = ["-kernel", str(saved.kernel_stub)]
+    else:
+        boot = ["-kernel", str(image.kernel), "-initrd", str(image.initramfs)]
     return [
         "-machine", f"pc,accel={accel}{memory}",
         "-cpu", "max" if accel == "tcg" else "host",
         "-m", str(options.memory_mib),
         "-smp", str(options.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-kernel", str(image.kernel),
-        "-initrd", str(image.initramfs),
+        *boot,
         "-drive", _root_drive(options, saved),
         "-serial", f"file:{run_dir / 'console.log'}",
     ]  # fmt: skip

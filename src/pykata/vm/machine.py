@@ -59,6 +59,9 @@ class Vm:
     ready_after: float = 0.0
     #: Restored from a snapshot: the generation id its agent was told (0: booted).
     generation: int = 0
+    #: Restored: seconds from launch to each step - QEMU's monitor answering, the
+    #: state loaded and the guest running, the agent's answer to the restore line.
+    restore_steps: dict[str, float] = field(default_factory=dict)
 
     @property
     def agent_address(self) -> str:

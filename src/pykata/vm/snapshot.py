@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -52,13 +53,20 @@ from .qemu import run_directory, stop, stop_now
 from .qmp import QmpSession
 from .readiness import start_relay, wait_for_agent
 
+log = logging.getLogger(__name__)
+
 #: Bump when what a snapshot holds changes in a way its key does not show.
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "snapshot.json"
 #: How long a restored agent may take to answer the restore line.
 RESTORE_SECONDS = 30.0
 #: Where a guest restored with a shared directory keeps its private copy of the memory.
 PRIVATE_MEMORY_DIR = Path("/dev/shm")
+#: The copies' names: this, the launcher's PID, "-", a random part.
+PRIVATE_MEMORY_PREFIX = "pykata-vm-memory-"
+#: Where a bzImage says how many 512-byte setup sectors follow its boot sector
+#: (the Linux x86 boot protocol; 0 means 4).
+SETUP_SECTS_OFFSET = 0x1F1
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,10 @@ class Snapshot:
     @property
     def disk(self) -> Path:
         return self.directory / "disk.img"
+
+    @property
+    def kernel_stub(self) -> Path:
+        return self.directory / "kernel-header"
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -184,11 +196,19 @@ def _read_line(sock: socket.socket, vm: Vm, timeout: float, what: str) -> dict[s
             )
         if time.monotonic() > deadline:
             raise VmError(f"no {what} within {timeout:.0f}s\nguest console:\n{vm.console_tail()}")
-        with contextlib.suppress(TimeoutError):
+        try:
             chunk = sock.recv(4096)
-            if not chunk:
+        except TimeoutError:
+            continue
+        except OSError:  # reset: QEMU is going away, said by the check above
+            chunk = b""
+        if not chunk:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                vm.process.wait(2)
+            if vm.process.poll() is None:
                 raise VmError(f"the restore port closed before {what}")
-            data += chunk
+            continue
+        data += chunk
     line: dict[str, Any] = json.loads(data.split(b"\n", 1)[0])
     return line
 
@@ -251,6 +271,7 @@ def make(options: VmOptions, directory: Path) -> Snapshot:
     try:
         snapshot = Snapshot(building)
         _copy_disk(options.image.root_disk, snapshot.disk)
+        write_kernel_stub(options.image.kernel, snapshot.kernel_stub)
         started = time.monotonic()
         with run_directory(None) as run_dir:
             # The trace port's chardev is not migrated: each restore names its own socket.
@@ -284,6 +305,20 @@ def make(options: VmOptions, directory: Path) -> Snapshot:
         shutil.rmtree(building, ignore_errors=True)
         raise
     return Snapshot(directory)
+
+
+def write_kernel_stub(kernel: Path, stub: Path) -> None:
+    """The kernel's real-mode header (its setup sectors) and a page of zeros: what QEMU
+    needs to set up the same machine for a restored guest, without the 14 MB it would
+    otherwise keep for a boot that will not happen (cmdline.py)."""
+    with open(kernel, "rb") as image:
+        header = image.read(SETUP_SECTS_OFFSET + 1)
+        if len(header) <= SETUP_SECTS_OFFSET:
+            raise VmError(f"{kernel} is not a Linux kernel image (too short)")
+        setup_bytes = ((header[SETUP_SECTS_OFFSET] or 4) + 1) * 512
+        image.seek(0)
+        setup = image.read(setup_bytes)
+    stub.write_bytes(setup + bytes(4096))
 
 
 def _quote(path: Path) -> str:
@@ -335,8 +370,13 @@ def _check_shape(options: VmOptions, snapshot: Snapshot) -> None:
 
 
 def _private_memory(snapshot: Snapshot) -> Path:
-    """A copy of the memory file that the guest (and virtiofsd) may write: sparse, in RAM."""
-    fd, name = tempfile.mkstemp(prefix="pykata-vm-memory-", dir=PRIVATE_MEMORY_DIR)
+    """A copy of the memory file that the guest (and virtiofsd) may write: sparse, in RAM.
+
+    Its name holds our PID, so a later launcher can tell a copy left by one that
+    was killed before it removed it (remove_stale_memory).
+    """
+    prefix = f"{PRIVATE_MEMORY_PREFIX}{os.getpid()}-"
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=PRIVATE_MEMORY_DIR)
     os.close(fd)
     done = subprocess.run(
         ["cp", "--sparse=always", str(snapshot.memory), name], capture_output=True, text=True
@@ -345,6 +385,31 @@ def _private_memory(snapshot: Snapshot) -> Path:
         os.unlink(name)
         raise VmError(f"cannot copy the snapshot's memory: {done.stderr.strip()}")
     return Path(name)
+
+
+def remove_stale_memory(directory: Path = PRIVATE_MEMORY_DIR) -> list[Path]:
+    """Remove the memory copies whose launcher is gone (SIGKILLed while restoring);
+    the ones removed. A copy is in RAM (/dev/shm): left, it would hold the memory
+    until the host reboots."""
+    removed = []
+    for path in directory.glob(f"{PRIVATE_MEMORY_PREFIX}*-*"):
+        owner = path.name[len(PRIVATE_MEMORY_PREFIX) :].split("-", 1)[0]
+        if not owner.isdigit() or _alive(int(owner)):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _load_state(vm: Vm, monitor: QmpSession, snapshot: Snapshot, timeout: float = 60.0) -> None:
@@ -420,12 +485,15 @@ def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
     _check_options(options)
     _check_shape(options, snapshot)
     started = time.monotonic()
+    for path in remove_stale_memory():
+        log.warning("removed %s, a memory copy whose launcher was killed", path)
     share = options.shared_dir is not None
     memory = _private_memory(snapshot) if share else snapshot.memory
     try:
         saved = SavedMachine(
-            memory, share, snapshot.disk, False, run_dir / "restore.sock", snapshot.state
-        )
+            memory, share, snapshot.disk, False, run_dir / "restore.sock", snapshot.state,
+            snapshot.kernel_stub,
+        )  # fmt: skip
         channel = Channel("serial")
         accel = snapshot_accel(options)
         qemu, helpers = process.start(options, run_dir, accel, channel, saved)
@@ -445,15 +513,22 @@ def restore(options: VmOptions, snapshot: Snapshot, run_dir: Path) -> Vm:
 def _restore_and_check(vm: Vm, snapshot: Snapshot, saved: SavedMachine, timeout: float) -> None:
     share = saved.shared_memory
     vm.generation, line = restore_line(share)
+
+    def step(name: str) -> None:
+        vm.restore_steps[name] = time.monotonic() - vm.launched_at
+
     with _monitor(vm) as monitor, _connect(saved.restore_socket, vm, 10) as port:
+        step("monitor")
         port.sendall(line)
         vm.relay = start_relay(vm)
         checking = _Checking(vm, timeout)
         try:
             _load_state(vm, monitor, snapshot)
+            step("running")
             if share:
                 _hotplug_share(vm, monitor)
             reply = _read_line(port, vm, RESTORE_SECONDS, "the agent's answer to the restore")
+            step("restored")
             if reply.get("restored") != vm.generation:
                 raise VmError(f"the agent refused the restore: {reply.get('error', reply)}")
         except BaseException:
