@@ -57,7 +57,7 @@ async def _guest(address: str, shared: Path) -> dict[str, float]:
         for offset in range(0, COPY_BYTES, CHUNK):
             await api.CopyFile(
                 agent_pb2.CopyFileRequest(
-                    path=str(shared / "big.bin"),
+                    path=str(shared / "containers" / "big.bin"),  # CopyFile's scope, as upstream
                     file_size=COPY_BYTES,
                     file_mode=stat.S_IFREG | 0o644,
                     offset=offset,
@@ -65,7 +65,7 @@ async def _guest(address: str, shared: Path) -> dict[str, float]:
                 )
             )
         copy_mib_s = COPY_BYTES / (time.perf_counter() - started) / (1 << 20)
-        assert (shared / "big.bin").stat().st_size == COPY_BYTES
+        assert (shared / "containers" / "big.bin").stat().st_size == COPY_BYTES
         metrics_ms = await _median_ms(lambda: api.GetMetrics(agent_pb2.GetMetricsRequest()))
         await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="bench"))
         interfaces_ms = await _median_ms(
