@@ -447,8 +447,8 @@ Host memory, the QEMU processes' total PSS with N idle guests up at once
 
 Per extra guest: {per_extra:.0f} MB restored, {per_extra_cold:.0f} MB cold-booted.
 
-Against the targets, measured on a 2-core machine shared with other work:
-first Check from a snapshot
+Against the targets (2 CPUs, software emulation; see the date above for
+whether other work shared the machine): first Check from a snapshot
 {first:.2f} s median against <= 0.5 s ({met(first <= 0.5)}); {per_extra:.0f} MB per
 extra restored guest against <= 40 MB ({met(per_extra <= 40)}).
 
@@ -468,11 +468,11 @@ the median from the restore answer to the first Check from 0.43 s to 0.28 s;
 inside the guest, from writing the restore answer to starting the Check,
 from about 0.3 s to 0.15 s. With the machine busy the medians move by 0.2
 s from one run to the next (an earlier run the same day, with other
-sessions' tests running: 0.81 s median, 0.46-2.22 s); the fastest single
-restores seen in this session's runs took 0.41-0.45 s. What remains above the
-0.5 s is emulation's: the guest's wake-up and the agent's restore handling
-(reseeding, setting the clock) and its first call, each a first run of its
-code for the translator.
+sessions' tests running: 0.81 s median, 0.46-2.22 s; on a quiet machine
+0.36 s). What a restore still spends is emulation's: the guest's wake-up,
+the agent's restore handling (reseeding, setting the clock) and its first
+call, each a first run of its code for the translator; a busy machine
+pushes that past 0.5 s.
 
 Memory: the last restored guest's own (private, written) memory is
 {own["guest pages"]:.0f} MB of guest pages it wrote (its copies of the
@@ -552,10 +552,10 @@ per piece, which had cost about half their CPU. Before: agent 3.3, client
 is left is mostly the kernel's copies - pipe to the agent, agent to the
 socket, socket to the client (py-spy: the agent's time is in its read and
 the event loop's writev, the client's in read and one memcpy joining the
-frame) - and the producer, `dd`, writing 1 GiB into the pipe. On 2 CPUs
-shared with other work, three processes needing about 2 CPU seconds per
-GiB between them cannot move 1 GiB/s: the target is missed here by that
-measured margin. Closer would need the agent to splice(2) the pipe into the
+frame) - and the producer, `dd`, writing 1 GiB into the pipe. On 2 CPUs,
+three processes needing about 2 CPU seconds per GiB between them cannot
+move 1 GiB/s: the target is missed here by that measured margin (684 MiB/s
+on the quiet machine, 352 MiB/s with other sessions running). Closer would need the agent to splice(2) the pipe into the
 socket after the frame header (no copy through Python at all) and the
 client to read each frame straight into its own buffer (BufferedProtocol);
 neither is done. Producers matter too: busybox's `head -c` copies byte by
