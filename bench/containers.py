@@ -10,6 +10,7 @@ drives the runtime the way the agent does: create, start, wait, delete.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -166,21 +167,19 @@ async def read_output(
     return throughput
 
 
+async def _create_start(api: Stub, rootfs: Path, cid: str, *args: str) -> None:
+    """Create and start container `cid` running `args` through the agent."""
+    spec = oci_pb2.Spec()
+    ocispec.from_json(config(rootfs, *args), spec)
+    await api.CreateContainer(agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec))
+    await api.StartContainer(agent_pb2.StartContainerRequest(container_id=cid))
+
+
 async def _agent_batch(address: str, rootfs: Path, batch: int) -> dict[str, Any]:
     """One batch of cycles and execs through the agent (samples in seconds)."""
     async with await Client.connect(address) as client:
         api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
-
-        def spec(*args: str) -> oci_pb2.Spec:
-            message = oci_pb2.Spec()
-            ocispec.from_json(config(rootfs, *args), message)
-            return message
-
-        async def create_start(cid: str, *args: str) -> None:
-            await api.CreateContainer(
-                agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec(*args))
-            )
-            await api.StartContainer(agent_pb2.StartContainerRequest(container_id=cid))
+        create_start = functools.partial(_create_start, api, rootfs)
 
         cycles = []
         for n in range(CYCLES // BATCHES):
@@ -210,17 +209,7 @@ async def _agent_batch(address: str, rootfs: Path, batch: int) -> dict[str, Any]
 async def _agent(address: str, rootfs: Path) -> dict[str, Any]:
     async with await Client.connect(address) as client:
         api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
-
-        def spec(*args: str) -> oci_pb2.Spec:
-            message = oci_pb2.Spec()
-            ocispec.from_json(config(rootfs, *args), message)
-            return message
-
-        async def create_start(cid: str, *args: str) -> None:
-            await api.CreateContainer(
-                agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec(*args))
-            )
-            await api.StartContainer(agent_pb2.StartContainerRequest(container_id=cid))
+        create_start = functools.partial(_create_start, api, rootfs)
 
         go_socket = address.removeprefix("unix://")
         throughput = {
