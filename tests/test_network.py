@@ -93,7 +93,7 @@ async def test_network_needs_a_sandbox_on_a_host(api: Any) -> None:
 async def test_configure_the_sandbox_network(
     api: Any, container_agent: AgentProcess, rootfs: Path
 ) -> None:
-    await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="net"))
+    await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"net-{os.getpid()}"))
     holder = sandbox_holder(container_agent)
     host_rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     with veth_into(holder) as guest_end:
@@ -179,7 +179,7 @@ async def test_configure_the_sandbox_network(
 
 
 async def test_bad_network_requests(api: Any, container_agent: AgentProcess) -> None:
-    await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="bad"))
+    await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"bad-{os.getpid()}"))
     # Network failures answer INTERNAL, as upstream; a missing field INVALID_ARGUMENT.
     cases = [
         ("UpdateInterface", agent_pb2.UpdateInterfaceRequest(), Code.INVALID_ARGUMENT, "interface"),

@@ -470,7 +470,7 @@ async def test_destroy_sandbox_ends_a_pending_get_oom_event(
     stand-alone one sandbox's watcher would not take the next sandbox's events."""
     async with await Client.connect(container_agent.address) as client:
         api = Stub(client, agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
-        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="oom-watch"))
+        await api.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id=f"oom-{os.getpid()}"))
         pending = asyncio.ensure_future(api.GetOOMEvent(agent_pb2.GetOOMEventRequest()))
         await asyncio.sleep(0)  # the task runs until it waits: its request is sent first
         try:

@@ -149,7 +149,7 @@ async def test_agent_spans_end_to_end(tmp_path: Path, rootfs: Path) -> None:
                 )
                 await api.CreateSandbox(
                     agent_pb2.CreateSandboxRequest(
-                        sandbox_id="traced",
+                        sandbox_id=f"traced-{os.getpid()}",
                         storages=[
                             agent_pb2.Storage(
                                 driver="ephemeral",
@@ -195,7 +195,7 @@ async def test_agent_spans_end_to_end(tmp_path: Path, rootfs: Path) -> None:
         assert by_name[rpc]["trace"] == TRACE_ID and by_name[rpc]["parent"] == PARENT_SPAN, rpc
         assert by_name[rpc]["kind"] == 2  # SERVER
     assert by_name["CreateContainer"]["attrs"]["container_id"] == "t1"
-    assert by_name["CreateSandbox"]["attrs"]["sandbox_id"] == "traced"
+    assert by_name["CreateSandbox"]["attrs"]["sandbox_id"] == f"traced-{os.getpid()}"
     create = by_name["runtime create"]
     assert create["parent"] == by_name["CreateContainer"]["id"]
     assert by_name["runtime start"]["parent"] == by_name["StartContainer"]["id"]
