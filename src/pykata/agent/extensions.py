@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf.message import Message
@@ -73,15 +73,21 @@ class Extensions:
             limits.max_watched_directories,
         )
 
-    def _open_root(self, location: ext.FileLocation) -> tuple[int, str]:
-        """(an O_PATH fd, the path) of the root `location` is inside: a container's,
-        or the shared directory (no container id)."""
+    @contextlib.contextmanager
+    def _root(self, location: ext.FileLocation) -> Iterator[tuple[int, str]]:
+        """(an O_PATH fd, the path) of the root `location` is inside - a container's,
+        or the shared directory (no container id) - the fd open while in use."""
         if location.container_id:
             container = self.parts.sandbox.container(location.container_id)
-            return container.open_root(), str(container.rootfs)
-        root = self.parts.files.root
-        root.mkdir(mode=0o750, parents=True, exist_ok=True)
-        return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), str(root)
+            fd, path = container.open_root(), str(container.rootfs)
+        else:
+            root = self.parts.files.root
+            root.mkdir(mode=0o750, parents=True, exist_ok=True)
+            fd, path = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), str(root)
+        try:
+            yield fd, path
+        finally:
+            os.close(fd)
 
     async def GetCapabilities(
         self, req: ext.CapabilitiesRequest, ctx: ServerContext
@@ -153,11 +159,8 @@ class Extensions:
         location = target.unix_socket
 
         async def connect() -> socket.socket:
-            root_fd, _ = self._open_root(location)
-            try:
+            with self._root(location) as (root_fd, _):
                 return await connect_unix(root_fd, location.path)
-            finally:
-                os.close(root_fd)
 
         return connect
 
@@ -170,11 +173,8 @@ class Extensions:
             lambda m: m.open.file.container_id,
             data_of=lambda m: len(m.data),
         ) as (channel, first):
-            root = self._open_root(first.open.file)
-            try:
+            with self._root(first.open.file) as root:
                 await self.transfers.upload(channel, root, first.open)
-            finally:
-                os.close(root[0])
 
     async def Download(self, stream: ServerStream, ctx: ServerContext) -> None:
         async with self._opened(
@@ -185,11 +185,8 @@ class Extensions:
             lambda m: m.open.file.container_id,
             ack_of=lambda m: m.ack,
         ) as (channel, first):
-            root = self._open_root(first.open.file)
-            try:
+            with self._root(first.open.file) as root:
                 await self.transfers.download(channel, root, first.open)
-            finally:
-                os.close(root[0])
 
     async def Exec(self, stream: ServerStream, ctx: ServerContext) -> None:
         async with self._opened(
@@ -212,11 +209,8 @@ class Extensions:
         async with self._opened(
             stream, ctx, ext.WatchInput, "open", lambda m: m.open.location.container_id
         ) as (channel, first):
-            root_fd, _ = self._open_root(first.open.location)
-            try:
+            with self._root(first.open.location) as (root_fd, _):
                 await self.watches.run(channel, root_fd, first.open)
-            finally:
-                os.close(root_fd)
 
 
 def extensions_service(
