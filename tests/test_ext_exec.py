@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -62,6 +63,68 @@ async def test_large_output_byte_for_byte(box: Extensions, rootfs: Path) -> None
         (rootfs / "tmp" / name).unlink()
     assert err == b"" and session.exit_status == 0
     assert len(out) == len(data) and hashlib.sha256(out).digest() == hashlib.sha256(data).digest()
+
+
+async def test_stdout_and_stderr_at_once_both_byte_for_byte(box: Extensions, rootfs: Path) -> None:
+    # Both streams' output moves from its pipe into the one connection at once.
+    out, err = os.urandom(MiB) * 12, os.urandom(MiB) * 9
+    names = {f"out-{os.getpid()}": out, f"err-{os.getpid()}": err}
+    for name, data in names.items():
+        (rootfs / "tmp" / name).write_bytes(data)
+    o, e = (f"/tmp/{name}" for name in names)
+    try:
+        session = await ExecSession.start(
+            box, "box", process("/bin/sh", "-c", f"cat {o} & cat {e} >&2; wait")
+        )
+        got_out, got_err = await collect(session)
+    finally:
+        for name in names:
+            (rootfs / "tmp" / name).unlink()
+    assert session.exit_status == 0
+    assert hashlib.sha256(got_out).digest() == hashlib.sha256(out).digest()
+    assert hashlib.sha256(got_err).digest() == hashlib.sha256(err).digest()
+
+
+async def test_readstdout_on_a_streamed_exec_shares_the_output_without_loss(
+    box: Extensions, rootfs: Path
+) -> None:
+    # An attacker's (or a confused runtime's) ReadStdout on the same exec takes
+    # some of the output; the stream must stay whole and no byte go twice.
+    expected = os.urandom(8 * MiB)
+    name = f"shared-{os.getpid()}"
+    (rootfs / "tmp" / name).write_bytes(expected)
+    session = await ExecSession.start(box, "box", process("/bin/cat", f"/tmp/{name}"))
+    api = Stub(box.client, AGENT)
+    request = agent_pb2.ReadStreamRequest(container_id="box", exec_id=session.exec_id, len=4096)
+
+    async def poll() -> list[bytes]:
+        taken = []
+        with contextlib.suppress(TtrpcError):  # the process is gone once the stream ends
+            while data := (await api.ReadStdout(request)).data:
+                taken.append(data)
+        return taken
+
+    polling = asyncio.ensure_future(poll())
+    try:
+        streamed = [bytes(data) async for _stream, data in session.output()]
+        polled = await polling
+    finally:
+        (rootfs / "tmp" / name).unlink()
+    assert session.exit_status == 0 and polled and streamed
+    assert interleaved(expected, streamed, polled)
+
+
+def interleaved(whole: bytes, a: list[bytes], b: list[bytes]) -> bool:
+    """Whether `whole` is the pieces of `a` and of `b`, each in its order, merged."""
+    pos = i = j = 0
+    while i < len(a) or j < len(b):
+        if i < len(a) and whole.startswith(a[i], pos):
+            pos, i = pos + len(a[i]), i + 1
+        elif j < len(b) and whole.startswith(b[j], pos):
+            pos, j = pos + len(b[j]), j + 1
+        else:
+            return False
+    return pos == len(whole)
 
 
 async def test_stdin_larger_than_the_window_comes_back(box: Extensions) -> None:

@@ -25,7 +25,7 @@ SENT = [
 def test_by_hand_is_what_protobuf_writes(data: bytes, sent: tuple[type, str]) -> None:
     message, field = sent
     tag = data_tag(message, field)
-    encoded = data_head(tag, data) + data
+    encoded = data_head(tag, len(data)) + data
     assert encoded == message(**{field: data}).SerializeToString()
     assert message.FromString(encoded) == message(**{field: data})
     view = data_field(encoded, tag)
@@ -40,7 +40,7 @@ def test_only_a_message_of_data_alone_is_taken_by_hand(data: bytes) -> None:
     other = ext.ExecOutput(stderr=data or b"x").SerializeToString()
     assert data_field(other, stdout) is None
     # Truncated or garbage: never taken for data (protobuf decides what it is).
-    whole = data_head(stdout, data or b"x") + (data or b"x")
+    whole = data_head(stdout, len(data or b"x")) + (data or b"x")
     assert data_field(whole[:-1], stdout) is None
     assert data_field(stdout + b"\xff" * 11, stdout) is None
 

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ..extensions.flow import AckBeyondSent, ReceiveWindow, Sending, SendWindow, WindowOverrun
 from ..extensions.pump import Pump
+from ..extensions.wire import data_head
 from ..ttrpc import ServerStream, TtrpcError
 from .errors import InvalidArgument, LimitExceeded
 
@@ -69,6 +70,11 @@ class Channel(Sending, Generic[In]):
         """The client's next message (its ack and data already counted); None once it
         has closed its side."""
         return await self._pump.recv()
+
+    def send_data_from_pipe(self, tag: bytes, pipe: int, size: int) -> None:
+        """As send_data, the data being `size` bytes waiting in `pipe`: they go from
+        the pipe to the socket without passing through Python (splice(2))."""
+        self._stream.send_from_pipe(data_head(tag, size), pipe, size)
 
     async def first(self, what: str) -> In:
         """The opening message, which must have `what` set."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from .errors import FailedPrecondition, LimitExceeded, NoTerminal
 from .reaper import WatchedProcess
-from .stdio import PipeStdio, StdinBacklogFull, TerminalStdio
+from .stdio import InPipe, PipeStdio, StdinBacklogFull, TerminalStdio
 
 # ^D: on a terminal, "close stdin" means end-of-file for the reader.
 EOT = b"\x04"
@@ -135,6 +135,17 @@ class Process:
         if not data:
             self._maybe_finished()
         return data
+
+    async def next_output(self, stream: str, size: int) -> bytes | InPipe:
+        """As read(), but output waiting in a pipe comes as an InPipe: the caller
+        moves those bytes on (splice(2)) before it next awaits anything."""
+        reader = self.stdio.stdout if stream == "stdout" else self.stdio.stderr
+        if reader is None or size <= 0:
+            return b""
+        output = await reader.next_output(min(size, MAX_READ))
+        if not output:
+            self._maybe_finished()
+        return output
 
     def resize(self, rows: int, columns: int) -> None:
         try:

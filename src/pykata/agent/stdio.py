@@ -15,10 +15,12 @@ import fcntl
 import functools
 import os
 import socket
+import stat
 import struct
 import sys
 import tempfile
 import termios
+from dataclasses import dataclass
 from pathlib import Path
 
 from .fdwait import OwnedFd
@@ -37,6 +39,15 @@ PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
 STDIN_PENDING_LIMIT = 8 << 20
 
 
+@dataclass(frozen=True)
+class InPipe:
+    """`size` bytes (at least one) waiting in the pipe `fd`, left there for the
+    caller to move on (splice(2)) before it next awaits anything."""
+
+    fd: int
+    size: int
+
+
 class OutputReader:
     """The agent's end of a process's stdout or stderr (a pipe, or the pty master).
 
@@ -50,25 +61,40 @@ class OutputReader:
         self._fd = OwnedFd(fd)
         self._lock = asyncio.Lock()
         self._kept = bytearray()
+        self._pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
         self.ended = False
 
     async def read(self, size: int) -> bytes:
         async with self._lock:
-            if self._kept:
-                data = bytes(self._kept[:size])
-                del self._kept[:size]
-                return data
-            while self._fd.fd is not None:
-                try:
-                    data = self._read_available(self._fd.fd, size)
-                except BlockingIOError:
-                    await self._fd.ready()
-                    continue
-                if not data:
-                    self._end()
-                return data
-            self.ended = True
-            return b""
+            data = await self._read(size, in_pipe=False)
+        assert isinstance(data, bytes)
+        return data
+
+    async def next_output(self, size: int) -> bytes | InPipe:
+        """As read(), except that output waiting in a pipe is not read but
+        returned as an InPipe, for the caller to move on itself."""
+        async with self._lock:
+            return await self._read(size, in_pipe=self._pipe)
+
+    async def _read(self, size: int, *, in_pipe: bool) -> bytes | InPipe:
+        if self._kept:
+            data = bytes(self._kept[:size])
+            del self._kept[:size]
+            return data
+        while self._fd.fd is not None:
+            fd = self._fd.fd
+            try:
+                if in_pipe and (waiting := _waiting(fd)):
+                    return InPipe(fd, min(waiting, size))
+                data = self._read_available(fd, size)
+            except BlockingIOError:
+                await self._fd.ready()
+                continue
+            if not data:
+                self._end()
+            return data
+        self.ended = True
+        return b""
 
     def _read_available(self, fd: int, size: int) -> bytes:
         """Up to `size` bytes: blocks (raises BlockingIOError) only if none are there.

@@ -1,8 +1,11 @@
 """Exec: a process in a container with its stdin, stdout, stderr and exit
 status on one stream, in place of the ReadStdout/WriteStdin polling calls.
 
-Output is read as it comes (large reads drain a fast writer), sent within
-the client's window, and the exit status follows the last output byte. A
+Output is taken as it comes, up to a chunk at a time, within the client's
+window; output waiting in a pipe is moved into the connection's socket by
+splice(2) behind its frame header, never copied through Python (a terminal's
+output, and output kept after the exit, are read). The exit status follows
+the last output byte. A
 client that closes its side before the exit status has come, or whose
 connection is lost, has the process killed: nothing is left running that
 nobody can see.
@@ -22,6 +25,7 @@ from .channel import Channel
 from .container import Container
 from .errors import InvalidArgument, LimitExceeded, MissingField
 from .process import Process
+from .stdio import InPipe
 
 #: Output pipes of a streaming exec: Linux's default largest pipe (pipe-max-size), so a
 #: fast writer is read in pieces of up to 1 MiB, not 64 KiB.
@@ -89,12 +93,22 @@ async def _output(
     channel: Channel[ext.ExecInput], process: Process, stream: str, chunk: int
 ) -> None:
     tag = STDOUT_TAG if stream == "stdout" else STDERR_TAG
+    window = channel.send_window
     while True:
-        data = await process.read(stream, chunk)
-        if not data:
+        # Room for a whole chunk first: output waiting in the pipe must go on
+        # before anything else is awaited (someone else could read it).
+        await window.reserve(chunk)
+        output = await process.next_output(stream, chunk)
+        if isinstance(output, InPipe):
+            channel.send_data_from_pipe(tag, output.fd, output.size)
+            sent = output.size
+        elif output:
+            channel.send_data(tag, output)
+            sent = len(output)
+        else:
+            window.release(chunk)
             return
-        await channel.send_window.reserve(len(data))
-        channel.send_data(tag, data)
+        window.release(chunk - sent)
 
 
 async def _inputs(channel: Channel[ext.ExecInput], process: Process) -> None:

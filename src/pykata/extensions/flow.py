@@ -55,6 +55,11 @@ class SendWindow:
             raise self._closed
         self.in_flight += amount
 
+    def release(self, amount: int) -> None:
+        """Give back `amount` reserved and not sent after all."""
+        self.in_flight -= amount
+        self._changed.set()
+
     def acknowledged(self, amount: int) -> None:
         if amount > self.in_flight:
             raise AckBeyondSent(
@@ -119,7 +124,7 @@ class Sending:
     def send_data(self, tag: bytes, data: bytes) -> None:
         """A message holding only the bytes field `tag` (wire.data_tag) = `data`,
         encoded by hand: the data is not copied on its way to the socket."""
-        self.raw.send_parts(data_head(tag, data), data)
+        self.raw.send_parts(data_head(tag, len(data)), data)
 
     def consumed(self, amount: int, acknowledgement: Callable[[int], Message]) -> None:
         """Note `amount` data bytes consumed (written on); when an ack is due, send

@@ -24,9 +24,9 @@ def data_tag(message: type[Message], field: str) -> bytes:
     return varint(number << 3 | LENGTH_DELIMITED)
 
 
-def data_head(tag: bytes, data: bytes) -> bytes:
-    """What goes before `data` in a message holding only it."""
-    return tag + varint(len(data))
+def data_head(tag: bytes, size: int) -> bytes:
+    """What goes before `size` bytes of data in a message holding only them."""
+    return tag + varint(size)
 
 
 def data_field(payload: bytes, tag: bytes) -> memoryview | None:

@@ -84,15 +84,17 @@ def _data_frame(stream_id: int, data: bytes | None, end_stream: bool) -> bytes:
     return encode_frame(stream_id, MessageType.DATA, flags, data or b"")
 
 
+def data_frame_header(stream_id: int, length: int) -> bytes:
+    """The header of a data frame carrying `length` payload bytes."""
+    if length > MAX_DATA_SIZE:
+        raise FrameTooLarge(oversize_message(length))
+    return HEADER.pack(length, stream_id, MessageType.DATA, Flags.NONE)
+
+
 def data_frame_parts(stream_id: int, head: bytes, data: bytes) -> list[bytes]:
     """A data frame whose payload is `head` then `data`, as pieces to write in order:
     a big `data` is not joined to the rest (not copied)."""
-    length = len(head) + len(data)
-    if length > MAX_DATA_SIZE:
-        raise FrameTooLarge(
-            f"message length {length} exceeds maximum message size of {MAX_DATA_SIZE}"
-        )
-    header = HEADER.pack(length, stream_id, MessageType.DATA, Flags.NONE)
+    header = data_frame_header(stream_id, len(head) + len(data))
     if len(data) < BIG_PAYLOAD:
         return [b"".join((header, head, data))]
     return [header + head, data]

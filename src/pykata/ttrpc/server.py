@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
@@ -30,9 +31,11 @@ from .protocol import (
     RequestReceived,
     ServerConnection,
     StreamRejected,
+    data_frame_header,
     data_frame_parts,
     oversize_message,
 )
+from .splice import PipeShort, grow_send_buffer, read_exactly, splice_now, write_now
 from .status import Code, TtrpcError
 
 log = logging.getLogger("pykata.ttrpc.server")
@@ -115,6 +118,13 @@ class ServerStream:
         """Send the payload `head` + `data` without joining them: a big `data` (a
         megabyte of output) goes to the socket as it is, not copied."""
         self._conn.send(*data_frame_parts(self._stream_id, head, data))
+
+    def send_from_pipe(self, head: bytes, pipe: int, size: int) -> None:
+        """Send the payload `head` + `size` bytes waiting in `pipe`, which nobody
+        else reads before this returns: moved from the pipe into the socket by
+        splice(2) where the connection allows, never through Python."""
+        header = data_frame_header(self._stream_id, len(head) + size)
+        self._conn.send_from_pipe(header + head, pipe, size)
 
     @property
     def buffered(self) -> int:
@@ -340,6 +350,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._frame_timer: asyncio.TimerHandle | None = None
         self._timed_frame = -1
         self._open = False
+        #: The connection's stream socket, for splice(2); None on other transports.
+        self._socket: Any = None
+        #: What its send buffer was last set to hold (0: the kernel's default).
+        self._send_buffer = 0
 
     # asyncio.BufferedProtocol
 
@@ -367,6 +381,9 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self._open = True
         server._connections.add(self)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and sock.type == socket.SOCK_STREAM:
+            self._socket = sock
         self.transport.set_write_buffer_limits(high=self.limits.reply_high_water)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -531,6 +548,54 @@ class _Connection(asyncio.BufferedProtocol):
         self._write((b"".join(data),) if size < COALESCE_JOIN_LIMIT else data)
         if _REPLIES in self._paused and not self._replies_backlogged():
             self._resume(_REPLIES)
+
+    def send_from_pipe(self, head: bytes, pipe: int, size: int) -> None:
+        """Write `head`, then `size` bytes waiting in `pipe`: spliced straight into
+        the socket while nothing is queued before them; whatever cannot go now
+        is read and queued in order, as any other write (a frame is never cut)."""
+        if self._outbox:
+            self._flush()
+        transport = self.transport
+        moved = 0
+        if (
+            self._socket is not None
+            and transport is not None
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+        ):
+            self._make_room_for(len(head) + size)
+            sock = self._socket.fileno()
+            written = write_now(sock, head)
+            if written == len(head):
+                moved = splice_now(pipe, sock, size)
+            head = head[written:]
+        try:
+            rest = read_exactly(pipe, size - moved) if moved < size else b""
+        except PipeShort as exc:
+            # Bytes promised to the peer are not there: the frame cannot be finished.
+            log.error(
+                "closing connection: a frame promised %d bytes from a pipe that held %d",
+                size,
+                moved + exc.held,
+            )
+            if transport is not None:
+                transport.abort()
+            return
+        counters = self.server.counters
+        counters["pipe_bytes_spliced"] += moved
+        counters["pipe_bytes_copied"] += len(rest)
+        if head or rest:
+            self._write([part for part in (head, rest) if part])
+        else:
+            self.server._count_replies(self)
+            self.busy_poll.answered()
+
+    def _make_room_for(self, size: int) -> None:
+        """A send buffer that holds a whole `size`-byte frame while the peer reads
+        (bounded by the largest frame: 4 MiB)."""
+        if self._send_buffer < size:
+            grow_send_buffer(self._socket, size)
+            self._send_buffer = size
 
     def _write(self, data: Sequence[bytes]) -> None:
         if data and self.transport is not None and not self.transport.is_closing():
