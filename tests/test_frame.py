@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from pykata.ttrpc.frame import (
     HEADER,
+    IN_PLACE_SIZE,
     MAX_DATA_SIZE,
     Frame,
     FrameDecoder,
@@ -110,6 +111,72 @@ def test_frames_taken_one_at_a_time_at_any_pace_are_the_same_and_counted(
     assert got == [Frame(*item) for item in items]
     assert decoder.frames == len(items)
     assert decoder.buffered == 0 and not decoder.in_frame() and decoder.at_frame_boundary()
+
+
+big_data = st.builds(
+    lambda head, size, fill: head + bytes([fill]) * size,
+    st.binary(max_size=20),
+    st.integers(IN_PLACE_SIZE - 20, IN_PLACE_SIZE + 300),
+    st.integers(0, 255),
+)
+mixed_frames = st.lists(
+    st.tuples(
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 255),
+        st.integers(0, 255),
+        st.one_of(st.binary(max_size=300), big_data),
+    ),
+    max_size=8,
+)
+
+
+@given(mixed_frames, st.lists(st.tuples(st.integers(1, 100_000), st.booleans()), min_size=1))
+def test_reads_in_place_at_any_size_mixed_with_pushes_decode_the_same_frames(
+    items: list[tuple[int, int, int, bytes]], reads: list[tuple[int, bool]]
+) -> None:
+    """A client reads where get_buffer() says (a big frame's data straight into
+    its own buffer); bytes pushed meanwhile, reads cut anywhere, small and big
+    frames mixed: the same frames come out, and `buffered` counts exactly."""
+    wire = b"".join(encode_frame(*item) for item in items)
+    sizes = [HEADER.size + len(item[3]) for item in items]
+    decoder = FrameDecoder()
+    got: list[Frame | OversizeFrame] = []
+    offset = i = 0
+    while offset < len(wire):
+        size, pushed = reads[i % len(reads)]
+        i += 1
+        piece = wire[offset : offset + size]
+        if pushed:
+            decoder.push(piece)
+        else:
+            buffer = decoder.get_buffer()
+            piece = piece[: len(buffer)]
+            buffer[: len(piece)] = piece
+            decoder.buffer_updated(len(piece))
+        offset += len(piece)
+        while (frame := decoder.next_frame()) is not None:
+            got.append(frame)
+        assert decoder.buffered == offset - sum(sizes[: len(got)])
+    assert got == [Frame(*item) for item in items]
+    assert decoder.frames == len(items) and decoder.at_frame_boundary()
+
+
+def test_a_big_frame_is_read_into_the_buffer_it_is_handed_out_in() -> None:
+    data = bytes(range(256)) * (IN_PLACE_SIZE // 256 + 1)
+    wire = encode_frame(3, MessageType.DATA, 0, data)
+    decoder = FrameDecoder()
+    first = decoder.get_buffer()
+    first[:1000] = wire[:1000]
+    decoder.buffer_updated(1000)
+    assert decoder.next_frame() is None and decoder.in_frame()
+    rest = decoder.get_buffer()
+    # exactly the rest of the frame's data: the next read cannot run past it
+    assert len(rest) == len(wire) - 1000
+    rest[:] = wire[1000:]
+    decoder.buffer_updated(len(rest))
+    frame = decoder.next_frame()
+    assert frame == Frame(3, MessageType.DATA, 0, data)
+    assert frame is not None and rest.obj is frame.data  # read in place, not copied after
 
 
 def test_in_frame_tells_a_started_frame_from_a_boundary() -> None:

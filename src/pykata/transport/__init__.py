@@ -21,6 +21,7 @@ import errno
 import os
 import socket
 from collections.abc import Callable
+from typing import TypeVar
 
 from . import hvsock, serial, unix, vsock
 from .address import (
@@ -39,6 +40,9 @@ from .listener import Listener, Serving
 from .peer import Peer, peer_of
 from .serial import Boundaries
 from .unix import peer_credentials
+
+#: The protocol a connection is made with.
+P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 __all__ = [
     "FORMS",
@@ -144,10 +148,10 @@ def _client_socket(address: Address) -> tuple[socket.socket, tuple[int, int] | s
 
 async def connect(
     address: str | Address,
-    protocol_factory: Callable[[], asyncio.Protocol],
+    protocol_factory: Callable[[], P],
     *,
     timeout: float | None = None,
-) -> tuple[asyncio.Transport, asyncio.Protocol]:
+) -> tuple[asyncio.Transport, P]:
     address = as_address(address)
     loop = asyncio.get_running_loop()
     sock, target = _client_socket(address)

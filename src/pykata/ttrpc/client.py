@@ -298,8 +298,9 @@ class Client:
 
     # events from the connection
 
-    def _receive(self, data: bytes) -> None:
-        for event in self._protocol.receive(data):
+    def _received(self, nbytes: int) -> None:
+        self._protocol.buffer_updated(nbytes)
+        while (event := self._protocol.next_event()) is not None:
             if isinstance(event, ResponseReceived):
                 self._streams.pop(event.stream_id, None)
                 future = self._pending.get(event.stream_id)
@@ -327,15 +328,21 @@ class Client:
             self._closed.set_result(None)
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(asyncio.BufferedProtocol):
+    """Reads go where the decoder says: a big answer's data straight into the
+    buffer it is handed out in (copied once, not read then joined)."""
+
     def __init__(self, client: Client) -> None:
         self._client = client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._client._transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:
-        self._client._receive(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._client._protocol.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._client._received(nbytes)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._client._connection_lost(exc)

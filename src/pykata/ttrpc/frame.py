@@ -14,6 +14,10 @@ HEADER = struct.Struct(">IIBB")
 HEADER_SIZE = HEADER.size
 #: Largest data length either side accepts or sends (the reference value).
 MAX_DATA_SIZE = 4 << 20
+#: A frame's data this big is read in place (FrameDecoder.get_buffer), not joined.
+IN_PLACE_SIZE = 64 << 10
+#: What one read takes outside such a frame.
+READ_SIZE = 256 << 10
 
 
 # Plain int constants, not enums: they are tested on every frame and enum
@@ -40,6 +44,7 @@ class Frame:
     stream_id: int
     type: int
     flags: int
+    #: (A bytearray when the frame was read in place: the same bytes, not copied.)
     data: bytes
 
 
@@ -85,6 +90,11 @@ class FrameDecoder:
     joined once the frame is whole (no quadratic copying of big frames).
     Oversize data is never buffered: its bytes are counted off as they arrive,
     so a hostile length costs no memory and the stream stays in sync.
+
+    A reader may instead ask get_buffer() where to read to and report with
+    buffer_updated(): a big frame's data is then read straight into the
+    buffer it is handed out in, each byte copied once (asyncio's
+    BufferedProtocol).
     """
 
     def __init__(self) -> None:
@@ -96,8 +106,78 @@ class FrameDecoder:
         self._skip = 0  # bytes of an oversize frame still to drop
         #: Frames (and oversize headers) decoded so far: a frame's identity for deadlines.
         self.frames = 0
+        self._scratch: bytearray | None = None  # where get_buffer() reads to outside big frames
+        self._in_place: bytearray | None = None  # a big frame's data, read to in place
+        self._in_place_header: tuple[int, int, int] = (0, 0, 0)
+        self._in_place_filled = 0
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes read should go; say how many came with buffer_updated()."""
+        if self._in_place is None and self._needed - HEADER_SIZE >= IN_PLACE_SIZE:
+            self._read_in_place()
+        if self._in_place is not None:
+            return memoryview(self._in_place)[self._in_place_filled :]
+        if self._scratch is None:
+            self._scratch = bytearray(READ_SIZE)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """`nbytes` were read into the last get_buffer()."""
+        if self._in_place is not None:
+            self._in_place_filled += nbytes
+            self._held += nbytes
+            return
+        assert self._scratch is not None
+        read = memoryview(self._scratch)[:nbytes]
+        if not self._held and not self._skip and self._begins_big_frame(read):
+            # The usual way into a big frame: its header and first bytes, read
+            # at a frame boundary, go straight to its own buffer.
+            self._held = nbytes
+            self._begin_in_place(read)
+        else:
+            self.push(bytes(read))
+
+    @staticmethod
+    def _begins_big_frame(read: memoryview) -> bool:
+        """Whether `read` starts a frame to read in place that it does not finish."""
+        if len(read) < HEADER_SIZE:
+            return False
+        length: int = HEADER.unpack_from(read)[0]
+        return IN_PLACE_SIZE <= length <= MAX_DATA_SIZE and len(read) < HEADER_SIZE + length
+
+    def _read_in_place(self) -> None:
+        """The big frame begun (pushed) gets its own data buffer."""
+        held = self._buf[self._pos :] + b"".join(self._chunks)
+        self._buf, self._pos = b"", 0
+        self._chunks.clear()
+        self._begin_in_place(memoryview(held))
+
+    def _begin_in_place(self, begun: memoryview) -> None:
+        """Read the frame whose header and first bytes are `begun` into its own buffer."""
+        length, stream_id, type_, flags = HEADER.unpack_from(begun)
+        self._in_place = bytearray(length)
+        self._in_place[: len(begun) - HEADER_SIZE] = begun[HEADER_SIZE:]
+        self._in_place_filled = len(begun) - HEADER_SIZE
+        self._in_place_header = (stream_id, type_, flags)
+        self._needed = HEADER_SIZE + length
+
+    def _in_place_frame(self) -> Frame | None:
+        data = self._in_place
+        assert data is not None
+        if self._in_place_filled < len(data):
+            return None
+        self._in_place = None
+        self._consumed(0)
+        return Frame(*self._in_place_header, data)  # type: ignore[arg-type]
 
     def push(self, data: bytes) -> None:
+        if self._in_place is not None:
+            # (Bytes pushed, not read in place, while a frame is: they finish it first.)
+            take = min(len(data), len(self._in_place) - self._in_place_filled)
+            self._in_place[self._in_place_filled : self._in_place_filled + take] = data[:take]
+            self._in_place_filled += take
+            self._held += take
+            data = data[take:]
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
@@ -107,6 +187,13 @@ class FrameDecoder:
             self._held += len(data)
 
     def next_frame(self) -> Frame | OversizeFrame | None:
+        if self._in_place is not None:
+            frame = self._in_place_frame()
+            if frame is None or not self._chunks:
+                return frame
+            # Bytes after it were pushed: they are decoded from the next call on.
+            self._held = sum(map(len, self._chunks))
+            return frame
         if self._held < self._needed:
             return None
         if self._chunks:

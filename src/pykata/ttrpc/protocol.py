@@ -114,6 +114,13 @@ class _Receiving(Generic[E]):
     def receive_data(self, data: bytes) -> None:
         self._decoder.push(data)
 
+    def get_buffer(self) -> memoryview:
+        """Where to read the next bytes to, in place of receive_data (then buffer_updated)."""
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._decoder.buffer_updated(nbytes)
+
     def next_event(self) -> E | None:
         while (frame := self._decoder.next_frame()) is not None:
             event = self._handle(frame)
