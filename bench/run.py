@@ -539,27 +539,28 @@ Targets (issue 18): stdout through Exec >= 1024 MiB/s: {met(xc["stdout_mib_s_exe
 ({xc["stdout_mib_s_exec"]:.0f} MiB/s); last byte to exit status <= 5 ms: median
 {met(xc["last_byte_to_exit_status"]["median_ms"] <= 5)}, p99 {met(xc["last_byte_to_exit_status"]["p99_ms"] <= 5)}.
 
-Where Exec's time goes (py-spy and CPU per GiB, interleaved before/after runs
-on this machine, issue 18's second round): the agent reads each piece from a
-1 MiB pipe (up to 1 MiB per read) and writes the frame header and the data
-to the socket as two pieces of one writev, the message's few header bytes
-encoded by hand (`pykata/extensions/wire.py`): no protobuf copy, no joining.
-The client takes a data-only answer as a view of the frame that brought it
-(no protobuf decode), and both ends keep megabyte buffers for reuse
-(`pykata/allocator.py`) instead of mapping and faulting in a fresh megabyte
-per piece, which had cost about half their CPU. Before: agent 3.3, client
-3.5 CPU s per GiB, about 150 MiB/s; after: agent ~0.85, client ~0.9. What
-is left is mostly the kernel's copies - pipe to the agent, agent to the
-socket, socket to the client (py-spy: the agent's time is in its read and
-the event loop's writev, the client's in read and one memcpy joining the
-frame) - and the producer, `dd`, writing 1 GiB into the pipe. On 2 CPUs,
-three processes needing about 2 CPU seconds per GiB between them cannot
-move 1 GiB/s: the target is missed here by that measured margin (684 MiB/s
-on the quiet machine, 352 MiB/s with other sessions running). Closer would need the agent to splice(2) the pipe into the
-socket after the frame header (no copy through Python at all) and the
-client to read each frame straight into its own buffer (BufferedProtocol);
-neither is done. Producers matter too: busybox's `head -c` copies byte by
-byte (about 125 MiB/s here), so it is not used.
+Where Exec's time goes (CPU per GiB from /proc, before/after runs
+interleaved on one machine; py-spy for where): three rounds. First (issue
+18's second round), the message's few header bytes encoded by hand
+(`pykata/extensions/wire.py`: no protobuf copy), the frame header and data
+written as two pieces, the client taking a data-only answer as a view of
+its frame, and megabyte buffers kept for reuse (`pykata/allocator.py`):
+agent 3.3 -> ~0.85, client 3.5 -> ~0.9 CPU s per GiB (684 MiB/s on that
+day's machine). Second, the agent splices each piece from the process's
+pipe into the socket behind its frame header (`ServerStream.send_from_pipe`,
+`pykata/ttrpc/splice.py`): no byte of output passes through Python. Third,
+the client reads each big frame straight into the buffer it is handed out
+in (`BufferedProtocol`, `FrameDecoder.get_buffer`): one copy, from the
+kernel, instead of a read, a copy into bytes and a join. The code before
+the second round and after the third, 3 runs each interleaved (2026-12-03
+02:24 UTC, quiet; this day's machine is faster than the one above - the old
+code also passed 1 GiB/s on it): stdout through Exec 1191-1463 -> 2162-2508
+MiB/s, agent 0.45-0.59 -> 0.14-0.22, client 0.35-0.38 -> 0.31-0.32 CPU s
+per GiB. What is left is the kernel's work: splice in the agent, the one
+copy out of the socket in the client, and `dd` writing 1 GiB into the pipe.
+The ReadStdout loop (one unary answer per MiB, read and copied in the
+agent) is unchanged. Producers matter too: busybox's `head -c` copies byte
+by byte (about 125 MiB/s here), so it is not used.
 
 The last-byte-to-exit-status median is about a millisecond; its p99
 is set by scheduling on the shared CPUs (other processes running when the
