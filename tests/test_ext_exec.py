@@ -114,6 +114,24 @@ async def test_readstdout_on_a_streamed_exec_shares_the_output_without_loss(
     assert interleaved(expected, streamed, polled)
 
 
+async def test_a_process_reading_its_own_stdout_back_ends_only_its_bytes(
+    box: Extensions,
+) -> None:
+    # A hostile process opens its stdout pipe for reading (/proc/self/fd/1) and
+    # takes bytes the agent has counted for a frame: the connection the runtime
+    # runs everything on must not be lost for it, nor the output corrupted.
+    script = (
+        "exec 3</proc/self/fd/1; (while :; do cat <&3 >/dev/null; done) & "
+        "head -c 64000000 /dev/zero; kill $!"
+    )
+    for _ in range(2):
+        session = await ExecSession.start(box, "box", process("/bin/sh", "-c", script))
+        out, err = await collect(session)
+        assert session.exit_status == 0 and err == b""
+        assert len(out) <= 64000000 and not out.strip(b"\0")
+    assert (await box.capabilities()).limits.max_execs > 0
+
+
 def interleaved(whole: bytes, a: list[bytes], b: list[bytes]) -> bool:
     """Whether `whole` is the pieces of `a` and of `b`, each in its order, merged."""
     pos = i = j = 0

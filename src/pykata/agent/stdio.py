@@ -26,6 +26,8 @@ from pathlib import Path
 from .fdwait import OwnedFd
 
 F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+_SPLICE_FLAGS = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 #: Stdout's pipe size when the configuration leaves it to us (agent.container_pipe_size=0):
 #: a writer refills a 64 KiB default pipe 16 times per MiB, each refill a wake-up of
 #: the agent. Pages are allocated only as data waits in the pipe (so an unread
@@ -41,8 +43,9 @@ STDIN_PENDING_LIMIT = 8 << 20
 
 @dataclass(frozen=True)
 class InPipe:
-    """`size` bytes (at least one) waiting in the pipe `fd`, left there for the
-    caller to move on (splice(2)) before it next awaits anything."""
+    """`size` bytes (at least one) waiting in the pipe `fd`, which only the agent
+    reads, left there for the caller to move on (splice(2)) before it next
+    awaits anything."""
 
     fd: int
     size: int
@@ -55,6 +58,12 @@ class OutputReader:
     stream has ended (the writer's end closed; for a pty, EIO), and the fd is
     closed at once. After the process exits, `collect_rest` moves what is
     left in the pipe into memory so the fd need not outlive the process.
+
+    next_output() moves a pipe's output into a relay pipe of the agent's own
+    (splice(2), no copy) rather than counting it where it is: the process can
+    open its own stdout pipe for reading (/proc/self/fd/1) and take bytes
+    between a count and the caller's move, and a frame announced with bytes
+    that never come would end the whole connection.
     """
 
     def __init__(self, fd: int) -> None:
@@ -62,6 +71,8 @@ class OutputReader:
         self._lock = asyncio.Lock()
         self._kept = bytearray()
         self._pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        #: (read, write) ends of the relay pipe; made on the first next_output().
+        self._relay: tuple[int, int] | None = None
         self.ended = False
 
     async def read(self, size: int) -> bytes:
@@ -71,8 +82,8 @@ class OutputReader:
         return data
 
     async def next_output(self, size: int) -> bytes | InPipe:
-        """As read(), except that output waiting in a pipe is not read but
-        returned as an InPipe, for the caller to move on itself."""
+        """As read(), except that output from a pipe is not read but returned as
+        an InPipe (in the relay pipe), for the caller to move on itself."""
         async with self._lock:
             return await self._read(size, in_pipe=self._pipe)
 
@@ -81,12 +92,22 @@ class OutputReader:
             data = bytes(self._kept[:size])
             del self._kept[:size]
             return data
+        if self._relay is not None and (left := _waiting(self._relay[0])):
+            # (Only if its taker failed: bytes relayed come before any still in the pipe.)
+            if in_pipe:
+                return InPipe(self._relay[0], min(left, size))
+            return os.read(self._relay[0], min(left, size))
         while self._fd.fd is not None:
             fd = self._fd.fd
             try:
-                if in_pipe and (waiting := _waiting(fd)):
-                    return InPipe(fd, min(waiting, size))
-                data = self._read_available(fd, size)
+                if in_pipe:
+                    moved = self._relayed(fd, size)
+                    if moved:
+                        assert self._relay is not None
+                        return InPipe(self._relay[0], moved)
+                    data = b""
+                else:
+                    data = self._read_available(fd, size)
             except BlockingIOError:
                 await self._fd.ready()
                 continue
@@ -95,6 +116,16 @@ class OutputReader:
             return data
         self.ended = True
         return b""
+
+    def _relayed(self, fd: int, size: int) -> int:
+        """Move up to `size` bytes waiting in the pipe `fd` into the relay; how many
+        (0: the stream has ended; BlockingIOError: none are there yet)."""
+        if self._relay is None:
+            read, write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            with contextlib.suppress(OSError):  # else smaller moves, nothing lost
+                fcntl.fcntl(write, F_SETPIPE_SZ, fcntl.fcntl(fd, F_GETPIPE_SZ))
+            self._relay = (read, write)
+        return os.splice(fd, self._relay[1], size, flags=_SPLICE_FLAGS)
 
     def _read_available(self, fd: int, size: int) -> bytes:
         """Up to `size` bytes: blocks (raises BlockingIOError) only if none are there.
@@ -109,6 +140,8 @@ class OutputReader:
     async def collect_rest(self, limit: int) -> None:
         """Keep up to `limit` bytes of what is still in the stream; close it if it ended."""
         async with self._lock:
+            if self._relay is not None and (left := _waiting(self._relay[0])):
+                self._kept += os.read(self._relay[0], left)
             fd = self._fd.fd
             while fd is not None and len(self._kept) < limit:
                 try:
@@ -116,12 +149,19 @@ class OutputReader:
                 except BlockingIOError:
                     return  # someone else (a child of the process) still holds the stream
                 if not chunk:
-                    self._fd.close()
+                    self._close_fds()
                     return
                 self._kept += chunk
 
-    def _end(self) -> None:
+    def _close_fds(self) -> None:
         self._fd.close()
+        if self._relay is not None:
+            for fd in self._relay:
+                os.close(fd)
+            self._relay = None
+
+    def _end(self) -> None:
+        self._close_fds()
         self.ended = True
 
     def close(self) -> None:
