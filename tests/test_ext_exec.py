@@ -230,6 +230,19 @@ async def test_bad_input_is_invalid_argument(box: Extensions) -> None:
     assert failed.value.code == Code.INVALID_ARGUMENT
 
 
+async def test_an_ack_of_output_not_sent_yet_is_a_protocol_error(box: Extensions) -> None:
+    # The agent holds window room for output before the output comes; a client
+    # acknowledging that room (bytes it was never sent) breaks flow control.
+    session = await ExecSession.start(box, "box", process("/bin/sleep", "1000"))
+    await box.capabilities()  # a round trip: the agent is waiting for output now
+    session.channel.send(ext.ExecInput(ack=4096))
+    session.signal(signal.SIGKILL)  # (taken after the ack: ends the call if the ack passes)
+    with pytest.raises(TtrpcError) as failed:
+        await collect(session)
+    assert failed.value.code == Code.INVALID_ARGUMENT
+    assert "acknowledged 4096 bytes, but only 0 are in flight" in failed.value.message
+
+
 async def test_execs_at_once_are_bounded(box: Extensions) -> None:
     caps = await box.capabilities()
     sessions = await asyncio.gather(

@@ -97,7 +97,7 @@ async def _output(
     while True:
         # Room for a whole chunk first: output waiting in the pipe must go on
         # before anything else is awaited (someone else could read it).
-        await window.reserve(chunk)
+        await window.hold(chunk)
         output = await process.next_output(stream, chunk)
         if isinstance(output, InPipe):
             channel.send_data_from_pipe(tag, output.fd, output.size)
@@ -106,9 +106,10 @@ async def _output(
             channel.send_data(tag, output)
             sent = len(output)
         else:
-            window.release(chunk)
+            window.sent(chunk, 0)
             return
-        window.release(chunk - sent)
+        # (The client may acknowledge only what was sent: not the room held for it.)
+        window.sent(chunk, sent)
 
 
 async def _inputs(channel: Channel[ext.ExecInput], process: Process) -> None:

@@ -10,6 +10,11 @@ quarter), so once the receiver has consumed it, an acknowledgement is due:
 the two never wait for each other. Data that trickles (a terminal) is
 acknowledged rarely, and need not be: it never fills the window. A peer
 that sends past the window breaks the protocol: `WindowExceeded`.
+
+A sender may hold room for a message before it has the message (Exec's
+output, held before the pipe is read, so the output can go on the moment it
+is there): held room is in flight for the window, but the peer cannot
+acknowledge it, as it was not sent.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ class SendWindow:
 
     def __init__(self, size: int) -> None:
         self.size = size
+        #: Sent and not acknowledged, and held for a send to come (`held`).
         self.in_flight = 0
+        #: Room taken by hold() for bytes not sent yet: the peer cannot acknowledge them.
+        self.held = 0
         self._changed = asyncio.Event()
         self._closed: BaseException | None = None
 
@@ -55,15 +63,22 @@ class SendWindow:
             raise self._closed
         self.in_flight += amount
 
-    def release(self, amount: int) -> None:
-        """Give back `amount` reserved and not sent after all."""
-        self.in_flight -= amount
+    async def hold(self, amount: int) -> None:
+        """As reserve(), for up to `amount` bytes sent later; then sent() says how many."""
+        await self.reserve(amount)
+        self.held += amount
+
+    def sent(self, held: int, amount: int) -> None:
+        """Of `held` bytes held, `amount` were sent; the rest of the room is given back."""
+        self.held -= held
+        self.in_flight -= held - amount
         self._changed.set()
 
     def acknowledged(self, amount: int) -> None:
-        if amount > self.in_flight:
+        sent = self.in_flight - self.held
+        if amount > sent:
             raise AckBeyondSent(
-                f"the peer acknowledged {amount} bytes, but only {self.in_flight} are in flight"
+                f"the peer acknowledged {amount} bytes, but only {sent} are in flight"
             )
         self.in_flight -= amount
         self._changed.set()
