@@ -206,6 +206,75 @@ async def test_a_client_that_goes_away_leaves_nothing_running(
     assert session.exit_status == 0
 
 
+#: A client in its own process: it starts an exec pouring output, reads some of it
+#: (frames spliced into its socket), then stops reading until it is killed.
+_POURING_CLIENT = """
+import asyncio, sys
+from pykata.extensions.client import Extensions
+from pykata.extensions.streamexec import ExecSession
+from pykata.ttrpc import Client
+from tests.containers import process
+
+async def main():
+    client = await Client.connect(sys.argv[1])
+    session = await ExecSession.start(
+        Extensions(client), "box", process("/bin/sh", "-c", "yes 4242 & yes 4242 >&2"),
+        exec_id="pouring")
+    received, output = 0, session.output()  # (kept open: not leaving it ends the exec)
+    while received < 8 << 20:
+        _stream, data = await anext(output)
+        received += len(data)
+    client._transport.pause_reading()
+    print("stopped", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+POURING = b"/bin/sh\x00-c\x00yes 4242"
+
+
+def _fds(pid: int) -> list[str]:
+    return sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def _running(marker: bytes) -> bool:
+    """Whether a process whose command line starts with `marker` runs."""
+    for pid in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and Path(f"/proc/{pid}/cmdline").read_bytes().startswith(marker):
+                return True
+    return False
+
+
+async def test_a_client_killed_while_output_pours_in_leaves_nothing_behind(
+    box: Extensions, container_agent: AgentProcess
+) -> None:
+    agent = container_agent.proc.pid
+    await box.capabilities()
+    before = _fds(agent)
+    client = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _POURING_CLIENT,
+        container_agent.address,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert client.stdout is not None
+    assert await client.stdout.readline() == b"stopped\n"
+    assert _running(POURING)
+    client.kill()  # mid-frame, most likely: its socket holds spliced output
+    await client.wait()
+    await eventually(lambda: not _running(POURING))
+    await eventually(lambda: _fds(agent) == before)
+    # its exec id is free, and the agent serves on
+    session = await ExecSession.start(box, "box", process("/bin/true"), exec_id="pouring")
+    await collect(session)
+    assert session.exit_status == 0
+
+
 async def test_bad_input_is_invalid_argument(box: Extensions) -> None:
     channel = await box.open("Exec", ext.ExecOutput)
     channel.send(ext.ExecInput(start=ext.ExecStart(container_id="box")))
