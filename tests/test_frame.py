@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,6 +12,7 @@ from pykata.ttrpc.frame import (
     HEADER,
     IN_PLACE_SIZE,
     MAX_DATA_SIZE,
+    READ_SIZE,
     Frame,
     FrameDecoder,
     FrameTooLarge,
@@ -193,3 +196,33 @@ def test_in_frame_tells_a_started_frame_from_a_boundary() -> None:
     decoder.push(HEADER.pack(MAX_DATA_SIZE + 5, 3, 1, 0))  # oversize: skipped, never held
     assert isinstance(decoder.next_frame(), OversizeFrame)
     assert decoder.in_frame() and decoder.buffered == 0
+
+
+@pytest.mark.parametrize("cut", [1, 5, 10, 11, 4096, IN_PLACE_SIZE + 9, READ_SIZE, 5 << 20])
+def test_hostile_lengths_read_in_place_come_out_whole_and_in_sync(cut: int) -> None:
+    """Lengths just under and over the in-place size, exactly the limit, and one
+    over the limit (skipped) between them, read where get_buffer() says, every
+    other read at most `cut` bytes (headers split anywhere): each frame comes out
+    whole and the stream stays in sync."""
+    sizes = [IN_PLACE_SIZE - 1, IN_PLACE_SIZE, MAX_DATA_SIZE, IN_PLACE_SIZE + 1, 3]
+    frames = [Frame(i, MessageType.DATA, 0, bytes([i]) * size) for i, size in enumerate(sizes)]
+    oversize = HEADER.pack(MAX_DATA_SIZE + 1, 9, MessageType.RESPONSE, 0)
+    wire = b"".join(
+        [encode_frame(*astuple(frames[0])), oversize, b"\1" * (MAX_DATA_SIZE + 1)]
+        + [encode_frame(*astuple(frame)) for frame in frames[1:]]
+    )
+    decoder = FrameDecoder()
+    got: list[Frame | OversizeFrame] = []
+    offset = reads = 0
+    while offset < len(wire):
+        buffer = decoder.get_buffer()
+        reads += 1
+        size = min(cut if reads % 2 else 777_777, len(buffer), len(wire) - offset)
+        buffer[:size] = wire[offset : offset + size]
+        decoder.buffer_updated(size)
+        offset += size
+        while (frame := decoder.next_frame()) is not None:
+            got.append(frame)
+    oversized = OversizeFrame(9, MessageType.RESPONSE, 0, MAX_DATA_SIZE + 1)
+    assert got == [frames[0], oversized, *frames[1:]]
+    assert decoder.at_frame_boundary() and decoder.buffered == 0

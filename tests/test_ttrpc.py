@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from google.rpc.status_pb2 import Status
 
 from pykata.api.health_pb2 import CheckRequest, HealthCheckResponse
 from pykata.ttrpc import (
@@ -24,8 +25,9 @@ from pykata.ttrpc import (
     TtrpcError,
     UnaryMethod,
 )
-from pykata.ttrpc.frame import MAX_DATA_SIZE
+from pykata.ttrpc.frame import MAX_DATA_SIZE, FrameDecoder, MessageType, encode_frame
 from pykata.ttrpc.testing import connected
+from pykata.ttrpc.ttrpc_pb2 import Response
 
 from .conftest import call_with_server_deadline
 
@@ -310,3 +312,32 @@ def test_a_lazy_service_name_can_be_registered_once() -> None:
         server.add_service(peer_service())
     with pytest.raises(ValueError, match="already registered"):
         server.add_service(LazyService(SERVICE, peer_service))
+
+
+async def test_a_server_gone_in_the_middle_of_a_big_answer_fails_the_calls(
+    tmp_path: Path,
+) -> None:
+    # The client reads a big answer straight into its own buffer: a server that
+    # closes the connection halfway through it must fail the calls, not leave
+    # them waiting for the rest.
+    async def half_an_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        stream_ids: list[int] = []
+        while len(stream_ids) < 2:
+            stream_ids += [frame.stream_id for frame in decoder.feed(await reader.read(4096))]
+        answer = Response(status=Status(code=Code.OK), payload=b"x" * (1 << 20))
+        frame = encode_frame(stream_ids[0], MessageType.RESPONSE, 0, answer.SerializeToString())
+        writer.write(frame[: len(frame) // 2])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(half_an_answer, tmp_path / "s.sock")
+    try:
+        async with await Client.connect(f"unix://{tmp_path}/s.sock") as client:
+            calls = [client.call_raw("s", "m", b"", timeout=60) for _ in range(2)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        server.close()
+    for result in results:
+        assert isinstance(result, TtrpcError) and result.code == Code.UNAVAILABLE
+        assert "in the middle of a frame" in result.message
