@@ -330,6 +330,26 @@ async def test_execs_at_once_are_bounded(box: Extensions) -> None:
     await collect(session)
 
 
+async def test_as_many_execs_as_allowed_pour_out_on_one_connection_intact(
+    box: Extensions,
+) -> None:
+    # Every exec's two streams spliced into one socket at once, between the
+    # other calls' answers queued for it: no frame cut, no byte lost or swapped.
+    caps = await box.capabilities()
+    sizes = [(512 << 10) + 1000 * i for i in range(caps.limits.max_execs)]
+    sessions = await asyncio.gather(
+        *(
+            ExecSession.start(
+                box, "box", process("/bin/sh", "-c", f"head -c {n} /dev/urandom | tee /dev/stderr")
+            )
+            for n in sizes
+        )
+    )
+    results = await asyncio.gather(*(collect(session) for session in sessions))
+    for size, session, (out, err) in zip(sizes, sessions, results, strict=True):
+        assert len(out) == size and err == out and session.exit_status == 0
+
+
 async def test_ctl_exec_scripted(box: Extensions, container_agent: AgentProcess) -> None:
     proc = await asyncio.create_subprocess_exec(
         *CTL,
