@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -112,6 +113,25 @@ async def test_a_reading_client_gets_the_bytes_spliced(server: Server, address: 
         assert await stream.recv() is None
     stats = server.stats()
     assert stats["pipe_bytes_spliced"] == 32 * 65536 and stats["pipe_bytes_copied"] == 0
+
+
+async def test_the_send_buffer_is_raised_only_while_a_call_splices(
+    server: Server, address: str
+) -> None:
+    # A raised buffer is kernel memory a peer that stops reading can pin: it
+    # lasts as long as the call that needed it, not as long as the connection.
+    async with await Client.connect(address) as client:
+        stream = client.stream(SERVICE, "Pieces")
+        stream.send(str(MiB).encode())
+        await stream.recv()
+        assert len(await stream.recv() or b"") == MiB + 1
+        assert server.stats()["raised_send_buffers"] == 1
+        stream.close_send()
+        assert await stream.response() == b"done"
+        await asyncio.sleep(0)
+        assert server.stats()["raised_send_buffers"] == 0
+        [conn] = server._connections
+        assert conn._socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < MiB
 
 
 async def test_bytes_promised_beyond_the_pipe_close_the_connection_not_the_server(

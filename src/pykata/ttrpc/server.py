@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -35,7 +36,14 @@ from .protocol import (
     data_frame_parts,
     oversize_message,
 )
-from .splice import PipeShort, grow_send_buffer, read_exactly, splice_now, write_now
+from .splice import (
+    PipeShort,
+    read_exactly,
+    send_buffer,
+    set_send_buffer,
+    splice_now,
+    write_now,
+)
 from .status import Code, TtrpcError
 
 log = logging.getLogger("pykata.ttrpc.server")
@@ -124,7 +132,7 @@ class ServerStream:
         else reads before this returns: moved from the pipe into the socket by
         splice(2) where the connection allows, never through Python."""
         header = data_frame_header(self._stream_id, len(head) + size)
-        self._conn.send_from_pipe(header + head, pipe, size)
+        self._conn.send_from_pipe(self._stream_id, header + head, pipe, size)
 
     @property
     def buffered(self) -> int:
@@ -352,8 +360,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._open = False
         #: The connection's stream socket, for splice(2); None on other transports.
         self._socket: Any = None
-        #: What its send buffer was last set to hold (0: the kernel's default).
+        #: What its send buffer was raised to hold for spliced frames (0: not raised),
+        #: and what it held before; lowered again when the last such call ends.
         self._send_buffer = 0
+        self._send_buffer_before = 0
+        #: Calls that have spliced into the socket while it was raised.
+        self._splicing: set[int] = set()
 
     # asyncio.BufferedProtocol
 
@@ -549,7 +561,7 @@ class _Connection(asyncio.BufferedProtocol):
         if _REPLIES in self._paused and not self._replies_backlogged():
             self._resume(_REPLIES)
 
-    def send_from_pipe(self, head: bytes, pipe: int, size: int) -> None:
+    def send_from_pipe(self, stream_id: int, head: bytes, pipe: int, size: int) -> None:
         """Write `head`, then `size` bytes waiting in `pipe`: spliced straight into
         the socket while nothing is queued before them; whatever cannot go now
         is read and queued in order, as any other write (a frame is never cut)."""
@@ -563,7 +575,7 @@ class _Connection(asyncio.BufferedProtocol):
             and not transport.is_closing()
             and not transport.get_write_buffer_size()
         ):
-            self._make_room_for(len(head) + size)
+            self._make_room_for(stream_id, len(head) + size)
             sock = self._socket.fileno()
             written = write_now(sock, head)
             if written == len(head):
@@ -590,12 +602,24 @@ class _Connection(asyncio.BufferedProtocol):
             self.server._count_replies(self)
             self.busy_poll.answered()
 
-    def _make_room_for(self, size: int) -> None:
+    def _make_room_for(self, stream_id: int, size: int) -> None:
         """A send buffer that holds a whole `size`-byte frame while the peer reads
-        (bounded by the largest frame: 4 MiB)."""
+        (bounded by the largest frame: 4 MiB), for as long as the call lasts."""
+        self._splicing.add(stream_id)
         if self._send_buffer < size:
-            grow_send_buffer(self._socket, size)
+            if not self._send_buffer:
+                self._send_buffer_before = send_buffer(self._socket)
+            set_send_buffer(self._socket, size)
             self._send_buffer = size
+
+    def _lower_send_buffer(self, stream_id: int) -> None:
+        """Once no call splices any more: the kernel memory a connection may pin
+        with answers its peer does not read is back to what it was."""
+        self._splicing.discard(stream_id)
+        if not self._splicing and self._send_buffer and self._socket is not None:
+            with contextlib.suppress(OSError):  # (the connection is gone)
+                set_send_buffer(self._socket, self._send_buffer_before)
+            self._send_buffer = 0
 
     def _write(self, data: Sequence[bytes]) -> None:
         if data and self.transport is not None and not self.transport.is_closing():
@@ -760,6 +784,8 @@ class _Connection(asyncio.BufferedProtocol):
             if len(self.tasks) >= self.limits.guaranteed_calls:
                 self.server._shared_calls -= 1
         self.streams.pop(ctx.stream_id, None)
+        if self._splicing:
+            self._lower_send_buffer(ctx.stream_id)
         if not self.tasks:
             self.server._maybe_idle()
         if log.isEnabledFor(logging.DEBUG):
@@ -874,6 +900,7 @@ class Server:
                 for conn in self._connections
                 if conn.transport is not None
             ),
+            "raised_send_buffers": sum(1 for conn in self._connections if conn._send_buffer),
             **self.counters,
         }
 

@@ -61,7 +61,12 @@ def read_exactly(pipe: int, size: int) -> bytes:
     return data
 
 
-def grow_send_buffer(sock: Any, size: int) -> None:
+def send_buffer(sock: Any) -> int:
+    """What the socket's send buffer holds now, as set_send_buffer() takes it."""
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)) // 2
+
+
+def set_send_buffer(sock: Any, size: int) -> None:
     """Let the socket's send buffer hold `size` bytes (the kernel doubles the
     number for its bookkeeping): a whole frame then fits while the peer reads."""
     try:
