@@ -127,22 +127,22 @@ class Process:
 
     async def read(self, stream: str, size: int) -> bytes:
         """Up to `size` bytes; b"" at the end of the stream (after every byte before it)."""
+        data = await self._output(stream, size, in_pipe=False)
+        assert isinstance(data, bytes)
+        return data
+
+    async def next_output(self, stream: str, size: int) -> bytes | InPipe:
+        """As read(), but output from a pipe comes as an InPipe: the caller moves
+        those bytes on (splice(2)) before it next awaits anything."""
+        return await self._output(stream, size, in_pipe=True)
+
+    async def _output(self, stream: str, size: int, *, in_pipe: bool) -> bytes | InPipe:
         reader = self.stdio.stdout if stream == "stdout" else self.stdio.stderr
         if reader is None or size <= 0:
             # A terminal's output is all on stdout: its stderr is empty, never ours to steal.
             return b""
-        data = await reader.read(min(size, MAX_READ))
-        if not data:
-            self._maybe_finished()
-        return data
-
-    async def next_output(self, stream: str, size: int) -> bytes | InPipe:
-        """As read(), but output waiting in a pipe comes as an InPipe: the caller
-        moves those bytes on (splice(2)) before it next awaits anything."""
-        reader = self.stdio.stdout if stream == "stdout" else self.stdio.stderr
-        if reader is None or size <= 0:
-            return b""
-        output = await reader.next_output(min(size, MAX_READ))
+        size = min(size, MAX_READ)
+        output = await (reader.next_output(size) if in_pipe else reader.read(size))
         if not output:
             self._maybe_finished()
         return output
