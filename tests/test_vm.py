@@ -27,11 +27,14 @@ from pathlib import Path
 import pytest
 
 from pykata.api import agent_pb2
+from pykata.extensions.client import Extensions
+from pykata.extensions.streamexec import ExecSession
 from pykata.ttrpc import Client, Stub
 from pykata.vm import image as image_mod
 from pykata.vm import qemu, snapshot
 
-from .containers import build_rootfs
+from .containers import build_rootfs, process
+from .extensions import start_container
 from .peers import processes_with
 from .receivers import GrpcReceiver, forwarder
 from .vmguest import guest_options
@@ -194,6 +197,29 @@ async def test_spans_reach_the_host_forwarder(vm: qemu.Vm, receiver: GrpcReceive
         await asyncio.sleep(0.5)
         names = {span.name for span in receiver.received.spans()}
     assert any("ListInterfaces" in name for name in names), names
+
+
+async def test_streaming_exec_output_from_the_guest_is_whole_and_in_order(vm: qemu.Vm) -> None:
+    # The guest kernel splices the output into the agent's connection (bridged
+    # to its virtio-serial port, or vsock): every byte of both streams, in
+    # order, and the exit status after them.
+    size = 8 << 20
+    script = f"yes out-line | head -c {size} & yes error-line | head -c {size} >&2; wait"
+    async with await Client.connect(vm.agent_address) as client:
+        api = Stub(client, AGENT)
+        await start_container(api, Path(image_mod.GUEST_ROOTFS), "streams", "/bin/sleep", "600")
+        session = await ExecSession.start(
+            Extensions(client), "streams", process("/bin/sh", "-c", script)
+        )
+        out, err = bytearray(), bytearray()
+        async for stream, data in session.output():
+            (out if stream == "stdout" else err).extend(data)
+        await api.RemoveContainer(
+            agent_pb2.RemoveContainerRequest(container_id="streams", timeout=5)
+        )
+    assert session.exit_status == 0
+    assert out == (b"out-line\n" * (size // 9 + 1))[:size]
+    assert err == (b"error-line\n" * (size // 11 + 1))[:size]
 
 
 async def test_clients_at_the_same_time_are_all_served(vm: qemu.Vm, api: Stub) -> None:
