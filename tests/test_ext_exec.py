@@ -16,7 +16,7 @@ import pytest
 
 from pykata.api import agent_pb2
 from pykata.api import extensions_pb2 as ext
-from pykata.extensions.client import Extensions
+from pykata.extensions.client import Extensions, Piece
 from pykata.extensions.streamexec import ExecSession
 from pykata.ttrpc import Client, Code, Stub, TtrpcError
 
@@ -143,6 +143,29 @@ def interleaved(whole: bytes, a: list[bytes], b: list[bytes]) -> bool:
         else:
             return False
     return pos == len(whole)
+
+
+async def test_a_quiet_stderr_leaves_stdout_the_whole_window(box: Extensions) -> None:
+    # A client that acknowledges nothing yet gets all the window allows on
+    # stdout; a stderr with nothing to say holds none of it.
+    window = (await box.capabilities()).limits.window_bytes
+    command = f"dd if=/dev/zero bs=1M count={2 * window >> 20} 2>/dev/null; sleep 600"
+    session = await ExecSession.start(box, "box", process("/bin/sh", "-c", command))
+    received = 0
+
+    async def take_unacknowledged() -> None:
+        nonlocal received
+        while received < window:
+            message = await session.channel.recv()  # (not acknowledged: not output())
+            assert isinstance(message, Piece) and message.field == "stdout"
+            received += len(message.data)
+
+    try:
+        await asyncio.wait_for(take_unacknowledged(), 60)  # (a guard: it never stalls)
+        assert received == window
+    finally:
+        session.signal(signal.SIGKILL)
+        session.channel.abort()
 
 
 async def test_stdin_larger_than_the_window_comes_back(box: Extensions) -> None:

@@ -136,6 +136,12 @@ class Process:
         those bytes on (splice(2)) before it next awaits anything."""
         return await self._output(stream, size, in_pipe=True)
 
+    async def output_ready(self, stream: str) -> None:
+        """Until `stream` has output to take, or has ended (nothing is taken)."""
+        reader = self.stdio.stdout if stream == "stdout" else self.stdio.stderr
+        if reader is not None:
+            await reader.ready()
+
     async def _output(self, stream: str, size: int, *, in_pipe: bool) -> bytes | InPipe:
         reader = self.stdio.stdout if stream == "stdout" else self.stdio.stderr
         if reader is None or size <= 0:

@@ -87,6 +87,16 @@ class OutputReader:
         async with self._lock:
             return await self._read(size, in_pipe=self._pipe)
 
+    async def ready(self) -> None:
+        """Until there is output to take, or its end; nothing is taken."""
+        async with self._lock:
+            fd = self._fd.fd
+            if self._kept or fd is None or _waiting(fd):
+                return
+            if self._relay is not None and _waiting(self._relay[0]):
+                return
+            await self._fd.ready()
+
     async def _read(self, size: int, *, in_pipe: bool) -> bytes | InPipe:
         if self._kept:
             data = bytes(self._kept[:size])

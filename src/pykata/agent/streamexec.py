@@ -95,8 +95,10 @@ async def _output(
     tag = STDOUT_TAG if stream == "stdout" else STDERR_TAG
     window = channel.send_window
     while True:
-        # Room for a whole chunk first: output waiting in the pipe must go on
-        # before anything else is awaited (someone else could read it).
+        # Room for a whole chunk first: output taken from the pipe must go on
+        # before anything else is awaited (someone else could read it). Held only
+        # once there is output: a quiet stream takes no room from a busy one.
+        await process.output_ready(stream)
         await window.hold(chunk)
         output = await process.next_output(stream, chunk)
         if isinstance(output, InPipe):

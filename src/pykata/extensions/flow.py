@@ -12,9 +12,11 @@ acknowledged rarely, and need not be: it never fills the window. A peer
 that sends past the window breaks the protocol: `WindowExceeded`.
 
 A sender may hold room for a message before it has the message (Exec's
-output, held before the pipe is read, so the output can go on the moment it
-is there): held room is in flight for the window, but the peer cannot
-acknowledge it, as it was not sent.
+output, held once the pipe has output and before it is taken, so the output
+can go on the moment it is taken): held room is in flight for the window, but
+the peer cannot acknowledge it, as it was not sent. Room is held for at most
+one message per stream, and only by a stream with something to send, so a
+waiting sender still has more than half the window sent: an ack is due.
 """
 
 from __future__ import annotations
