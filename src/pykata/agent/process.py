@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from .errors import FailedPrecondition, LimitExceeded, NoTerminal
 from .reaper import WatchedProcess
-from .stdio import InPipe, PipeStdio, StdinBacklogFull, TerminalStdio
+from .stdio import InPipe, OutputReader, PipeStdio, StdinBacklogFull, TerminalStdio
 
 # ^D: on a terminal, "close stdin" means end-of-file for the reader.
 EOT = b"\x04"
@@ -138,12 +138,15 @@ class Process:
 
     async def output_ready(self, stream: str) -> None:
         """Until `stream` has output to take, or has ended (nothing is taken)."""
-        reader = self.stdio.stdout if stream == "stdout" else self.stdio.stderr
+        reader = self._reader(stream)
         if reader is not None:
             await reader.ready()
 
+    def _reader(self, stream: str) -> OutputReader | None:
+        return self.stdio.stdout if stream == "stdout" else self.stdio.stderr
+
     async def _output(self, stream: str, size: int, *, in_pipe: bool) -> bytes | InPipe:
-        reader = self.stdio.stdout if stream == "stdout" else self.stdio.stderr
+        reader = self._reader(stream)
         if reader is None or size <= 0:
             # A terminal's output is all on stdout: its stderr is empty, never ours to steal.
             return b""

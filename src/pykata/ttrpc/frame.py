@@ -189,10 +189,8 @@ class FrameDecoder:
     def next_frame(self) -> Frame | OversizeFrame | None:
         if self._in_place is not None:
             frame = self._in_place_frame()
-            if frame is None or not self._chunks:
-                return frame
-            # Bytes after it were pushed: they are decoded from the next call on.
-            self._held = sum(map(len, self._chunks))
+            if frame is not None:  # what was pushed after it is decoded from the next call on
+                self._held = sum(map(len, self._chunks))
             return frame
         if self._held < self._needed:
             return None
